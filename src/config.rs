@@ -1,0 +1,352 @@
+//! The TOML configuration: what users write, parsed strictly.
+//!
+//! In: the text of a config file. Out: a [`Config`] whose every key was known, or errors
+//! that name the config path of the bad key (`route[2].to.lookup: ...`). The semantic
+//! checks (does the collection exist, is the path well formed) happen when the config is
+//! compiled into a [`crate::plan::Plan`], which collects every error before anything starts.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// HTTP listener and per-connection limits.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Where changes come from.
+    pub source: SourceConfig,
+    /// How clients prove who they are.
+    pub auth: AuthConfig,
+    /// How much per-user history is kept for resume.
+    #[serde(default)]
+    pub history: HistoryConfig,
+    /// Who hears about which changes. `[[route]]` in TOML.
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RouteConfig>,
+    /// Derived alerts. `[[alert]]` in TOML; accepted by the parser so that the error about
+    /// them names their path, refused when compiled until the rules engine supports them.
+    #[serde(default, rename = "alert")]
+    pub alerts: Vec<toml::Table>,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on. Defaults to loopback: exposing the gateway is a decision.
+    pub listen: SocketAddr,
+    /// Events a connection may have queued before it is disconnected with 4008. Small by
+    /// default: the queue is per connection, and a client this far behind should resume
+    /// from history rather than hold memory here.
+    pub send_queue: usize,
+    /// How long a WebSocket client has to send its `auth` frame when it did not bring a
+    /// token in the URL or header.
+    #[serde(deserialize_with = "duration")]
+    pub auth_timeout: Duration,
+    /// Interval of WebSocket pings and SSE comments that keep idle connections open
+    /// through proxies and reveal dead peers.
+    #[serde(deserialize_with = "duration")]
+    pub keepalive: Duration,
+    /// Largest frame a client may send, in bytes.
+    pub max_client_frame: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            send_queue: 256,
+            auth_timeout: Duration::from_secs(5),
+            keepalive: Duration::from_secs(15),
+            max_client_frame: 16 * 1024,
+        }
+    }
+}
+
+/// `[source]`, chosen by `type`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SourceConfig {
+    Sqlite(SqliteSourceConfig),
+    Mongodb(MongoSourceConfig),
+}
+
+/// `[source] type = "sqlite"`: the embedded default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqliteSourceConfig {
+    /// The database file. A relative path is relative to the config file's folder.
+    pub path: PathBuf,
+    /// How often the database is checked for commits by other connections. The check
+    /// (`PRAGMA data_version`) reads shared memory only, so a short interval is cheap.
+    #[serde(default = "default_poll", deserialize_with = "duration")]
+    pub poll_interval: Duration,
+    /// Most change-log rows read per batch.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+}
+
+fn default_poll() -> Duration {
+    Duration::from_millis(2)
+}
+fn default_batch() -> usize {
+    512
+}
+
+/// `[source] type = "mongodb"`. Parsed so configs written for it are checked; the source
+/// itself is a separate piece of work and is refused when compiled until it exists.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MongoSourceConfig {
+    pub uri: String,
+    pub database: String,
+    #[serde(default)]
+    pub pre_and_post_images: Option<String>,
+    #[serde(default)]
+    pub collections: Option<Vec<String>>,
+}
+
+/// `[auth]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Name of the environment variable that holds the HS256 secret (recommended).
+    pub jwt_secret_env: Option<String>,
+    /// The HS256 secret itself. For demos and tests; prefer `jwt_secret_env`.
+    pub jwt_secret: Option<String>,
+    /// How a verified token becomes a user id.
+    #[serde(default)]
+    pub user: UserConfig,
+    /// If set, only these client ids may connect (4003 otherwise).
+    pub client_ids: Option<Vec<String>>,
+    /// Clock skew tolerated when checking `exp` and `nbf`.
+    #[serde(default = "default_leeway", deserialize_with = "duration")]
+    pub leeway: Duration,
+}
+
+fn default_leeway() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// `[auth] user = { claim, lookup, where, pick }`: the claim that names the user and,
+/// optionally, the lookup that turns it into a user id (the seed's `users` by `email`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    /// The claim to read. Default `sub`.
+    #[serde(default = "default_claim")]
+    pub claim: String,
+    /// Collection to look the user up in; without it the claim is the user id.
+    pub lookup: Option<String>,
+    /// Filter for the lookup; `"$claim"` stands for the claim's value.
+    #[serde(rename = "where")]
+    pub filter: Option<BTreeMap<String, toml::Value>>,
+    /// Field of the found document that is the user id. Default `_id`.
+    pub pick: Option<String>,
+}
+
+impl Default for UserConfig {
+    fn default() -> Self {
+        UserConfig {
+            claim: default_claim(),
+            lookup: None,
+            filter: None,
+            pick: None,
+        }
+    }
+}
+
+fn default_claim() -> String {
+    "sub".into()
+}
+
+/// `[history]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// Events kept per user for resume; older ones are dropped and a client asking for
+    /// them gets `gap`.
+    pub max_per_user: usize,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig { max_per_user: 1000 }
+    }
+}
+
+/// `[[route]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Name carried in every event (`"route": "orders"`).
+    pub name: String,
+    /// Collection (table) whose changes this route delivers.
+    pub collection: String,
+    /// Operations delivered. Default: all of insert, update, replace, delete.
+    pub on: Option<Vec<String>>,
+    /// Recipients: `"$field.path"`, `{ lookup, where, pick, many }`, or a list of those.
+    /// Kept as a raw value and compiled by hand so that errors name the exact key.
+    pub to: toml::Value,
+    /// If set, only these fields of the document are sent (`_id` always is).
+    pub fields: Option<Vec<String>>,
+}
+
+/// One problem with a config, at a config path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Every problem found in a config; displayed one per line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Parses a config's text. Errors name the config path and the line.
+    pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        let de = toml::Deserializer::parse(text).map_err(|e| toml_error(text, "", &e))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let path = if path == "." { String::new() } else { path };
+            toml_error(text, &path, e.inner())
+        })
+    }
+
+    /// Reads and parses a config file, resolving relative paths in it against the file's
+    /// folder.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError::new(
+                path.display().to_string(),
+                format!("cannot read config: {e}"),
+            )])
+        })?;
+        let mut config = Config::parse(&text)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        if let SourceConfig::Sqlite(s) = &mut config.source
+            && s.path.is_relative()
+        {
+            s.path = base.join(&s.path);
+        }
+        Ok(config)
+    }
+}
+
+fn toml_error(text: &str, path: &str, e: &toml::de::Error) -> ConfigErrors {
+    let line = e
+        .span()
+        .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+    let mut message = e.message().trim().to_string();
+    if let Some(line) = line {
+        message.push_str(&format!(" (line {line})"));
+    }
+    let path = if path.is_empty() { "config" } else { path };
+    ConfigErrors(vec![ConfigError::new(path, message)])
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s)
+        .map_err(|e| serde::de::Error::custom(format!("`{s}` is not a duration like \"5s\": {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [source]
+        type = "sqlite"
+        path = "app.db"
+
+        [auth]
+        jwt_secret = "s"
+
+        [[route]]
+        name = "orders"
+        collection = "orders"
+        to = "$owner_id"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.server.auth_timeout, Duration::from_secs(5));
+        assert_eq!(c.auth.user.claim, "sub");
+        assert_eq!(c.history.max_per_user, 1000);
+        assert_eq!(c.routes.len(), 1);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_path() {
+        let text = MINIMAL.replace("to = \"$owner_id\"", "to = \"$owner_id\"\ncolour = 1");
+        let err = Config::parse(&text).unwrap_err();
+        assert_eq!(err.0.len(), 1);
+        assert!(err.0[0].path.starts_with("route[0]"), "{err}");
+        assert!(err.0[0].message.contains("colour"), "{err}");
+        assert!(err.0[0].message.contains("line"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_is_a_clear_error() {
+        let text = format!("[server]\nauth_timeout = \"soon\"\n{MINIMAL}");
+        let err = Config::parse(&text).unwrap_err();
+        assert_eq!(err.0[0].path, "server.auth_timeout");
+        assert!(err.0[0].message.contains("soon"), "{err}");
+    }
+
+    #[test]
+    fn syntax_error_names_the_line() {
+        let err = Config::parse("[source\n").unwrap_err();
+        assert!(err.to_string().contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn load_resolves_sqlite_path_against_the_config_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, MINIMAL).unwrap();
+        let c = Config::load(&file).unwrap();
+        let SourceConfig::Sqlite(s) = c.source else {
+            panic!("sqlite source expected")
+        };
+        assert_eq!(s.path, dir.path().join("app.db"));
+    }
+}

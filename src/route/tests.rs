@@ -1,0 +1,319 @@
+use super::*;
+use crate::change::Position;
+use crate::source::LookupError;
+use futures_util::future::BoxFuture;
+use serde_json::json;
+use std::sync::Mutex;
+
+/// An in-memory collection store: the test double for the source's lookups.
+#[derive(Default)]
+struct Docs {
+    collections: BTreeMap<String, Vec<Value>>,
+    queries: Mutex<Vec<Query>>,
+}
+
+impl Lookup for Docs {
+    fn find(&self, query: Query) -> BoxFuture<'_, Result<Vec<Value>, LookupError>> {
+        Box::pin(async move {
+            self.queries.lock().unwrap().push(query.clone());
+            let docs =
+                self.collections
+                    .get(&query.collection)
+                    .ok_or_else(|| LookupError::Failed {
+                        collection: query.collection.clone(),
+                        message: "no such collection".into(),
+                    })?;
+            let found = docs
+                .iter()
+                .filter(|d| query.filter.iter().all(|(p, v)| p.get(d) == Some(v)))
+                .take(query.limit.unwrap_or(usize::MAX))
+                .cloned()
+                .collect();
+            Ok(found)
+        })
+    }
+}
+
+struct Cat(BTreeMap<String, Option<Vec<String>>>);
+impl Catalog for Cat {
+    fn collections(&self) -> &BTreeMap<String, Option<Vec<String>>> {
+        &self.0
+    }
+}
+
+fn mercury_catalog() -> Cat {
+    let cols = |c: &[&str]| Some(c.iter().map(|s| s.to_string()).collect());
+    Cat(BTreeMap::from([
+        ("businesses".into(), cols(&["_id", "name", "owner"])),
+        (
+            "users".into(),
+            cols(&["_id", "email", "name", "business_id"]),
+        ),
+        (
+            "orders".into(),
+            cols(&[
+                "_id",
+                "creator_id",
+                "item_id",
+                "quantity",
+                "status",
+                "watcher",
+                "meta",
+                "secret",
+            ]),
+        ),
+    ]))
+}
+
+fn route_config(to: &str, extra: &str) -> RouteConfig {
+    let text = format!("name = \"orders\"\ncollection = \"orders\"\nto = {to}\n{extra}");
+    toml::from_str(&text).unwrap()
+}
+
+fn compile(to: &str, extra: &str) -> Result<Route, Vec<ConfigError>> {
+    let mut errors = Vec::new();
+    let r = compile_route(
+        0,
+        &route_config(to, extra),
+        Some(&mercury_catalog()),
+        &mut errors,
+    );
+    r.ok_or(errors)
+}
+
+fn docs() -> Arc<Docs> {
+    Arc::new(Docs {
+        collections: BTreeMap::from([
+            (
+                "businesses".into(),
+                vec![
+                    json!({"_id": "b1", "owner": {"_id": "u1"}}),
+                    json!({"_id": "b2", "owner": {"_id": "u2"}}),
+                ],
+            ),
+            (
+                "users".into(),
+                vec![
+                    json!({"_id": "u1", "business_id": "b1"}),
+                    json!({"_id": "u3", "business_id": "b1"}),
+                    json!({"_id": "u2", "business_id": "b2"}),
+                ],
+            ),
+        ]),
+        queries: Mutex::new(Vec::new()),
+    })
+}
+
+fn change(op: Op, before: Option<Value>, after: Option<Value>) -> Change {
+    let updated_fields = match (&before, &after) {
+        (Some(b), Some(a)) => Some(crate::change::changed_fields(b, a)),
+        _ => None,
+    };
+    Change {
+        op,
+        collection: "orders".into(),
+        key: "o1".into(),
+        after,
+        before,
+        updated_fields,
+        position: Position::from_seq(1),
+        at: None,
+    }
+}
+
+const OWNER: &str =
+    r#"{ lookup = "businesses", where = { _id = "$creator_id" }, pick = "owner._id" }"#;
+
+#[tokio::test]
+async fn lookup_routes_to_the_owner() {
+    let route = compile(OWNER, "").unwrap();
+    let router = Router::new(vec![route], docs());
+    let c = change(
+        Op::Insert,
+        None,
+        Some(json!({"_id": "o1", "creator_id": "b1"})),
+    );
+    let d = router.route(&c).await;
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].recipients, vec!["u1"]);
+    assert_eq!(d[0].doc, json!({"_id": "o1", "creator_id": "b1"}));
+}
+
+#[tokio::test]
+async fn delete_routes_by_the_pre_image() {
+    let router = Router::new(vec![compile(OWNER, "").unwrap()], docs());
+    let c = change(
+        Op::Delete,
+        Some(json!({"_id": "o1", "creator_id": "b2"})),
+        None,
+    );
+    let d = router.route(&c).await;
+    assert_eq!(d[0].recipients, vec!["u2"]);
+}
+
+#[tokio::test]
+async fn moving_a_document_reaches_old_and_new_owners_and_only_when_needed() {
+    let docs = docs();
+    let router = Router::new(vec![compile(OWNER, "").unwrap()], docs.clone());
+    let moved = change(
+        Op::Update,
+        Some(json!({"_id": "o1", "creator_id": "b1", "status": "new"})),
+        Some(json!({"_id": "o1", "creator_id": "b2", "status": "new"})),
+    );
+    assert_eq!(router.route(&moved).await[0].recipients, vec!["u1", "u2"]);
+    docs.queries.lock().unwrap().clear();
+    let paid = change(
+        Op::Update,
+        Some(json!({"_id": "o1", "creator_id": "b1", "status": "new"})),
+        Some(json!({"_id": "o1", "creator_id": "b1", "status": "paid"})),
+    );
+    assert_eq!(router.route(&paid).await[0].recipients, vec!["u1"]);
+    // The owner field did not change, so the pre-image was not looked up again.
+    assert_eq!(docs.queries.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn many_reaches_every_matching_document_and_lists_union() {
+    let many = r#"[{ lookup = "users", where = { business_id = "$creator_id" }, pick = "_id", many = true }, "$watcher"]"#;
+    let router = Router::new(vec![compile(many, "").unwrap()], docs());
+    let c = change(
+        Op::Insert,
+        None,
+        Some(json!({"_id": "o1", "creator_id": "b1", "watcher": "u1"})),
+    );
+    // u1 is both a user of b1 and the watcher: delivered once.
+    assert_eq!(router.route(&c).await[0].recipients, vec!["u1", "u3"]);
+}
+
+#[tokio::test]
+async fn a_missing_field_skips_the_delivery_without_failing() {
+    let router = Router::new(vec![compile(OWNER, "").unwrap()], docs());
+    let c = change(Op::Insert, None, Some(json!({"_id": "o1"})));
+    assert!(router.route(&c).await.is_empty());
+    let c = change(
+        Op::Insert,
+        None,
+        Some(json!({"_id": "o1", "creator_id": "nobody"})),
+    );
+    assert!(router.route(&c).await.is_empty());
+}
+
+#[tokio::test]
+async fn ops_filter_and_projection_apply() {
+    let r = compile(
+        "\"$creator_id\"",
+        "on = [\"delete\"]\nfields = [\"status\", \"meta.a\"]",
+    )
+    .unwrap();
+    let router = Router::new(vec![r], docs());
+    let ins = change(
+        Op::Insert,
+        None,
+        Some(json!({"_id": "o1", "creator_id": "u9"})),
+    );
+    assert!(router.route(&ins).await.is_empty());
+    let del = change(
+        Op::Delete,
+        Some(
+            json!({"_id": "o1", "creator_id": "u9", "status": "x", "secret": 1, "meta": {"a": 1, "b": 2}}),
+        ),
+        None,
+    );
+    let d = router.route(&del).await;
+    assert_eq!(d[0].recipients, vec!["u9"]);
+    assert_eq!(
+        d[0].doc,
+        json!({"_id": "o1", "status": "x", "meta": {"a": 1}})
+    );
+}
+
+#[test]
+fn bad_routes_are_refused_with_paths() {
+    let cases = [
+        (r#""owner""#, "", "route[0].to"),
+        (
+            r#"{ lookup = "nope", where = { _id = "$creator_id" } }"#,
+            "",
+            "route[0].to.lookup",
+        ),
+        (
+            r#"{ where = { _id = "$creator_id" } }"#,
+            "",
+            "route[0].to.lookup",
+        ),
+        (
+            r#"{ lookup = "businesses", where = { _id = "$creator_id" }, colour = 1 }"#,
+            "",
+            "route[0].to.colour",
+        ),
+        (
+            r#"{ lookup = "businesses", where = { nope = "$creator_id" } }"#,
+            "",
+            "route[0].to.where.nope",
+        ),
+        (
+            r#"{ lookup = "businesses", where = { _id = "$creator_id" }, pick = "x" }"#,
+            "",
+            "route[0].to.pick",
+        ),
+        (r#""$missing""#, "", "route[0].to"),
+        (r#""$creator_id""#, "on = [\"upsert\"]", "route[0].on[0]"),
+        (
+            r#""$creator_id""#,
+            "fields = [\"a..b\"]",
+            "route[0].fields[0]",
+        ),
+        ("[]", "", "route[0].to"),
+    ];
+    for (to, extra, path) in cases {
+        let errors = compile(to, extra).unwrap_err();
+        assert!(
+            errors.iter().any(|e| e.path == path),
+            "to = {to} {extra}: expected an error at {path}, got {errors:?}"
+        );
+    }
+}
+
+#[test]
+fn unknown_collection_is_named() {
+    let mut errors = Vec::new();
+    let mut config = route_config("\"$creator_id\"", "");
+    config.collection = "ordres".into();
+    assert!(compile_route(2, &config, Some(&mercury_catalog()), &mut errors).is_none());
+    assert_eq!(errors[0].path, "route[2].collection");
+    assert!(errors[0].message.contains("ordres"));
+}
+
+#[test]
+fn literals_and_escapes_in_where() {
+    let mut errors = Vec::new();
+    let lit = toml::Value::String("$$raw".into());
+    assert_eq!(
+        compile_operand(&lit, "p", false, &mut errors),
+        Some(Operand::Literal(json!("$raw")))
+    );
+    assert_eq!(
+        compile_operand(&toml::Value::Integer(3), "p", false, &mut errors),
+        Some(Operand::Literal(json!(3)))
+    );
+    assert!(errors.is_empty());
+    assert_eq!(
+        compile_operand(
+            &toml::Value::String("$claim".into()),
+            "p",
+            true,
+            &mut errors
+        ),
+        Some(Operand::Claim)
+    );
+    assert!(
+        compile_operand(
+            &toml::Value::String("$email".into()),
+            "p",
+            true,
+            &mut errors
+        )
+        .is_none()
+    );
+    assert_eq!(errors.len(), 1);
+}

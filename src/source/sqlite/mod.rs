@@ -1,0 +1,562 @@
+//! The embedded default source: an SQLite database file.
+//!
+//! In: writes to the watched tables, by any connection or process. Out: [`Batch`]es.
+//!
+//! How: on start, changecast installs `AFTER INSERT/UPDATE/DELETE` triggers on every
+//! watched table. Each trigger appends the row's before and after images (as JSON) to the
+//! `_changecast_log` table in the same transaction as the write, so the log holds exactly
+//! the committed changes in commit order. One blocking thread tails the log: it checks
+//! `PRAGMA data_version` (which changes when another connection commits) every
+//! `poll_interval`, reads new rows in order, and writes the acknowledged position to
+//! `_changecast_checkpoint`, deleting log rows behind it in the same transaction.
+//!
+//! Must never: fail an application's write (the triggers convert BLOBs to hex rather than
+//! abort), skip a row without moving past it, or checkpoint a row not yet handed over.
+//! One changecast process consumes one database's log.
+
+mod lookup;
+
+pub use lookup::SqliteLookup;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use futures_util::future::BoxFuture;
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::{Batch, Catalog, Source, SourceError};
+use crate::change::{Change, Op, Position, changed_fields};
+use crate::config::SqliteSourceConfig;
+
+const LOG_TABLE: &str = "_changecast_log";
+const CHECKPOINT_TABLE: &str = "_changecast_checkpoint";
+/// Checkpoints are written at most this often (and always on shutdown): each is a write
+/// transaction competing with the application's writers.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
+
+/// Opens a connection with the settings every changecast connection uses.
+fn open(path: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+/// Quotes an identifier for SQL (`"name"`, doubling inner quotes).
+pub(crate) fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Quotes a string literal for SQL.
+fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// The tables of a database and their columns, read from the schema.
+#[derive(Debug, Clone)]
+pub struct SqliteCatalog {
+    tables: BTreeMap<String, Option<Vec<String>>>,
+}
+
+impl SqliteCatalog {
+    /// Reads the schema of the database at `path` without writing to it.
+    pub fn read(path: &Path) -> Result<Self, SourceError> {
+        let conn = open(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| SourceError::Setup(format!("cannot open {}: {e}", path.display())))?;
+        Self::from_conn(&conn)
+    }
+
+    fn from_conn(conn: &Connection) -> Result<Self, SourceError> {
+        let names: Vec<String> = conn
+            .prepare(
+                "SELECT name FROM sqlite_schema WHERE type = 'table' \
+                 AND name NOT LIKE 'sqlite_%' AND name NOT LIKE '\\_changecast\\_%' ESCAPE '\\' \
+                 ORDER BY name",
+            )?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        let mut tables = BTreeMap::new();
+        for name in names {
+            let cols = columns(conn, &name)?.into_iter().map(|c| c.name).collect();
+            tables.insert(name, Some(cols));
+        }
+        Ok(SqliteCatalog { tables })
+    }
+}
+
+impl Catalog for SqliteCatalog {
+    fn collections(&self) -> &BTreeMap<String, Option<Vec<String>>> {
+        &self.tables
+    }
+}
+
+struct Column {
+    name: String,
+    /// Position in the primary key (1-based), 0 if not part of it.
+    pk: i64,
+}
+
+fn columns(conn: &Connection, table: &str) -> rusqlite::Result<Vec<Column>> {
+    conn.prepare(&format!("PRAGMA table_info({})", ident(table)))?
+        .query_map([], |r| {
+            Ok(Column {
+                name: r.get(1)?,
+                pk: r.get(5)?,
+            })
+        })?
+        .collect()
+}
+
+/// The SQLite change feed. Created by [`SqliteSource::open`], which installs the log and
+/// triggers; started by [`Source::run`].
+pub struct SqliteSource {
+    path: PathBuf,
+    conn: Connection,
+    poll_interval: Duration,
+    batch_size: usize,
+    /// Highest log sequence number already checkpointed at open.
+    checkpoint: i64,
+}
+
+impl SqliteSource {
+    /// Opens the database (which must exist), installs the change log, the checkpoint
+    /// table and the triggers for `tables`, and reads the last checkpoint.
+    pub fn open(config: &SqliteSourceConfig, tables: &[String]) -> Result<Self, SourceError> {
+        let path = config.path.clone();
+        if !path.exists() {
+            return Err(SourceError::Setup(format!(
+                "no database file at {}",
+                path.display()
+            )));
+        }
+        let mut conn = open(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_URI,
+        )?;
+        // WAL lets the application keep writing while changecast reads; NORMAL sync only
+        // affects changecast's own checkpoint commits.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        install(&mut conn, tables)?;
+        let checkpoint: i64 = conn
+            .query_row(
+                &format!("SELECT seq FROM {CHECKPOINT_TABLE} WHERE id = 1"),
+                [],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0);
+        Ok(SqliteSource {
+            path,
+            conn,
+            poll_interval: config.poll_interval,
+            batch_size: config.batch_size.max(1),
+            checkpoint,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The last checkpointed log position (0 before the first).
+    pub fn checkpoint(&self) -> u64 {
+        self.checkpoint.max(0) as u64
+    }
+
+    /// The blocking tail loop; see the module doc.
+    fn tail(
+        mut self,
+        out: mpsc::Sender<Batch>,
+        mut acks: watch::Receiver<Option<Position>>,
+        shutdown: CancellationToken,
+    ) -> Result<(), SourceError> {
+        let mut out = Some(out);
+        let mut read_upto = self.checkpoint;
+        let mut pending_ack: Option<i64> = None;
+        let mut last_checkpoint_write = Instant::now();
+        let mut last_data_version: Option<i64> = None;
+        let mut error_backoff = Duration::ZERO;
+        loop {
+            // Acknowledgements first: they are what makes positions durable.
+            let router_done = match acks.has_changed() {
+                Ok(true) => {
+                    pending_ack = acks
+                        .borrow_and_update()
+                        .as_ref()
+                        .and_then(Position::as_seq)
+                        .map(|s| s as i64);
+                    false
+                }
+                Ok(false) => false,
+                Err(_) => {
+                    pending_ack = acks
+                        .borrow()
+                        .as_ref()
+                        .and_then(Position::as_seq)
+                        .map(|s| s as i64)
+                        .or(pending_ack);
+                    true
+                }
+            };
+            if let Some(ack) = pending_ack
+                && ack > self.checkpoint
+                && (router_done || last_checkpoint_write.elapsed() >= CHECKPOINT_EVERY)
+            {
+                match self.write_checkpoint(ack) {
+                    Ok(()) => {
+                        last_checkpoint_write = Instant::now();
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "sqlite: checkpoint failed; will retry");
+                        metrics::counter!("changecast_source_errors_total", "kind" => "checkpoint")
+                            .increment(1);
+                    }
+                }
+            }
+            if router_done {
+                if out.is_some() {
+                    return Err(SourceError::Setup("router stopped unexpectedly".into()));
+                }
+                return Ok(());
+            }
+            if shutdown.is_cancelled() {
+                // Stop reading; keep checkpointing until the router has drained.
+                out = None;
+                std::thread::sleep(self.poll_interval);
+                continue;
+            }
+            let Some(tx) = out.as_ref() else { continue };
+
+            let dv: rusqlite::Result<i64> =
+                self.conn.query_row("PRAGMA data_version", [], |r| r.get(0));
+            let changed = match dv {
+                Ok(dv) => {
+                    let changed = last_data_version != Some(dv);
+                    last_data_version = Some(dv);
+                    changed
+                }
+                Err(e) => {
+                    self.note_error(&e, &mut error_backoff);
+                    continue;
+                }
+            };
+            if !changed {
+                std::thread::sleep(self.poll_interval);
+                continue;
+            }
+            // Drain everything committed so far, batch by batch.
+            loop {
+                match self.read_batch(read_upto) {
+                    Ok(None) => break,
+                    Ok(Some((batch, last, full))) => {
+                        read_upto = last;
+                        if tx.blocking_send(batch).is_err() {
+                            return Err(SourceError::Setup("router stopped unexpectedly".into()));
+                        }
+                        if !full {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        // Re-check on the next tick.
+                        last_data_version = None;
+                        self.note_error(&e, &mut error_backoff);
+                        break;
+                    }
+                }
+            }
+            error_backoff = Duration::ZERO;
+        }
+    }
+
+    fn note_error(&self, e: &rusqlite::Error, backoff: &mut Duration) {
+        tracing::warn!(error = %e, "sqlite: reading the change log failed; retrying");
+        metrics::counter!("changecast_source_errors_total", "kind" => "read").increment(1);
+        *backoff = (*backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        std::thread::sleep(*backoff);
+    }
+
+    /// Reads up to `batch_size` rows after `after`. Returns the batch, its last sequence
+    /// number, and whether the batch was full (more may be waiting).
+    fn read_batch(&self, after: i64) -> rusqlite::Result<Option<(Batch, i64, bool)>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT seq, tbl, op, key, before, after, at FROM {LOG_TABLE} \
+             WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+        ))?;
+        let mut rows = stmt.query(params![after, self.batch_size as i64])?;
+        let mut changes = Vec::new();
+        let mut last = after;
+        let mut count = 0;
+        while let Some(row) = rows.next()? {
+            count += 1;
+            let seq: i64 = row.get(0)?;
+            last = seq;
+            let raw = LogRow {
+                seq,
+                table: row.get(1)?,
+                op: row.get(2)?,
+                key: row.get(3)?,
+                before: row.get(4)?,
+                after: row.get(5)?,
+                at: row.get(6)?,
+            };
+            match raw.into_change() {
+                Ok(change) => {
+                    metrics::counter!("changecast_changes_total",
+                        "collection" => change.collection.clone(), "op" => change.op.as_str())
+                    .increment(1);
+                    changes.push(change);
+                }
+                Err(why) => {
+                    tracing::warn!(seq, %why, "sqlite: skipping malformed change-log row");
+                    metrics::counter!("changecast_source_skipped_total", "reason" => "malformed")
+                        .increment(1);
+                }
+            }
+        }
+        if count == 0 {
+            return Ok(None);
+        }
+        let batch = Batch {
+            changes,
+            end: Position::from_seq(last as u64),
+        };
+        Ok(Some((batch, last, count == self.batch_size)))
+    }
+
+    fn write_checkpoint(&mut self, seq: i64) -> rusqlite::Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            &format!(
+                "INSERT INTO {CHECKPOINT_TABLE}(id, seq) VALUES (1, ?1) \
+                 ON CONFLICT(id) DO UPDATE SET seq = excluded.seq"
+            ),
+            [seq],
+        )?;
+        // The log behind the checkpoint is never read again.
+        tx.execute(&format!("DELETE FROM {LOG_TABLE} WHERE seq <= ?1"), [seq])?;
+        tx.commit()?;
+        self.checkpoint = seq;
+        Ok(())
+    }
+}
+
+impl Source for SqliteSource {
+    fn run(
+        self: Box<Self>,
+        out: mpsc::Sender<Batch>,
+        acks: watch::Receiver<Option<Position>>,
+        shutdown: CancellationToken,
+    ) -> BoxFuture<'static, Result<(), SourceError>> {
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || self.tail(out, acks, shutdown))
+                .await
+                .map_err(|e| SourceError::Setup(format!("sqlite tail thread failed: {e}")))?
+        })
+    }
+}
+
+/// One change-log row as stored.
+struct LogRow {
+    seq: i64,
+    table: String,
+    op: String,
+    key: Option<String>,
+    before: Option<String>,
+    after: Option<String>,
+    at: String,
+}
+
+impl LogRow {
+    fn into_change(self) -> Result<Change, String> {
+        let op = Op::parse(&self.op).ok_or_else(|| format!("unknown op `{}`", self.op))?;
+        let parse = |s: Option<String>| -> Result<Option<Value>, String> {
+            s.map(|s| {
+                serde_json::from_str::<Value>(&s)
+                    .map(nest_json_columns)
+                    .map_err(|e| format!("bad row image: {e}"))
+            })
+            .transpose()
+        };
+        let before = parse(self.before)?;
+        let after = parse(self.after)?;
+        let updated_fields = match (op, &before, &after) {
+            (Op::Update, Some(b), Some(a)) => Some(changed_fields(b, a)),
+            _ => None,
+        };
+        Ok(Change {
+            op,
+            collection: self.table,
+            key: self.key.unwrap_or_default(),
+            after,
+            before,
+            updated_fields,
+            position: Position::from_seq(self.seq as u64),
+            at: Some(self.at),
+        })
+    }
+}
+
+/// A column holding JSON text (an object or an array) is read as a nested document, so
+/// that paths like `owner._id` work on SQLite as they do on MongoDB.
+pub(crate) fn nest_json_columns(mut doc: Value) -> Value {
+    if let Value::Object(map) = &mut doc {
+        for v in map.values_mut() {
+            if let Value::String(s) = v
+                && let Some(nested) = parse_json_text(s)
+            {
+                *v = nested;
+            }
+        }
+    }
+    doc
+}
+
+pub(crate) fn parse_json_text(s: &str) -> Option<Value> {
+    let t = s.trim_start();
+    if !(t.starts_with('{') || t.starts_with('[')) {
+        return None;
+    }
+    serde_json::from_str(t).ok()
+}
+
+/// Creates the log and checkpoint tables and (re)creates the triggers for `tables`, all in
+/// one transaction. Triggers are rebuilt on every start so they follow schema changes made
+/// while changecast was stopped.
+fn install(conn: &mut Connection, tables: &[String]) -> Result<(), SourceError> {
+    let tx = conn.transaction()?;
+    tx.execute_batch(&format!(
+        "CREATE TABLE IF NOT EXISTS {LOG_TABLE} (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            tbl TEXT NOT NULL,
+            op TEXT NOT NULL,
+            key TEXT,
+            before TEXT,
+            after TEXT,
+            at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+        );
+        CREATE TABLE IF NOT EXISTS {CHECKPOINT_TABLE} (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            seq INTEGER NOT NULL
+        );"
+    ))?;
+    for table in tables {
+        let cols = columns(&tx, table)?;
+        if cols.is_empty() {
+            return Err(SourceError::Setup(format!(
+                "no table `{table}` in the database"
+            )));
+        }
+        for sql in trigger_sql(table, &cols) {
+            tx.execute_batch(&sql)?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn trigger_sql(table: &str, cols: &[Column]) -> Vec<String> {
+    let image = |row: &str| {
+        let pairs: Vec<String> = cols
+            .iter()
+            .map(|c| {
+                let col = format!("{row}.{}", ident(&c.name));
+                // json_object() refuses BLOBs; a trigger error would fail the app's write.
+                format!(
+                    "{}, CASE WHEN typeof({col}) = 'blob' THEN hex({col}) ELSE {col} END",
+                    literal(&c.name)
+                )
+            })
+            .collect();
+        format!("json_object({})", pairs.join(", "))
+    };
+    let mut pk: Vec<&Column> = cols.iter().filter(|c| c.pk > 0).collect();
+    pk.sort_by_key(|c| c.pk);
+    let key = |row: &str| match pk.as_slice() {
+        [] => format!("{row}.rowid"),
+        [one] => format!("{row}.{}", ident(&one.name)),
+        many => format!(
+            "json_array({})",
+            many.iter()
+                .map(|c| format!("{row}.{}", ident(&c.name)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let t = literal(table);
+    let trig = |op: &str| ident(&format!("_changecast_{table}_{op}"));
+    let on = ident(table);
+    vec![
+        format!(
+            "DROP TRIGGER IF EXISTS {name}; CREATE TRIGGER {name} AFTER INSERT ON {on} BEGIN \
+             INSERT INTO {LOG_TABLE}(tbl, op, key, after) VALUES ({t}, 'insert', {k}, {a}); END;",
+            name = trig("insert"),
+            k = key("NEW"),
+            a = image("NEW"),
+        ),
+        format!(
+            "DROP TRIGGER IF EXISTS {name}; CREATE TRIGGER {name} AFTER UPDATE ON {on} BEGIN \
+             INSERT INTO {LOG_TABLE}(tbl, op, key, before, after) \
+             VALUES ({t}, 'update', {k}, {b}, {a}); END;",
+            name = trig("update"),
+            k = key("NEW"),
+            b = image("OLD"),
+            a = image("NEW"),
+        ),
+        format!(
+            "DROP TRIGGER IF EXISTS {name}; CREATE TRIGGER {name} AFTER DELETE ON {on} BEGIN \
+             INSERT INTO {LOG_TABLE}(tbl, op, key, before) VALUES ({t}, 'delete', {k}, {b}); END;",
+            name = trig("delete"),
+            k = key("OLD"),
+            b = image("OLD"),
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn json_text_columns_become_nested_documents() {
+        let doc = nest_json_columns(json!({
+            "owner": "{\"_id\": \"u1\"}",
+            "tags": "[1, 2]",
+            "name": "{not json",
+            "plain": "hello"
+        }));
+        assert_eq!(doc["owner"]["_id"], "u1");
+        assert_eq!(doc["tags"], json!([1, 2]));
+        assert_eq!(doc["name"], "{not json");
+        assert_eq!(doc["plain"], "hello");
+    }
+
+    #[test]
+    fn identifiers_and_literals_are_quoted() {
+        assert_eq!(ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(literal("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn malformed_rows_are_refused_not_panicked_on() {
+        let row = |op: &str, after: Option<&str>| LogRow {
+            seq: 1,
+            table: "t".into(),
+            op: op.into(),
+            key: Some("k".into()),
+            before: None,
+            after: after.map(str::to_owned),
+            at: "2026-01-01T00:00:00.000Z".into(),
+        };
+        assert!(row("explode", Some("{}")).into_change().is_err());
+        assert!(row("insert", Some("{broken")).into_change().is_err());
+        let ok = row("insert", Some("{\"a\":1}")).into_change().unwrap();
+        assert_eq!(ok.after, Some(json!({"a": 1})));
+    }
+}

@@ -1,0 +1,226 @@
+//! `GET /v1/ws`: the WebSocket stream.
+//!
+//! In: an upgrade request with credentials in the `Authorization` header, `?token=`, or a
+//! first `{"type":"auth",...}` frame within `server.auth_timeout`. Out: `ready`, then `gap`
+//! or the replay after `since`, then live events, one JSON text frame each; closed with the
+//! codes of SPEC.md.
+//!
+//! One task per connection runs one `select!` loop: it writes queued frames (the hub's
+//! shared bytes, no copy), answers client frames (`ping`, `refresh`), sends keepalive
+//! pings and closes on a kick (4008), token expiry (4001) or shutdown (1012). Bad
+//! credentials are reported with a close frame after the upgrade, because a browser cannot
+//! read the status of a refused upgrade.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use serde::Deserialize;
+use tokio::time::{Instant, sleep_until};
+
+use super::{StreamParams, bearer, close_text};
+use crate::auth::{AuthError, Identity, now_secs};
+use crate::event::{CloseReason, ServerEvent};
+use crate::server::App;
+
+/// Frames a client may send.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum ClientFrame {
+    Auth {
+        token: String,
+        #[serde(default)]
+        client_id: Option<String>,
+    },
+    Refresh {
+        token: String,
+    },
+    Ping,
+}
+
+/// Socket buffers are per connection: kept small so idle connections stay cheap. Event
+/// frames are small JSON; larger ones still go through, they just take more reads/writes.
+const READ_BUFFER: usize = 4 * 1024;
+const WRITE_BUFFER: usize = 0; // write each frame as it comes; the queue does the batching
+
+pub async fn handler(
+    State(app): State<Arc<App>>,
+    Query(params): Query<StreamParams>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let token = bearer(&headers).or(params.token);
+    let max = app.server.max_client_frame;
+    ws.read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| session(app, socket, token, params.client_id, params.since))
+}
+
+async fn session(
+    app: Arc<App>,
+    mut socket: WebSocket,
+    token: Option<String>,
+    client_id: Option<String>,
+    since: Option<String>,
+) {
+    let (token, client_id) = match token {
+        Some(t) => (t, client_id),
+        None => match auth_frame(&mut socket, app.server.auth_timeout).await {
+            Ok((t, c)) => (t, c.or(client_id)),
+            Err(e) => return close(socket, e.close_reason(), &e.to_string()).await,
+        },
+    };
+    let mut identity = match app.auth.identify(&token, client_id.as_deref()).await {
+        Ok(id) => id,
+        Err(e) => {
+            metrics::counter!("changecast_auth_failures_total", "reason" => e.close_reason().label())
+                .increment(1);
+            return close(socket, e.close_reason(), &e.to_string()).await;
+        }
+    };
+
+    let mut sub = app.hub.subscribe(&identity.user, since.as_deref());
+    let opening = std::iter::once(Utf8Bytes::from(std::mem::take(&mut sub.ready)))
+        .chain(sub.gap.take().map(Utf8Bytes::from))
+        .chain(sub.replay.drain(..).map(|f| f.json.clone()));
+    for text in opening {
+        if socket.send(Message::Text(text)).await.is_err() {
+            return;
+        }
+    }
+
+    let keepalive = app.server.keepalive;
+    let mut next_ping = Instant::now() + keepalive;
+    let mut last_heard = Instant::now();
+    let reason = loop {
+        let expires = expiry_instant(&identity);
+        tokio::select! {
+            biased;
+            reason = sub.kick.kicked() => break reason,
+            _ = app.shutdown.cancelled() => break CloseReason::Restarting,
+            _ = sleep_until(expires) => break CloseReason::TokenExpired,
+            frame = sub.rx.recv() => match frame {
+                Some(frame) => {
+                    if socket.send(Message::Text(frame.json.clone())).await.is_err() {
+                        return;
+                    }
+                }
+                // The hub dropped this connection; the kick arm says why on the next turn.
+                None => break sub.kick.kicked().await,
+            },
+            msg = socket.recv() => {
+                last_heard = Instant::now();
+                match msg {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                    Some(Ok(Message::Text(text))) => {
+                        match client_frame(&app, &mut identity, text.as_str()).await {
+                            Ok(Some(reply)) => {
+                                if socket.send(Message::Text(reply.into())).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(None) => {}
+                            Err(e) => break e.close_reason(),
+                        }
+                    }
+                    // Pings are answered by the protocol layer; pongs only prove liveness.
+                    Some(Ok(_)) => {}
+                }
+            }
+            _ = sleep_until(next_ping) => {
+                if last_heard.elapsed() > keepalive * 2 {
+                    metrics::counter!("changecast_dead_peers_total").increment(1);
+                    return;
+                }
+                if socket.send(Message::Ping(Default::default())).await.is_err() {
+                    return;
+                }
+                next_ping = Instant::now() + keepalive;
+            }
+        }
+    };
+    metrics::counter!("changecast_disconnects_total", "reason" => reason.label()).increment(1);
+    drop(sub);
+    close(socket, reason, reason.text()).await;
+}
+
+/// Handles one client text frame; returns a reply to send, or an error that ends the
+/// connection.
+async fn client_frame(
+    app: &App,
+    identity: &mut Identity,
+    text: &str,
+) -> Result<Option<String>, AuthError> {
+    match serde_json::from_str::<ClientFrame>(text) {
+        Ok(ClientFrame::Ping) => Ok(Some(ServerEvent::Pong.to_json())),
+        Ok(ClientFrame::Refresh { token }) => {
+            // The client id was checked on connect; a refresh does not repeat it.
+            let fresh = app.auth.identify_token(&token).await?;
+            if fresh.user != identity.user {
+                return Err(AuthError::Invalid(
+                    "refresh token is for another user".into(),
+                ));
+            }
+            identity.expires_at = fresh.expires_at;
+            Ok(None)
+        }
+        // Already authenticated: a repeated auth frame changes nothing.
+        Ok(ClientFrame::Auth { .. }) => Ok(None),
+        Err(_) => {
+            metrics::counter!("changecast_client_frames_ignored_total").increment(1);
+            Ok(None)
+        }
+    }
+}
+
+/// Waits for the first frame to be `{"type":"auth",...}`.
+async fn auth_frame(
+    socket: &mut WebSocket,
+    timeout: Duration,
+) -> Result<(String, Option<String>), AuthError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let msg = tokio::time::timeout_at(deadline, socket.recv())
+            .await
+            .map_err(|_| AuthError::Missing)?;
+        match msg {
+            Some(Ok(Message::Text(text))) => {
+                return match serde_json::from_str::<ClientFrame>(text.as_str()) {
+                    Ok(ClientFrame::Auth { token, client_id }) => Ok((token, client_id)),
+                    _ => Err(AuthError::Invalid(
+                        "the first frame must be {\"type\":\"auth\",\"token\":...}".into(),
+                    )),
+                };
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            _ => return Err(AuthError::Missing),
+        }
+    }
+}
+
+fn expiry_instant(identity: &Identity) -> Instant {
+    let left = identity.expires_at.saturating_sub(now_secs());
+    Instant::now() + Duration::from_secs(left)
+}
+
+async fn close(mut socket: WebSocket, reason: CloseReason, text: &str) {
+    let frame = CloseFrame {
+        code: reason.code(),
+        reason: close_text(text).into(),
+    };
+    let _ = socket.send(Message::Close(Some(frame))).await;
+    // Give the peer a moment to answer the close handshake, without waiting on a dead one.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while let Some(Ok(msg)) = socket.recv().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+}
