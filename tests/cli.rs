@@ -1,0 +1,167 @@
+//! The `changecast` binary: `check` and `token`.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::{Db, SECRET};
+
+fn changecast(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_changecast"))
+        .args(args)
+        .env_remove("CHANGECAST_JWT_SECRET")
+        .output()
+        .expect("the binary runs")
+}
+
+fn check(db: &Db, config: &str) -> (i32, String, String) {
+    let file = db.dir.path().join("changecast.toml");
+    std::fs::write(&file, config).unwrap();
+    let out = changecast(&["check", "--config", file.to_str().unwrap()]);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_prints_the_plan_of_a_good_config() {
+    let db = Db::new();
+    let (code, stdout, stderr) = check(&db, &db.config("", 100));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("collection orders (insert, update, delete)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("route orders"), "{stdout}");
+    assert!(
+        stdout.contains("owner._id from `businesses` where _id = $creator_id"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("collection inventory_items (insert, update, replace, delete)"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_refuses_bad_configs_naming_the_config_path() {
+    let db = Db::new();
+    let good = db.config("", 100);
+    let cases: Vec<(String, &str)> = vec![
+        (
+            good.replace("max_per_user = 100", "max_per_user = 100\ncolour = \"red\""),
+            "history",
+        ),
+        (
+            good.replace(
+                "where = { _id = \"$creator_id\" }",
+                "where = { _id = \"$creator\" }",
+            ),
+            "route[0].to",
+        ),
+        (
+            good.replace(
+                "lookup = \"businesses\", where = { _id = \"$creator_id\" }",
+                "lookup = \"busineses\", where = { _id = \"$creator_id\" }",
+            ),
+            "route[0].to.lookup: no such collection",
+        ),
+        (
+            good.replace("collection = \"orders\"", "collection = \"ordres\""),
+            "route[0].collection",
+        ),
+        (
+            good.replace(
+                "on = [\"insert\", \"update\", \"delete\"]",
+                "on = [\"upsert\"]",
+            ),
+            "route[0].on[0]",
+        ),
+        (
+            good.replace(
+                &format!("jwt_secret = \"{SECRET}\""),
+                "jwt_secret_env = \"CHANGECAST_JWT_SECRET\"",
+            ),
+            "auth.jwt_secret_env",
+        ),
+        (
+            good.replace(
+                "type = \"sqlite\"",
+                "type = \"mongodb\"\nuri = \"mongodb://x\"\ndatabase = \"d\"",
+            )
+            .replace("path = ", "# path = ")
+            .replace("poll_interval = \"2ms\"", ""),
+            "source",
+        ),
+        (good.replace("mercury.db", "absent.db"), "source.path"),
+        (
+            good.replace("poll_interval = \"2ms\"", "poll_interval = \"often\""),
+            "source",
+        ),
+        (
+            format!("{good}\n[[alert]]\nname = \"stock_low\"\n"),
+            "alert[0]",
+        ),
+        (
+            good.replace("pick = \"_id\"", "pick = \"id\""),
+            "auth.user.pick",
+        ),
+        (
+            good.replace("name = \"inventory\"", "name = \"orders\""),
+            "route[1].name",
+        ),
+        ("[source\n".to_string(), "line 1"),
+    ];
+    for (config, expected) in cases {
+        let (code, _, stderr) = check(&db, &config);
+        assert_eq!(code, 1, "expected failure for `{expected}`:\n{stderr}");
+        assert!(
+            stderr.contains(expected),
+            "expected `{expected}` in:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn token_mints_a_token_the_gateway_accepts() {
+    let out = changecast(&[
+        "token",
+        "--sub",
+        "u1",
+        "--secret",
+        "s3",
+        "--ttl",
+        "10m",
+        "--claim",
+        "role=admin",
+        "--claim",
+        "n=3",
+    ]);
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout).unwrap();
+    let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    v.set_required_spec_claims(&["exp"]);
+    let data = jsonwebtoken::decode::<serde_json::Value>(
+        token.trim(),
+        &jsonwebtoken::DecodingKey::from_secret(b"s3"),
+        &v,
+    )
+    .unwrap();
+    assert_eq!(data.claims["sub"], "u1");
+    assert_eq!(data.claims["role"], "admin");
+    assert_eq!(data.claims["n"], 3);
+    let ttl = data.claims["exp"].as_u64().unwrap() - data.claims["iat"].as_u64().unwrap();
+    assert_eq!(ttl, 600);
+
+    let out = changecast(&[
+        "token",
+        "--sub",
+        "u1",
+        "--secret-env",
+        "CHANGECAST_JWT_SECRET",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CHANGECAST_JWT_SECRET"));
+}
