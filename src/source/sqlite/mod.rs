@@ -230,7 +230,10 @@ impl SqliteSource {
                 std::thread::sleep(self.poll_interval);
                 continue;
             }
-            let Some(tx) = out.as_ref() else { continue };
+            let Some(tx) = out.as_ref() else {
+                std::thread::sleep(self.poll_interval);
+                continue;
+            };
 
             let dv: rusqlite::Result<i64> =
                 self.conn.query_row("PRAGMA data_version", [], |r| r.get(0));
