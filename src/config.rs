@@ -30,10 +30,12 @@ pub struct Config {
     /// Who hears about which changes. `[[route]]` in TOML.
     #[serde(default, rename = "route")]
     pub routes: Vec<RouteConfig>,
-    /// Derived alerts. `[[alert]]` in TOML; accepted by the parser so that the error about
-    /// them names their path, refused when compiled until the rules engine supports them.
+    /// Derived alerts: `[[alert]]` in TOML.
     #[serde(default, rename = "alert")]
-    pub alerts: Vec<toml::Table>,
+    pub alerts: Vec<AlertConfig>,
+    /// The lookup cache.
+    #[serde(default)]
+    pub lookups: LookupsConfig,
 }
 
 /// `[server]`
@@ -197,6 +199,49 @@ pub struct RouteConfig {
     pub to: toml::Value,
     /// If set, only these fields of the document are sent (`_id` always is).
     pub fields: Option<Vec<String>>,
+    /// A CEL condition on the change; the route delivers only changes for which it is true.
+    pub when: Option<String>,
+}
+
+/// `[[alert]]`: an event raised when a condition on a document *becomes* true.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertConfig {
+    /// Name carried in every alert event (`"alert": "stock_low"`).
+    pub name: String,
+    /// Collection (table) whose documents are watched.
+    pub collection: String,
+    /// CEL condition on `doc` (the document after the change). The alert fires when it is
+    /// true after the change and was not true before it.
+    pub when: String,
+    /// Recipients, as for routes.
+    pub to: toml::Value,
+    /// Message template (minijinja): `{{ doc.name }}`, `{{ before.x }}`, `{{ key }}`.
+    pub message: String,
+    /// Operations that can raise it. Default: insert, update, replace.
+    pub on: Option<Vec<String>>,
+    /// After firing for a document, stay quiet for that document this long.
+    #[serde(default, deserialize_with = "opt_duration")]
+    pub cooldown: Option<Duration>,
+    /// If set, only these fields of the document are sent (`_id` always is).
+    pub fields: Option<Vec<String>>,
+}
+
+/// `[lookups]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LookupsConfig {
+    /// Lookup answers kept in the cache (0 turns it off). Answers are invalidated by the
+    /// changes of the collection they read; past this many, the cache starts over.
+    pub cache_entries: usize,
+}
+
+impl Default for LookupsConfig {
+    fn default() -> Self {
+        LookupsConfig {
+            cache_entries: 100_000,
+        }
+    }
 }
 
 /// One problem with a config, at a config path.
@@ -284,6 +329,10 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     humantime::parse_duration(&s)
         .map_err(|e| serde::de::Error::custom(format!("`{s}` is not a duration like \"5s\": {e}")))
+}
+
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
 }
 
 #[cfg(test)]

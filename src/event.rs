@@ -30,6 +30,16 @@ pub enum ServerEvent<'a> {
         at: Option<&'a str>,
         doc: &'a Value,
     },
+    Alert {
+        id: &'a str,
+        alert: &'a str,
+        collection: &'a str,
+        key: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        at: Option<&'a str>,
+        message: &'a str,
+        doc: &'a Value,
+    },
     /// History did not reach back to `since`: the client must refetch its state.
     Gap {
         since: &'a str,

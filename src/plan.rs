@@ -10,10 +10,12 @@ use std::fmt::Write;
 use crate::auth::AuthPlan;
 use crate::change::Op;
 use crate::config::{
-    Config, ConfigError, ConfigErrors, HistoryConfig, ServerConfig, SourceConfig,
+    Config, ConfigError, ConfigErrors, HistoryConfig, LookupsConfig, ServerConfig, SourceConfig,
     SqliteSourceConfig,
 };
-use crate::route::{Route, check_lookup_names, compile_route, routes_by_collection};
+use crate::route::alert::{Alert, compile_alert};
+use crate::route::expr::Reads;
+use crate::route::{RecipientSpec, Route, check_lookup_names, compile_route};
 use crate::source::Catalog;
 use crate::source::sqlite::SqliteCatalog;
 
@@ -25,6 +27,8 @@ pub struct Plan {
     pub source: SqliteSourceConfig,
     pub auth: AuthPlan,
     pub routes: Vec<Route>,
+    pub alerts: Vec<Alert>,
+    pub lookups: LookupsConfig,
 }
 
 impl Plan {
@@ -107,11 +111,18 @@ impl Plan {
                 routes.push(route);
             }
         }
-        for (i, _) in config.alerts.iter().enumerate() {
-            errors.push(ConfigError::new(
-                format!("alert[{i}]"),
-                "alerts are not supported by this version yet",
-            ));
+        let mut alert_names: HashMap<&str, usize> = HashMap::new();
+        let mut alerts = Vec::new();
+        for (i, a) in config.alerts.iter().enumerate() {
+            if let Some(first) = alert_names.insert(a.name.as_str(), i) {
+                errors.push(ConfigError::new(
+                    format!("alert[{i}].name"),
+                    format!("`{}` is already the name of alert[{first}]", a.name),
+                ));
+            }
+            if let Some(alert) = compile_alert(i, a, catalog, &mut errors) {
+                alerts.push(alert);
+            }
         }
 
         if !errors.is_empty() {
@@ -124,16 +135,89 @@ impl Plan {
                 source,
                 auth,
                 routes,
+                alerts,
+                lookups: config.lookups.clone(),
             }),
             _ => Err(ConfigErrors(vec![ConfigError::new("config", "invalid")])),
         }
     }
 
-    /// The collections the source must watch, with the operations the rules use.
+    /// What the source must watch: every collection a rule reads, with the operations the
+    /// rules use, and every collection a lookup reads (all operations: their changes
+    /// invalidate cached lookups).
     pub fn watched(&self) -> BTreeMap<String, BTreeSet<Op>> {
         let mut m: BTreeMap<String, BTreeSet<Op>> = BTreeMap::new();
         for r in &self.routes {
             m.entry(r.collection.clone()).or_default().extend(&r.ops);
+        }
+        for a in &self.alerts {
+            m.entry(a.collection.clone()).or_default().extend(&a.ops);
+        }
+        for l in self.lookups_used() {
+            m.entry(l.collection.clone()).or_default().extend(Op::ALL);
+        }
+        m
+    }
+
+    fn lookups_used(&self) -> impl Iterator<Item = &crate::route::LookupSpec> {
+        let routes = self.routes.iter().flat_map(|r| r.to.iter());
+        let alerts = self.alerts.iter().flat_map(|a| a.to.iter());
+        routes.chain(alerts).filter_map(|s| match s {
+            RecipientSpec::Lookup(l) => Some(l),
+            RecipientSpec::Field(_) => None,
+        })
+    }
+
+    /// The top-level fields of each watched collection that changecast needs to see
+    /// (`Whole` when a rule sends or reads the whole document). A source that can project
+    /// (MongoDB's `$project`) sends only these.
+    pub fn needed_fields(&self) -> BTreeMap<String, Reads> {
+        let mut m: BTreeMap<String, Reads> = BTreeMap::new();
+        let mut add = |coll: &str,
+                       to: &BTreeSet<String>,
+                       fields: Option<&[crate::path::FieldPath]>,
+                       when: Option<&Reads>| {
+            let entry = m.entry(coll.to_owned()).or_insert_with(Reads::none);
+            entry.add("_id");
+            to.iter().for_each(|f| entry.add(f));
+            match fields {
+                Some(fs) => fs.iter().for_each(|f| entry.add(f.root())),
+                None => *entry = Reads::Whole,
+            }
+            if let Some(w) = when {
+                entry.merge(w);
+            }
+        };
+        for r in &self.routes {
+            add(
+                &r.collection,
+                &r.reads,
+                r.fields.as_deref(),
+                r.when.as_ref().map(|w| &w.reads),
+            );
+        }
+        for a in &self.alerts {
+            add(
+                &a.collection,
+                &a.reads,
+                a.fields.as_deref(),
+                Some(&a.when.reads),
+            );
+        }
+        // Invalidating cached lookups needs the fields their conditions test.
+        let lookups: Vec<(String, Vec<String>)> = self
+            .lookups_used()
+            .map(|l| {
+                (
+                    l.collection.clone(),
+                    l.filter.iter().map(|(f, _)| f.root().to_owned()).collect(),
+                )
+            })
+            .collect();
+        for (coll, fields) in lookups {
+            let entry = m.entry(coll).or_insert_with(Reads::none);
+            entry.add("_id");
+            fields.iter().for_each(|f| entry.add(f));
         }
         m
     }
@@ -154,33 +238,68 @@ impl Plan {
             "history: {} events per user (in memory); send queue: {} events per connection",
             self.history.max_per_user, self.server.send_queue
         );
+        let _ = writeln!(s, "lookup cache: {} answers", self.lookups.cache_entries);
         let watched = self.watched();
-        let by_collection = routes_by_collection(&self.routes);
+        let needed = self.needed_fields();
         if watched.is_empty() {
-            let _ = writeln!(s, "collections watched: none (no [[route]] configured)");
+            let _ = writeln!(
+                s,
+                "collections watched: none (no [[route]] or [[alert]] configured)"
+            );
         }
         for (collection, ops) in &watched {
             let ops: Vec<&str> = ops.iter().map(|o| o.as_str()).collect();
             let _ = writeln!(s, "collection {collection} ({})", ops.join(", "));
-            for r in by_collection.get(collection.as_str()).into_iter().flatten() {
+            match needed.get(collection) {
+                Some(Reads::Fields(f)) => {
+                    let f: Vec<&str> = f.iter().map(String::as_str).collect();
+                    let _ = writeln!(s, "  needs fields: {}", f.join(", "));
+                }
+                _ => {
+                    let _ = writeln!(s, "  needs fields: the whole document");
+                }
+            }
+            let used_by_lookups = self.lookups_used().any(|l| &l.collection == collection);
+            if used_by_lookups {
+                let _ = writeln!(
+                    s,
+                    "  read by lookups; its changes invalidate their cached answers"
+                );
+            }
+            for r in self.routes.iter().filter(|r| &r.collection == collection) {
                 let ops: Vec<&str> = r.ops.iter().map(|o| o.as_str()).collect();
                 let _ = writeln!(s, "  route {} on {}", r.name, ops.join(", "));
-                for spec in &r.to {
-                    let _ = writeln!(s, "    to {spec}");
+                if let Some(w) = &r.when {
+                    let _ = writeln!(s, "    when {}", w.source);
                 }
-                match &r.fields {
-                    None => {
-                        let _ = writeln!(s, "    sends the whole document");
-                    }
-                    Some(f) => {
-                        let f: Vec<String> = f.iter().map(|p| p.to_string()).collect();
-                        let _ = writeln!(s, "    sends _id, {}", f.join(", "));
-                    }
+                describe_rule(&mut s, &r.to, r.fields.as_deref());
+            }
+            for a in self.alerts.iter().filter(|a| &a.collection == collection) {
+                let ops: Vec<&str> = a.ops.iter().map(|o| o.as_str()).collect();
+                let _ = writeln!(s, "  alert {} on {}", a.name, ops.join(", "));
+                let _ = writeln!(s, "    fires when `{}` becomes true", a.when.source);
+                if let Some(c) = a.cooldown {
+                    let _ = writeln!(s, "    then quiet for {c:?} per document");
                 }
-                let reads: Vec<&str> = r.reads.iter().map(String::as_str).collect();
-                let _ = writeln!(s, "    reads fields: {}", reads.join(", "));
+                let _ = writeln!(s, "    message {:?}", a.message);
+                describe_rule(&mut s, &a.to, a.fields.as_deref());
             }
         }
         s
+    }
+}
+
+fn describe_rule(s: &mut String, to: &[RecipientSpec], fields: Option<&[crate::path::FieldPath]>) {
+    for spec in to {
+        let _ = writeln!(s, "    to {spec}");
+    }
+    match fields {
+        None => {
+            let _ = writeln!(s, "    sends the whole document");
+        }
+        Some(f) => {
+            let f: Vec<String> = f.iter().map(|p| p.to_string()).collect();
+            let _ = writeln!(s, "    sends _id, {}", f.join(", "));
+        }
     }
 }

@@ -23,7 +23,6 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Authenticator;
 use crate::change::Position;
 use crate::config::ServerConfig;
-use crate::event::ServerEvent;
 use crate::hub::{Hub, HubConfig};
 use crate::plan::Plan;
 use crate::route::Router;
@@ -116,7 +115,7 @@ pub async fn start(
         source_ok: AtomicBool::new(true),
         metrics: metrics_handle(),
     });
-    let router = Router::new(plan.routes, lookup);
+    let router = Router::new(plan.routes, plan.alerts, lookup, plan.lookups.cache_entries);
 
     let (batch_tx, batch_rx) = mpsc::channel(BATCH_QUEUE);
     let (ack_tx, ack_rx) = watch::channel(None);
@@ -171,18 +170,7 @@ async fn route_changes(
     while let Some(batch) = batches.recv().await {
         for change in &batch.changes {
             for d in router.route(change).await {
-                hub.publish(&d.recipients, |id| {
-                    ServerEvent::Change {
-                        id,
-                        route: &d.route.name,
-                        op: change.op,
-                        collection: &change.collection,
-                        key: &change.key,
-                        at: change.at.as_deref(),
-                        doc: &d.doc,
-                    }
-                    .to_json()
-                });
+                hub.publish(&d.recipients, |id| d.encode(id, change));
             }
         }
         acks.send_replace(Some(batch.end));

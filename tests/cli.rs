@@ -100,9 +100,31 @@ fn check_refuses_bad_configs_naming_the_config_path() {
             good.replace("poll_interval = \"2ms\"", "poll_interval = \"often\""),
             "source",
         ),
+        (format!("{good}\n[[alert]]\nname = \"other\"\n"), "alert[1]"),
         (
-            format!("{good}\n[[alert]]\nname = \"stock_low\"\n"),
-            "alert[0]",
+            good.replace(
+                "when = \"doc.quantity_in_stock <= doc.reorder_point\"",
+                "when = \"doc.quantity_in_stock <= \"",
+            ),
+            "alert[0].when: invalid CEL expression",
+        ),
+        (
+            good.replace("{{ doc.name }}", "{{ doc.name "),
+            "alert[0].message: invalid template",
+        ),
+        (
+            good.replace(
+                "on = [\"insert\", \"update\", \"delete\"]",
+                "on = [\"insert\"]\nwhen = \"doc.status ==\"",
+            ),
+            "route[0].when",
+        ),
+        (
+            good.replace(
+                "when = \"doc.quantity_in_stock <= doc.reorder_point\"",
+                "when = \"quantity < 3\"",
+            ),
+            "alert[0].when: unknown variable(s) quantity",
         ),
         (
             good.replace("pick = \"_id\"", "pick = \"id\""),

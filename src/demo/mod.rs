@@ -70,6 +70,14 @@ name = "inventory"
 collection = "inventory_items"
 on = ["insert", "update", "delete"]
 to = { lookup = "businesses", where = { _id = "$owned_by" }, pick = "owner._id" }
+
+# Fires when stock crosses the reorder point, not on every update while it is low.
+[[alert]]
+name = "stock_low"
+collection = "inventory_items"
+when = "doc.quantity_in_stock <= doc.reorder_point"
+to = { lookup = "businesses", where = { _id = "$owned_by" }, pick = "owner._id" }
+message = "Stock low: {{ doc.name }} has {{ doc.quantity_in_stock }} left. Restock to keep issuing orders."
 "#;
 
 /// The demo config for a database at `db`.
@@ -307,6 +315,7 @@ mod tests {
         let config = crate::config::Config::parse(&config_toml(&db, "127.0.0.1:0", "s")).unwrap();
         let plan = crate::plan::Plan::compile(&config).unwrap();
         assert_eq!(plan.routes.len(), 2);
+        assert_eq!(plan.alerts.len(), 1);
     }
 
     #[test]

@@ -1,8 +1,11 @@
 use super::*;
 use crate::change::Position;
+use crate::config::AlertConfig;
 use crate::source::LookupError;
+use crate::source::Query;
 use futures_util::future::BoxFuture;
 use serde_json::json;
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 /// An in-memory collection store: the test double for the source's lookups.
@@ -127,7 +130,7 @@ const OWNER: &str =
 #[tokio::test]
 async fn lookup_routes_to_the_owner() {
     let route = compile(OWNER, "").unwrap();
-    let router = Router::new(vec![route], docs());
+    let router = Router::new(vec![route], vec![], docs(), 100);
     let c = change(
         Op::Insert,
         None,
@@ -141,7 +144,7 @@ async fn lookup_routes_to_the_owner() {
 
 #[tokio::test]
 async fn delete_routes_by_the_pre_image() {
-    let router = Router::new(vec![compile(OWNER, "").unwrap()], docs());
+    let router = Router::new(vec![compile(OWNER, "").unwrap()], vec![], docs(), 100);
     let c = change(
         Op::Delete,
         Some(json!({"_id": "o1", "creator_id": "b2"})),
@@ -154,7 +157,7 @@ async fn delete_routes_by_the_pre_image() {
 #[tokio::test]
 async fn moving_a_document_reaches_old_and_new_owners_and_only_when_needed() {
     let docs = docs();
-    let router = Router::new(vec![compile(OWNER, "").unwrap()], docs.clone());
+    let router = Router::new(vec![compile(OWNER, "").unwrap()], vec![], docs.clone(), 0);
     let moved = change(
         Op::Update,
         Some(json!({"_id": "o1", "creator_id": "b1", "status": "new"})),
@@ -175,7 +178,7 @@ async fn moving_a_document_reaches_old_and_new_owners_and_only_when_needed() {
 #[tokio::test]
 async fn many_reaches_every_matching_document_and_lists_union() {
     let many = r#"[{ lookup = "users", where = { business_id = "$creator_id" }, pick = "_id", many = true }, "$watcher"]"#;
-    let router = Router::new(vec![compile(many, "").unwrap()], docs());
+    let router = Router::new(vec![compile(many, "").unwrap()], vec![], docs(), 100);
     let c = change(
         Op::Insert,
         None,
@@ -187,7 +190,7 @@ async fn many_reaches_every_matching_document_and_lists_union() {
 
 #[tokio::test]
 async fn a_missing_field_skips_the_delivery_without_failing() {
-    let router = Router::new(vec![compile(OWNER, "").unwrap()], docs());
+    let router = Router::new(vec![compile(OWNER, "").unwrap()], vec![], docs(), 100);
     let c = change(Op::Insert, None, Some(json!({"_id": "o1"})));
     assert!(router.route(&c).await.is_empty());
     let c = change(
@@ -205,7 +208,7 @@ async fn ops_filter_and_projection_apply() {
         "on = [\"delete\"]\nfields = [\"status\", \"meta.a\"]",
     )
     .unwrap();
-    let router = Router::new(vec![r], docs());
+    let router = Router::new(vec![r], vec![], docs(), 100);
     let ins = change(
         Op::Insert,
         None,
@@ -316,4 +319,259 @@ fn literals_and_escapes_in_where() {
         .is_none()
     );
     assert_eq!(errors.len(), 1);
+}
+
+fn inventory_catalog() -> Cat {
+    let cols = |c: &[&str]| Some(c.iter().map(|s| s.to_string()).collect());
+    let mut cat = mercury_catalog();
+    cat.0.insert(
+        "inventory_items".into(),
+        cols(&[
+            "_id",
+            "name",
+            "owned_by",
+            "quantity_in_stock",
+            "reorder_point",
+        ]),
+    );
+    cat
+}
+
+fn stock_alert(extra: &str) -> Alert {
+    let text = format!(
+        r#"name = "stock_low"
+collection = "inventory_items"
+when = "doc.quantity_in_stock <= doc.reorder_point"
+to = {{ lookup = "businesses", where = {{ _id = "$owned_by" }}, pick = "owner._id" }}
+message = "Stock low: {{{{ doc.name }}}} has {{{{ doc.quantity_in_stock }}}} left."
+{extra}"#
+    );
+    let config: AlertConfig = toml::from_str(&text).unwrap();
+    let mut errors = Vec::new();
+    alert::compile_alert(0, &config, Some(&inventory_catalog()), &mut errors)
+        .unwrap_or_else(|| panic!("{errors:?}"))
+}
+
+fn item(qty: Option<i64>) -> Value {
+    let mut v = json!({"_id": "i3", "name": "Rice", "owned_by": "b1", "reorder_point": 5});
+    if let Some(q) = qty {
+        v["quantity_in_stock"] = json!(q);
+    }
+    v
+}
+
+fn stock_change(op: Op, before: Option<Value>, after: Option<Value>) -> Change {
+    Change {
+        collection: "inventory_items".into(),
+        key: "i3".into(),
+        ..change(op, before, after)
+    }
+}
+
+/// Runs stock levels through the router and returns the alert messages raised.
+async fn alerts_for(router: &Router, levels: &[Option<i64>]) -> Vec<String> {
+    let mut prev: Option<Value> = None;
+    let mut out = Vec::new();
+    for q in levels {
+        let now = item(*q);
+        let op = if prev.is_none() {
+            Op::Insert
+        } else {
+            Op::Update
+        };
+        for d in router
+            .route(&stock_change(op, prev.clone(), Some(now.clone())))
+            .await
+        {
+            if let DeliveryKind::Alert { message, .. } = &d.kind {
+                assert_eq!(d.recipients, vec!["u1"]);
+                out.push(message.clone());
+            }
+        }
+        prev = Some(now);
+    }
+    out
+}
+
+#[tokio::test]
+async fn stock_low_fires_when_it_becomes_true_not_on_every_update() {
+    let router = Router::new(vec![], vec![stock_alert("")], docs(), 100);
+    let raised = alerts_for(&router, &[Some(10), Some(3), Some(2)]).await;
+    assert_eq!(raised, vec!["Stock low: Rice has 3 left."]);
+    // Restocked, then falling again: a second alert.
+    let router = Router::new(vec![], vec![stock_alert("")], docs(), 100);
+    let raised = alerts_for(&router, &[Some(10), Some(3), Some(2), Some(20), Some(4)]).await;
+    assert_eq!(
+        raised,
+        vec!["Stock low: Rice has 3 left.", "Stock low: Rice has 4 left."]
+    );
+    // Inserted already low: fires once.
+    let router = Router::new(vec![], vec![stock_alert("")], docs(), 100);
+    assert_eq!(alerts_for(&router, &[Some(1), Some(0)]).await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_document_missing_the_field_is_skipped_and_later_ones_still_fire() {
+    let router = Router::new(vec![], vec![stock_alert("")], docs(), 100);
+    let raised = alerts_for(&router, &[None, None, Some(2)]).await;
+    assert_eq!(raised, vec!["Stock low: Rice has 2 left."]);
+}
+
+#[tokio::test]
+async fn cooldown_silences_repeats_for_a_while() {
+    let router = Router::new(vec![], vec![stock_alert("cooldown = \"1h\"")], docs(), 100);
+    let raised = alerts_for(&router, &[Some(10), Some(3), Some(20), Some(4)]).await;
+    assert_eq!(raised.len(), 1, "{raised:?}");
+}
+
+#[tokio::test]
+async fn alert_events_have_the_documented_shape() {
+    let router = Router::new(
+        vec![],
+        vec![stock_alert("fields = [\"name\", \"quantity_in_stock\"]")],
+        docs(),
+        100,
+    );
+    let c = stock_change(Op::Update, Some(item(Some(9))), Some(item(Some(2))));
+    let d = router.route(&c).await;
+    let v: Value = serde_json::from_str(&d[0].encode("e1-7", &c)).unwrap();
+    assert_eq!(
+        v,
+        json!({"type": "alert", "id": "e1-7", "alert": "stock_low", "collection": "inventory_items", "key": "i3",
+               "message": "Stock low: Rice has 2 left.", "doc": {"_id": "i3", "name": "Rice", "quantity_in_stock": 2}})
+    );
+}
+
+#[tokio::test]
+async fn a_route_when_filters_changes() {
+    let r = compile(
+        OWNER,
+        "when = \"doc.status == 'paid' && (before == null || before.status != 'paid')\"",
+    )
+    .unwrap();
+    let router = Router::new(vec![r], vec![], docs(), 100);
+    let new = json!({"_id": "o1", "creator_id": "b1", "status": "new"});
+    let paid = json!({"_id": "o1", "creator_id": "b1", "status": "paid"});
+    assert!(
+        router
+            .route(&change(Op::Insert, None, Some(new.clone())))
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        router
+            .route(&change(Op::Update, Some(new), Some(paid.clone())))
+            .await
+            .len(),
+        1
+    );
+    assert!(
+        router
+            .route(&change(Op::Update, Some(paid.clone()), Some(paid)))
+            .await
+            .is_empty()
+    );
+    // A document the condition cannot evaluate is skipped, not fatal.
+    let odd = json!({"_id": "o1", "creator_id": "b1"});
+    assert!(
+        router
+            .route(&change(Op::Insert, None, Some(odd)))
+            .await
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn one_failing_rule_does_not_stop_the_others() {
+    let broken = compile(
+        r#"{ lookup = "missing_table", where = { _id = "$creator_id" } }"#,
+        "",
+    );
+    // The catalog refuses an unknown collection, so build it without one.
+    assert!(broken.is_err());
+    let mut errors = Vec::new();
+    let config = route_config(
+        r#"{ lookup = "missing_table", where = { _id = "$creator_id" } }"#,
+        "",
+    );
+    let broken = compile_route(0, &config, None, &mut errors).unwrap();
+    let good = compile(OWNER, "").unwrap();
+    let router = Router::new(vec![broken, good], vec![], docs(), 100);
+    let d = router
+        .route(&change(
+            Op::Insert,
+            None,
+            Some(json!({"_id": "o1", "creator_id": "b1"})),
+        ))
+        .await;
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].recipients, vec!["u1"]);
+}
+
+#[tokio::test]
+async fn a_burst_for_one_business_costs_one_lookup() {
+    let docs = docs();
+    let router = Router::new(vec![compile(OWNER, "").unwrap()], vec![], docs.clone(), 100);
+    for i in 0..1000 {
+        let c = change(
+            Op::Insert,
+            None,
+            Some(json!({"_id": format!("o{i}"), "creator_id": "b1"})),
+        );
+        assert_eq!(router.route(&c).await[0].recipients, vec!["u1"]);
+    }
+    assert_eq!(docs.queries.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn bad_alerts_are_refused_with_paths() {
+    let base = r#"name = "a"
+collection = "inventory_items"
+when = "doc.quantity_in_stock <= doc.reorder_point"
+to = "$owned_by"
+message = "low"
+"#;
+    let cases = [
+        (
+            "when = \"doc.quantity_in_stock <= doc.reorder_point\"",
+            "when = \"doc.quantity_in_stock <= \"",
+            "alert[0].when",
+        ),
+        (
+            "message = \"low\"",
+            "message = \"{{ doc.name \"",
+            "alert[0].message",
+        ),
+        ("to = \"$owned_by\"", "to = \"$owner\"", "alert[0].to"),
+        (
+            "collection = \"inventory_items\"",
+            "collection = \"stock\"",
+            "alert[0].collection",
+        ),
+        (
+            "message = \"low\"",
+            "message = \"low\"\non = [\"delete\"]",
+            "alert[0].on",
+        ),
+        (
+            "message = \"low\"",
+            "message = \"low\"\ncooldown = \"0s\"",
+            "alert[0].cooldown",
+        ),
+        (
+            "when = \"doc.quantity_in_stock <= doc.reorder_point\"",
+            "when = \"stock < 1\"",
+            "alert[0].when",
+        ),
+    ];
+    for (from, to, path) in cases {
+        let text = base.replace(from, to);
+        let config: AlertConfig = toml::from_str(&text).unwrap();
+        let mut errors = Vec::new();
+        assert!(
+            alert::compile_alert(0, &config, Some(&inventory_catalog()), &mut errors).is_none(),
+            "{text}"
+        );
+        assert!(errors.iter().any(|e| e.path == path), "{path}: {errors:?}");
+    }
 }

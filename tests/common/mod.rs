@@ -85,6 +85,13 @@ to = {{ lookup = "businesses", where = {{ _id = "$creator_id" }}, pick = "owner.
 name = "inventory"
 collection = "inventory_items"
 to = {{ lookup = "businesses", where = {{ _id = "$owned_by" }}, pick = "owner._id" }}
+
+[[alert]]
+name = "stock_low"
+collection = "inventory_items"
+when = "doc.quantity_in_stock <= doc.reorder_point"
+to = {{ lookup = "businesses", where = {{ _id = "$owned_by" }}, pick = "owner._id" }}
+message = "Stock low: {{{{ doc.name }}}} has {{{{ doc.quantity_in_stock }}}} left. Restock to keep issuing orders."
 "#,
             db = self.path.display()
         )

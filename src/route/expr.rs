@@ -1,0 +1,323 @@
+//! Conditions: CEL expressions on a change (`doc.quantity_in_stock <= doc.reorder_point`).
+//!
+//! In: the expression text from the config (compiled once) and, per evaluation, the
+//! document, its pre-image and the operation. Out: true or false, or an error (a missing
+//! field, a type mismatch) that the caller counts and skips. CEL comes from the `cel`
+//! crate, which returns errors rather than panicking on malformed input.
+//!
+//! Variables: `doc` (the document after the change, or before it for a delete), `before`
+//! (the pre-image, or null), `op` ("insert", …), `collection` and `key`.
+
+use std::collections::BTreeSet;
+
+use cel::common::ast::{EntryExpr, Expr, IdedExpr};
+use cel::{Context, Program};
+use serde_json::Value;
+
+use crate::change::Op;
+use crate::config::ConfigError;
+
+/// The variables a condition may use.
+const VARIABLES: [&str; 5] = ["doc", "before", "op", "collection", "key"];
+
+/// Which top-level fields of `doc` (and `before`) an expression reads.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Reads {
+    /// Exactly these top-level fields.
+    Fields(BTreeSet<String>),
+    /// The document as a whole (it is passed to a function, or indexed dynamically).
+    #[default]
+    Whole,
+}
+
+impl Reads {
+    pub fn none() -> Reads {
+        Reads::Fields(BTreeSet::new())
+    }
+
+    pub fn merge(&mut self, other: &Reads) {
+        match (&mut *self, other) {
+            (Reads::Whole, _) => {}
+            (_, Reads::Whole) => *self = Reads::Whole,
+            (Reads::Fields(a), Reads::Fields(b)) => a.extend(b.iter().cloned()),
+        }
+    }
+
+    pub fn add(&mut self, field: &str) {
+        if let Reads::Fields(f) = self {
+            f.insert(field.to_owned());
+        }
+    }
+}
+
+/// A compiled condition.
+pub struct Condition {
+    pub source: String,
+    program: Program,
+    /// Top-level document fields the expression reads.
+    pub reads: Reads,
+}
+
+impl std::fmt::Debug for Condition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Condition({:?})", self.source)
+    }
+}
+
+impl Clone for Condition {
+    fn clone(&self) -> Self {
+        // Compiled once already, so compiling the same text again cannot fail.
+        let program = Program::compile(&self.source).expect("recompiling a valid expression");
+        Condition {
+            source: self.source.clone(),
+            program,
+            reads: self.reads.clone(),
+        }
+    }
+}
+
+impl Condition {
+    /// Compiles `source`; errors name `path`.
+    pub fn compile(source: &str, path: &str, errors: &mut Vec<ConfigError>) -> Option<Condition> {
+        if source.trim().is_empty() {
+            errors.push(ConfigError::new(path, "empty condition"));
+            return None;
+        }
+        let program = match Program::compile(source) {
+            Ok(p) => p,
+            Err(e) => {
+                let msg = e
+                    .to_string()
+                    .lines()
+                    .next()
+                    .unwrap_or("syntax error")
+                    .to_owned();
+                errors.push(ConfigError::new(
+                    path,
+                    format!("invalid CEL expression: {msg}"),
+                ));
+                return None;
+            }
+        };
+        let mut bound = Vec::new();
+        comprehension_vars(program.expression(), &mut bound);
+        let unknown: Vec<String> = program
+            .references()
+            .variables()
+            .into_iter()
+            .filter(|v| !VARIABLES.contains(v) && !bound.iter().any(|b| b == v))
+            .map(str::to_owned)
+            .collect();
+        if !unknown.is_empty() {
+            errors.push(ConfigError::new(
+                path,
+                format!(
+                    "unknown variable(s) {}: a condition can use {}",
+                    unknown.join(", "),
+                    VARIABLES.join(", ")
+                ),
+            ));
+            return None;
+        }
+        let mut reads = Reads::none();
+        collect_reads(program.expression(), &mut reads);
+        Some(Condition {
+            source: source.to_owned(),
+            program,
+            reads,
+        })
+    }
+
+    /// Evaluates the condition. A result that is not a boolean is an error.
+    pub fn eval(
+        &self,
+        doc: &Value,
+        before: Option<&Value>,
+        op: Op,
+        collection: &str,
+        key: &str,
+    ) -> Result<bool, String> {
+        let mut ctx = Context::default();
+        let bind = |ctx: &mut Context, name: &str, v: &Value| {
+            ctx.add_variable(name.to_owned(), v)
+                .map_err(|e| format!("cannot bind `{name}`: {e}"))
+        };
+        bind(&mut ctx, "doc", doc)?;
+        bind(&mut ctx, "before", before.unwrap_or(&Value::Null))?;
+        ctx.add_variable_from_value("op", op.as_str().to_owned());
+        ctx.add_variable_from_value("collection", collection.to_owned());
+        ctx.add_variable_from_value("key", key.to_owned());
+        match self.program.execute(&ctx) {
+            Ok(cel::Value::Bool(b)) => Ok(b),
+            Ok(other) => Err(format!("`{}` gave {other:?}, not a boolean", self.source)),
+            Err(e) => Err(format!("`{}`: {e}", self.source)),
+        }
+    }
+}
+
+/// Names bound by comprehensions (`doc.items.exists(i, ...)` binds `i`): not free
+/// variables, so not unknown ones.
+fn comprehension_vars(e: &IdedExpr, out: &mut Vec<String>) {
+    match &e.expr {
+        Expr::Comprehension(c) => {
+            out.push(c.iter_var.clone());
+            out.extend(c.iter_var2.clone());
+            out.push(c.accu_var.clone());
+            for x in [
+                &c.iter_range,
+                &c.accu_init,
+                &c.loop_cond,
+                &c.loop_step,
+                &c.result,
+            ] {
+                comprehension_vars(x, out);
+            }
+        }
+        Expr::Select(s) => comprehension_vars(&s.operand, out),
+        Expr::Call(c) => {
+            c.target.iter().for_each(|t| comprehension_vars(t, out));
+            c.args.iter().for_each(|a| comprehension_vars(a, out));
+        }
+        Expr::List(l) => l.elements.iter().for_each(|x| comprehension_vars(x, out)),
+        _ => {}
+    }
+}
+
+/// Walks the expression for `doc.<field>` and `before.<field>` selections.
+fn collect_reads(e: &IdedExpr, reads: &mut Reads) {
+    match &e.expr {
+        Expr::Select(s) => {
+            if let Expr::Ident(root) = &s.operand.expr
+                && (root == "doc" || root == "before")
+            {
+                reads.add(&s.field);
+            } else {
+                collect_reads(&s.operand, reads);
+            }
+        }
+        Expr::Ident(name) if name == "doc" || name == "before" => *reads = Reads::Whole,
+        Expr::Call(c) => {
+            // `doc["field"]` is an index call with a literal: still one field.
+            if c.func_name == "_[_]"
+                && let [target, index] = c.args.as_slice()
+                && matches!(&target.expr, Expr::Ident(n) if n == "doc" || n == "before")
+                && let Expr::Literal(cel::common::ast::LiteralValue::String(field)) = &index.expr
+            {
+                reads.add(field.as_ref());
+                return;
+            }
+            if let Some(t) = &c.target {
+                collect_reads(t, reads);
+            }
+            c.args.iter().for_each(|a| collect_reads(a, reads));
+        }
+        Expr::Comprehension(c) => {
+            for x in [
+                &c.iter_range,
+                &c.accu_init,
+                &c.loop_cond,
+                &c.loop_step,
+                &c.result,
+            ] {
+                collect_reads(x, reads);
+            }
+        }
+        Expr::List(l) => l.elements.iter().for_each(|x| collect_reads(x, reads)),
+        Expr::Map(m) => m.entries.iter().for_each(|en| match &en.expr {
+            EntryExpr::MapEntry(me) => {
+                collect_reads(&me.key, reads);
+                collect_reads(&me.value, reads);
+            }
+            EntryExpr::StructField(sf) => collect_reads(&sf.value, reads),
+        }),
+        Expr::Struct(s) => s.entries.iter().for_each(|en| match &en.expr {
+            EntryExpr::MapEntry(me) => {
+                collect_reads(&me.key, reads);
+                collect_reads(&me.value, reads);
+            }
+            EntryExpr::StructField(sf) => collect_reads(&sf.value, reads),
+        }),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn cond(src: &str) -> Condition {
+        let mut errors = Vec::new();
+        Condition::compile(src, "x", &mut errors).unwrap_or_else(|| panic!("{errors:?}"))
+    }
+
+    fn eval(c: &Condition, doc: Value) -> Result<bool, String> {
+        c.eval(&doc, None, Op::Update, "items", "i1")
+    }
+
+    #[test]
+    fn evaluates_on_the_document() {
+        let c = cond("doc.quantity_in_stock <= doc.reorder_point");
+        assert_eq!(
+            eval(&c, json!({"quantity_in_stock": 2, "reorder_point": 5})),
+            Ok(true)
+        );
+        assert_eq!(
+            eval(&c, json!({"quantity_in_stock": 9, "reorder_point": 5})),
+            Ok(false)
+        );
+        assert_eq!(
+            c.reads,
+            Reads::Fields(["quantity_in_stock".into(), "reorder_point".into()].into())
+        );
+    }
+
+    #[test]
+    fn missing_fields_and_non_booleans_are_errors_not_panics() {
+        let c = cond("doc.quantity_in_stock <= doc.reorder_point");
+        assert!(eval(&c, json!({"reorder_point": 5})).is_err());
+        assert!(eval(&c, json!({"quantity_in_stock": "lots", "reorder_point": 5})).is_err());
+        assert!(eval(&cond("doc.reorder_point"), json!({"reorder_point": 5})).is_err());
+    }
+
+    #[test]
+    fn other_variables_are_available() {
+        let c = cond(
+            "op == 'update' && collection == 'items' && key == 'i1' && before.status != doc.status",
+        );
+        let r = c.eval(
+            &json!({"status": "paid"}),
+            Some(&json!({"status": "new"})),
+            Op::Update,
+            "items",
+            "i1",
+        );
+        assert_eq!(r, Ok(true));
+        assert_eq!(c.reads, Reads::Fields(["status".into()].into()));
+    }
+
+    #[test]
+    fn bad_expressions_are_refused_at_compile_time() {
+        for src in ["doc.quantity <= ", "", "stock < 3", "doc.a +* 2"] {
+            let mut errors = Vec::new();
+            assert!(
+                Condition::compile(src, "alert[0].when", &mut errors).is_none(),
+                "{src}"
+            );
+            assert_eq!(errors[0].path, "alert[0].when");
+        }
+    }
+
+    #[test]
+    fn reads_fall_back_to_the_whole_document() {
+        assert_eq!(cond("size(doc) > 2").reads, Reads::Whole);
+        assert_eq!(
+            cond("doc['name'] == 'x'").reads,
+            Reads::Fields(["name".into()].into())
+        );
+        assert_eq!(
+            cond("doc.items.exists(i, i.qty > 1)").reads,
+            Reads::Fields(["items".into()].into())
+        );
+    }
+}

@@ -1,0 +1,526 @@
+//! Recipient specs: who a document reaches (`to`), compiled from the config.
+//!
+//! In: the `to` value of a route or alert (and `[auth] user`). Out: [`RecipientSpec`]s
+//! that, given a document, yield user ids, through lookups in the source when they say so.
+
+use std::collections::BTreeSet;
+
+use serde_json::{Map, Value};
+
+use super::cache::CachedLookup;
+use crate::config::ConfigError;
+use crate::path::{FieldPath, scalar_to_string};
+use crate::source::{Catalog, Query};
+
+/// One way of finding recipients.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecipientSpec {
+    /// User ids at a path of the changed document (an array gives several).
+    Field(FieldPath),
+    /// User ids picked from documents found in another collection.
+    Lookup(LookupSpec),
+}
+
+/// `{ lookup, where, pick, many }`
+#[derive(Debug, Clone, PartialEq)]
+pub struct LookupSpec {
+    pub collection: String,
+    pub filter: Vec<(FieldPath, Operand)>,
+    pub pick: FieldPath,
+    /// Take every matching document, not just the first.
+    pub many: bool,
+}
+
+/// A value in a `where`: a field of the changed document, the token's claim (user
+/// resolution only), or a literal.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Operand {
+    Field(FieldPath),
+    Claim,
+    Literal(Value),
+}
+
+/// Converts a TOML value to JSON (TOML datetimes become strings).
+pub fn toml_to_json(v: &toml::Value) -> Value {
+    match v {
+        toml::Value::String(s) => Value::String(s.clone()),
+        toml::Value::Integer(i) => Value::from(*i),
+        toml::Value::Float(f) => serde_json::Number::from_f64(*f)
+            .map(Value::Number)
+            .unwrap_or(Value::Null),
+        toml::Value::Boolean(b) => Value::Bool(*b),
+        toml::Value::Datetime(d) => Value::String(d.to_string()),
+        toml::Value::Array(a) => Value::Array(a.iter().map(toml_to_json).collect()),
+        toml::Value::Table(t) => Value::Object(
+            t.iter()
+                .map(|(k, v)| (k.clone(), toml_to_json(v)))
+                .collect(),
+        ),
+    }
+}
+
+/// Compiles a `where` value. `"$a.b"` reads the document, `"$claim"` the claim (where
+/// allowed), `"$$x"` is the literal string `"$x"`, anything else is a literal.
+pub fn compile_operand(
+    v: &toml::Value,
+    path: &str,
+    allow_claim: bool,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Operand> {
+    match v {
+        toml::Value::String(s) if s.starts_with("$$") => {
+            Some(Operand::Literal(Value::String(s[1..].to_owned())))
+        }
+        toml::Value::String(s) if s == "$claim" && allow_claim => Some(Operand::Claim),
+        toml::Value::String(s) if s.starts_with('$') => match FieldPath::parse(&s[1..]) {
+            Ok(p) if !allow_claim => Some(Operand::Field(p)),
+            Ok(_) => {
+                errors.push(ConfigError::new(
+                    path,
+                    format!("`{s}`: only \"$claim\" can be read here"),
+                ));
+                None
+            }
+            Err(e) => {
+                errors.push(ConfigError::new(path, e));
+                None
+            }
+        },
+        toml::Value::Table(_) | toml::Value::Array(_) => {
+            errors.push(ConfigError::new(
+                path,
+                "expected a \"$field\" reference or a scalar literal",
+            ));
+            None
+        }
+        other => Some(Operand::Literal(toml_to_json(other))),
+    }
+}
+
+/// Compiles a `lookup` table: `{ lookup, where, pick, many }`. Shared by routes and by
+/// `[auth] user`.
+pub fn compile_lookup(
+    table: &toml::Table,
+    path: &str,
+    allow_claim: bool,
+    errors: &mut Vec<ConfigError>,
+) -> Option<LookupSpec> {
+    let before = errors.len();
+    for key in table.keys() {
+        if !["lookup", "where", "pick", "many"].contains(&key.as_str()) {
+            errors.push(ConfigError::new(
+                format!("{path}.{key}"),
+                "unknown key (expected lookup, where, pick or many)",
+            ));
+        }
+    }
+    let collection = match table.get("lookup") {
+        Some(toml::Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        Some(_) => {
+            errors.push(ConfigError::new(
+                format!("{path}.lookup"),
+                "expected a collection name",
+            ));
+            None
+        }
+        None => {
+            errors.push(ConfigError::new(
+                format!("{path}.lookup"),
+                "missing: the collection to look in",
+            ));
+            None
+        }
+    };
+    let mut filter = Vec::new();
+    match table.get("where") {
+        Some(toml::Value::Table(w)) if !w.is_empty() => {
+            for (field, value) in w {
+                let fpath = format!("{path}.where.{field}");
+                let target = FieldPath::parse(field)
+                    .map_err(|e| errors.push(ConfigError::new(&fpath, e)))
+                    .ok();
+                let operand = compile_operand(value, &fpath, allow_claim, errors);
+                if let (Some(t), Some(o)) = (target, operand) {
+                    filter.push((t, o));
+                }
+            }
+        }
+        Some(_) => errors.push(ConfigError::new(
+            format!("{path}.where"),
+            "expected a non-empty table like { _id = \"$owner_id\" }",
+        )),
+        None => errors.push(ConfigError::new(
+            format!("{path}.where"),
+            "missing: which documents to find",
+        )),
+    }
+    let pick = match table.get("pick") {
+        None => FieldPath::parse("_id").ok(),
+        Some(toml::Value::String(s)) => FieldPath::parse(s)
+            .map_err(|e| errors.push(ConfigError::new(format!("{path}.pick"), e)))
+            .ok(),
+        Some(_) => {
+            errors.push(ConfigError::new(
+                format!("{path}.pick"),
+                "expected a field path",
+            ));
+            None
+        }
+    };
+    let many = match table.get("many") {
+        None => false,
+        Some(toml::Value::Boolean(b)) => *b,
+        Some(_) => {
+            errors.push(ConfigError::new(
+                format!("{path}.many"),
+                "expected true or false",
+            ));
+            false
+        }
+    };
+    if errors.len() > before {
+        return None;
+    }
+    Some(LookupSpec {
+        collection: collection?,
+        filter,
+        pick: pick?,
+        many,
+    })
+}
+
+pub(crate) fn compile_to(
+    v: &toml::Value,
+    path: &str,
+    out: &mut Vec<RecipientSpec>,
+    errors: &mut Vec<ConfigError>,
+) {
+    match v {
+        toml::Value::String(s) => match s.strip_prefix('$').map(FieldPath::parse) {
+            Some(Ok(p)) => out.push(RecipientSpec::Field(p)),
+            Some(Err(e)) => errors.push(ConfigError::new(path, e)),
+            None => errors.push(ConfigError::new(
+                path,
+                format!("`{s}`: expected a \"$field.path\" or a lookup table"),
+            )),
+        },
+        toml::Value::Table(t) => {
+            if let Some(l) = compile_lookup(t, path, false, errors) {
+                out.push(RecipientSpec::Lookup(l));
+            }
+        }
+        toml::Value::Array(items) if !items.is_empty() => {
+            for (i, item) in items.iter().enumerate() {
+                compile_to(item, &format!("{path}[{i}]"), out, errors);
+            }
+        }
+        _ => errors.push(ConfigError::new(
+            path,
+            "expected \"$field.path\", { lookup, where, pick }, or a non-empty list of them",
+        )),
+    }
+}
+
+/// Checks a lookup's collection, `where` fields and `pick` against the catalog.
+pub fn check_lookup_names(
+    at: &str,
+    l: &LookupSpec,
+    catalog: &dyn Catalog,
+    errors: &mut Vec<ConfigError>,
+) {
+    let collections = catalog.collections();
+    match collections.get(&l.collection) {
+        None => {
+            let names: Vec<&str> = collections.keys().map(String::as_str).collect();
+            errors.push(ConfigError::new(
+                format!("{at}.lookup"),
+                format!(
+                    "no such collection `{}` (the source has: {})",
+                    l.collection,
+                    names.join(", ")
+                ),
+            ));
+        }
+        Some(Some(cols)) => {
+            for (target, _) in &l.filter {
+                if !cols.iter().any(|c| c == target.root()) {
+                    errors.push(ConfigError::new(
+                        format!("{at}.where.{target}"),
+                        format!("`{}` has no field `{}`", l.collection, target.root()),
+                    ));
+                }
+            }
+            if !cols.iter().any(|c| c == l.pick.root()) {
+                errors.push(ConfigError::new(
+                    format!("{at}.pick"),
+                    format!("`{}` has no field `{}`", l.collection, l.pick.root()),
+                ));
+            }
+        }
+        Some(None) => {}
+    }
+}
+
+/// Why part of a delivery was skipped.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("the document has no `{0}`")]
+    MissingField(String),
+    #[error("`{0}` is not a scalar id")]
+    NotAnId(String),
+    #[error(transparent)]
+    Lookup(#[from] crate::source::LookupError),
+}
+
+impl RouteError {
+    pub fn label(&self) -> &'static str {
+        match self {
+            RouteError::MissingField(_) => "missing_field",
+            RouteError::NotAnId(_) => "not_an_id",
+            RouteError::Lookup(_) => "lookup_failed",
+        }
+    }
+}
+
+/// Adds the user ids that `spec` yields for `doc` to `out`.
+pub async fn recipients_of(
+    spec: &RecipientSpec,
+    doc: &Value,
+    lookup: &CachedLookup,
+    out: &mut BTreeSet<String>,
+) -> Result<(), RouteError> {
+    match spec {
+        RecipientSpec::Field(path) => collect_ids(path, doc, out),
+        RecipientSpec::Lookup(l) => {
+            let mut filter = Vec::with_capacity(l.filter.len());
+            for (target, operand) in &l.filter {
+                let value = match operand {
+                    Operand::Field(p) => match p.get(doc) {
+                        Some(v) if !v.is_null() => v.clone(),
+                        _ => return Err(RouteError::MissingField(p.to_string())),
+                    },
+                    Operand::Literal(v) => v.clone(),
+                    Operand::Claim => return Err(RouteError::MissingField("$claim".into())),
+                };
+                filter.push((target.clone(), value));
+            }
+            let found = lookup
+                .find(Query {
+                    collection: l.collection.clone(),
+                    filter,
+                    limit: if l.many { None } else { Some(1) },
+                })
+                .await?;
+            for d in found.iter() {
+                // A found document without the picked field yields nobody, like a missing
+                // document does.
+                let _ = collect_ids(&l.pick, d, out);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn collect_ids(
+    path: &FieldPath,
+    doc: &Value,
+    out: &mut BTreeSet<String>,
+) -> Result<(), RouteError> {
+    let mut values = Vec::new();
+    path.collect(doc, &mut values);
+    if values.is_empty() {
+        return Err(RouteError::MissingField(path.to_string()));
+    }
+    for v in values {
+        out.insert(scalar_to_string(v).ok_or_else(|| RouteError::NotAnId(path.to_string()))?);
+    }
+    Ok(())
+}
+
+/// The document limited to `fields` (plus `_id`); the whole document when `None`.
+pub fn project(doc: &Value, fields: Option<&[FieldPath]>) -> Value {
+    let Some(fields) = fields else {
+        return doc.clone();
+    };
+    let mut out = Map::new();
+    if let Some(id) = doc.get("_id") {
+        out.insert("_id".into(), id.clone());
+    }
+    for f in fields {
+        if let Some(v) = f.get(doc) {
+            insert_at(&mut out, &f.to_string(), v.clone());
+        }
+    }
+    Value::Object(out)
+}
+
+fn insert_at(map: &mut Map<String, Value>, dotted: &str, v: Value) {
+    match dotted.split_once('.') {
+        None => {
+            map.insert(dotted.to_owned(), v);
+        }
+        Some((head, rest)) => {
+            let child = map
+                .entry(head.to_owned())
+                .or_insert_with(|| Value::Object(Map::new()));
+            if let Value::Object(m) = child {
+                insert_at(m, rest, v);
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for RecipientSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecipientSpec::Field(p) => write!(f, "${p}"),
+            RecipientSpec::Lookup(l) => {
+                let w: Vec<String> = l
+                    .filter
+                    .iter()
+                    .map(|(t, o)| match o {
+                        Operand::Field(p) => format!("{t} = ${p}"),
+                        Operand::Claim => format!("{t} = $claim"),
+                        Operand::Literal(v) => format!("{t} = {v}"),
+                    })
+                    .collect();
+                write!(
+                    f,
+                    "{} from `{}` where {}{}",
+                    l.pick,
+                    l.collection,
+                    w.join(" and "),
+                    if l.many { " (every match)" } else { "" }
+                )
+            }
+        }
+    }
+}
+
+/// Top-level fields of the changed document that `to` reads.
+pub fn spec_reads(to: &[RecipientSpec]) -> BTreeSet<String> {
+    let mut reads = BTreeSet::new();
+    for spec in to {
+        match spec {
+            RecipientSpec::Field(p) => {
+                reads.insert(p.root().to_owned());
+            }
+            RecipientSpec::Lookup(l) => {
+                for (_, o) in &l.filter {
+                    if let Operand::Field(p) = o {
+                        reads.insert(p.root().to_owned());
+                    }
+                }
+            }
+        }
+    }
+    reads
+}
+
+/// Compiles a `fields = [...]` projection.
+pub fn compile_fields(
+    fields: Option<&Vec<String>>,
+    at: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Vec<FieldPath>> {
+    fields.map(|fs| {
+        fs.iter()
+            .enumerate()
+            .filter_map(|(i, f)| {
+                FieldPath::parse(f)
+                    .map_err(|e| errors.push(ConfigError::new(format!("{at}.fields[{i}]"), e)))
+                    .ok()
+            })
+            .collect()
+    })
+}
+
+/// Checks a rule's collection, the fields it reads and its lookups against the catalog.
+/// Returns false when the collection itself is unknown.
+pub fn check_rule_names(
+    at: &str,
+    collection: &str,
+    to: &[RecipientSpec],
+    fields: Option<&[FieldPath]>,
+    catalog: &dyn Catalog,
+    errors: &mut Vec<ConfigError>,
+) -> bool {
+    let collections = catalog.collections();
+    let has_field = |field: &str| match collections.get(collection) {
+        Some(Some(cols)) => cols.iter().any(|c| c == field),
+        _ => true, // unknown schema: cannot tell, so do not refuse
+    };
+    if !collections.contains_key(collection) {
+        let names: Vec<&str> = collections.keys().map(String::as_str).collect();
+        errors.push(ConfigError::new(
+            format!("{at}.collection"),
+            format!(
+                "no such collection `{collection}` (the source has: {})",
+                names.join(", ")
+            ),
+        ));
+        return false;
+    }
+    for field in spec_reads(to) {
+        if !has_field(&field) {
+            errors.push(ConfigError::new(
+                format!("{at}.to"),
+                format!("`{collection}` has no field `{field}`"),
+            ));
+        }
+    }
+    for (i, f) in fields.unwrap_or_default().iter().enumerate() {
+        if !has_field(f.root()) {
+            errors.push(ConfigError::new(
+                format!("{at}.fields[{i}]"),
+                format!("`{collection}` has no field `{}`", f.root()),
+            ));
+        }
+    }
+    let multiple = to.len() > 1;
+    for (i, spec) in to.iter().enumerate() {
+        let RecipientSpec::Lookup(l) = spec else {
+            continue;
+        };
+        let p = if multiple {
+            format!("{at}.to[{i}]")
+        } else {
+            format!("{at}.to")
+        };
+        check_lookup_names(&p, l, catalog, errors);
+    }
+    true
+}
+
+/// Compiles an `on = [...]` list; `default` when absent.
+pub fn compile_ops(
+    on: Option<&Vec<String>>,
+    default: &[crate::change::Op],
+    at: &str,
+    errors: &mut Vec<ConfigError>,
+) -> BTreeSet<crate::change::Op> {
+    use crate::change::Op;
+    match on {
+        None => default.iter().copied().collect(),
+        Some(list) if list.is_empty() => {
+            errors.push(ConfigError::new(
+                format!("{at}.on"),
+                "must name at least one operation",
+            ));
+            BTreeSet::new()
+        }
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                Op::parse(s).or_else(|| {
+                    errors.push(ConfigError::new(
+                        format!("{at}.on[{i}]"),
+                        format!("`{s}` is not one of insert, update, replace, delete"),
+                    ));
+                    None
+                })
+            })
+            .collect(),
+    }
+}
