@@ -4,13 +4,14 @@
 //! objects by key and, like MongoDB, descends into every element of an array it meets.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde_json::Value;
 
-/// A parsed, non-empty dotted path.
+/// A parsed, non-empty dotted path. Cheap to clone (queries carry their paths).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct FieldPath {
-    segments: Vec<String>,
+    segments: Arc<[String]>,
 }
 
 impl FieldPath {
@@ -23,7 +24,9 @@ impl FieldPath {
         if segments.iter().any(String::is_empty) {
             return Err(format!("`{s}` has an empty segment"));
         }
-        Ok(FieldPath { segments })
+        Ok(FieldPath {
+            segments: segments.into(),
+        })
     }
 
     /// The first segment: the top-level field (an SQLite column).

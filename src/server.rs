@@ -91,6 +91,8 @@ pub async fn start(
     extra: Option<axum::Router>,
 ) -> anyhow::Result<Running> {
     let local_addr = listener.local_addr()?;
+    // Installed before anything resolves its metric handles.
+    let metrics = metrics_handle();
     let watched: Vec<String> = plan.watched().into_keys().collect();
     let source_config = plan.source.clone();
     let source =
@@ -113,7 +115,7 @@ pub async fn start(
         server: plan.server.clone(),
         shutdown: shutdown.clone(),
         source_ok: AtomicBool::new(true),
-        metrics: metrics_handle(),
+        metrics,
     });
     let router = Router::new(plan.routes, plan.alerts, lookup, plan.lookups.cache_entries);
 

@@ -79,6 +79,10 @@ pub struct Hub {
     hasher: RandomState,
     config: HubConfig,
     next_conn: AtomicU64,
+    /// Metric handles, resolved once: looking a metric up by name costs a hash per call.
+    published: metrics::Counter,
+    deliveries: metrics::Counter,
+    slow_disconnects: metrics::Counter,
 }
 
 /// One shard of the user map.
@@ -174,6 +178,9 @@ impl Hub {
             hasher: RandomState::new(),
             config,
             next_conn: AtomicU64::new(1),
+            published: metrics::counter!("changecast_events_published_total"),
+            deliveries: metrics::counter!("changecast_deliveries_total"),
+            slow_disconnects: metrics::counter!("changecast_slow_disconnects_total"),
         }
     }
 
@@ -247,10 +254,10 @@ impl Hub {
                     Err(mpsc::error::TrySendError::Closed(_)) => false,
                 });
         }
-        metrics::counter!("changecast_events_published_total").increment(1);
-        metrics::counter!("changecast_deliveries_total").increment(delivered);
+        self.published.increment(1);
+        self.deliveries.increment(delivered);
         if kicked > 0 {
-            metrics::counter!("changecast_slow_disconnects_total").increment(kicked);
+            self.slow_disconnects.increment(kicked);
         }
         Some(seq)
     }

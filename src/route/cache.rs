@@ -26,8 +26,9 @@ use crate::source::{Lookup, LookupError, Query};
 /// Canonical text of a query's filter and limit.
 type QueryKey = String;
 
-#[derive(Default)]
 struct CollectionCache {
+    hits: metrics::Counter,
+    misses: metrics::Counter,
     answers: HashMap<QueryKey, Arc<Vec<Value>>>,
     /// (first filter field, canonical value) → answers with that first condition.
     by_condition: HashMap<(FieldPath, String), HashSet<QueryKey>>,
@@ -35,6 +36,28 @@ struct CollectionCache {
     fields: HashSet<FieldPath>,
     /// `_id` of a returned document → answers that returned it.
     by_id: HashMap<String, HashSet<QueryKey>>,
+}
+
+impl CollectionCache {
+    fn clear(&mut self) {
+        self.answers.clear();
+        self.by_condition.clear();
+        self.fields.clear();
+        self.by_id.clear();
+    }
+
+    fn new(collection: &str) -> Self {
+        CollectionCache {
+            hits: metrics::counter!("changecast_lookups_total",
+                "collection" => collection.to_owned(), "result" => "hit"),
+            misses: metrics::counter!("changecast_lookups_total",
+                "collection" => collection.to_owned(), "result" => "miss"),
+            answers: HashMap::new(),
+            by_condition: HashMap::new(),
+            fields: HashSet::new(),
+            by_id: HashMap::new(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -55,15 +78,14 @@ fn canonical(v: &Value) -> String {
 }
 
 fn query_key(q: &Query) -> QueryKey {
-    let mut k = String::new();
+    use std::fmt::Write;
+    let mut k = String::with_capacity(64);
     for (f, v) in &q.filter {
-        k.push_str(&f.to_string());
-        k.push('=');
-        k.push_str(&canonical(v));
-        k.push('\u{1f}');
+        // Writing into one buffer: no string per part.
+        let _ = write!(k, "{f}={v}\u{1f}");
     }
     if let Some(l) = q.limit {
-        k.push_str(&format!("limit={l}"));
+        let _ = write!(k, "limit={l}");
     }
     k
 }
@@ -85,22 +107,21 @@ impl CachedLookup {
     /// Answers `query`, from the cache when possible.
     pub async fn find(&self, query: Query) -> Result<Arc<Vec<Value>>, LookupError> {
         let key = query_key(&query);
-        if self.capacity > 0
-            && let Some(hit) = self
-                .lock()
-                .collections
-                .get(&query.collection)
-                .and_then(|c| c.answers.get(&key))
-                .cloned()
         {
-            metrics::counter!("changecast_lookups_total",
-                "collection" => query.collection.clone(), "result" => "hit")
-            .increment(1);
-            return Ok(hit);
+            let mut inner = self.lock();
+            let c = match inner.collections.get_mut(&query.collection) {
+                Some(c) => c,
+                None => inner
+                    .collections
+                    .entry(query.collection.clone())
+                    .or_insert_with(|| CollectionCache::new(&query.collection)),
+            };
+            if let Some(hit) = c.answers.get(&key) {
+                c.hits.increment(1);
+                return Ok(Arc::clone(hit));
+            }
+            c.misses.increment(1);
         }
-        metrics::counter!("changecast_lookups_total",
-            "collection" => query.collection.clone(), "result" => "miss")
-        .increment(1);
         let collection = query.collection.clone();
         let first = query.filter.first().cloned();
         let answer = Arc::new(self.lookup.find(query).await?);
@@ -119,11 +140,17 @@ impl CachedLookup {
     ) {
         let mut inner = self.lock();
         if inner.len >= self.capacity {
-            inner.collections.clear();
+            inner
+                .collections
+                .values_mut()
+                .for_each(CollectionCache::clear);
             inner.len = 0;
             metrics::counter!("changecast_lookup_cache_resets_total").increment(1);
         }
-        let c = inner.collections.entry(collection).or_default();
+        let c = inner
+            .collections
+            .entry(collection)
+            .or_insert_with_key(|k| CollectionCache::new(k));
         if c.answers.insert(key.clone(), Arc::clone(answer)).is_some() {
             return; // a concurrent miss stored it first
         }
@@ -147,7 +174,8 @@ impl CachedLookup {
         if self.capacity == 0 {
             return;
         }
-        let mut inner = self.lock();
+        let mut guard = self.lock();
+        let inner = &mut *guard;
         let Some(c) = inner.collections.get_mut(&change.collection) else {
             return;
         };

@@ -8,10 +8,12 @@
 //! Variables: `doc` (the document after the change, or before it for a delete), `before`
 //! (the pre-image, or null), `op` ("insert", …), `collection` and `key`.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
+use std::sync::{Arc, OnceLock};
 
 use cel::common::ast::{EntryExpr, Expr, IdedExpr};
-use cel::{Context, Program};
+use cel::{Context, Env, Program};
 use serde_json::Value;
 
 use crate::change::Op;
@@ -19,6 +21,12 @@ use crate::config::ConfigError;
 
 /// The variables a condition may use.
 const VARIABLES: [&str; 5] = ["doc", "before", "op", "collection", "key"];
+
+/// CEL's standard library, built once: building it per evaluation would dominate the cost.
+fn stdlib() -> Arc<Env> {
+    static ENV: OnceLock<Arc<Env>> = OnceLock::new();
+    Arc::clone(ENV.get_or_init(|| Arc::new(Env::stdlib())))
+}
 
 /// Which top-level fields of `doc` (and `before`) an expression reads.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -56,6 +64,8 @@ pub struct Condition {
     program: Program,
     /// Top-level document fields the expression reads.
     pub reads: Reads,
+    /// Which of [`VARIABLES`] the expression uses: only those are bound.
+    uses: [bool; 5],
 }
 
 impl std::fmt::Debug for Condition {
@@ -72,6 +82,7 @@ impl Clone for Condition {
             source: self.source.clone(),
             program,
             reads: self.reads.clone(),
+            uses: self.uses,
         }
     }
 }
@@ -121,10 +132,13 @@ impl Condition {
         }
         let mut reads = Reads::none();
         collect_reads(program.expression(), &mut reads);
+        let refs = program.references();
+        let uses = VARIABLES.map(|v| refs.has_variable(v));
         Some(Condition {
             source: source.to_owned(),
             program,
             reads,
+            uses,
         })
     }
 
@@ -137,20 +151,49 @@ impl Condition {
         collection: &str,
         key: &str,
     ) -> Result<bool, String> {
-        let mut ctx = Context::default();
-        let bind = |ctx: &mut Context, name: &str, v: &Value| {
-            ctx.add_variable(name.to_owned(), v)
+        let mut ctx = Context::with_env(stdlib());
+        // Converting a document into CEL values is most of the cost of an evaluation:
+        // bind only the variables the expression uses, and of a document only the fields
+        // it reads.
+        let [use_doc, use_before, use_op, use_collection, use_key] = self.uses;
+        let mut bind = |name: &str, v: &Value| {
+            ctx.add_variable(name.to_owned(), self.narrow(v).as_ref())
                 .map_err(|e| format!("cannot bind `{name}`: {e}"))
         };
-        bind(&mut ctx, "doc", doc)?;
-        bind(&mut ctx, "before", before.unwrap_or(&Value::Null))?;
-        ctx.add_variable_from_value("op", op.as_str().to_owned());
-        ctx.add_variable_from_value("collection", collection.to_owned());
-        ctx.add_variable_from_value("key", key.to_owned());
+        if use_doc {
+            bind("doc", doc)?;
+        }
+        if use_before {
+            bind("before", before.unwrap_or(&Value::Null))?;
+        }
+        if use_op {
+            ctx.add_variable_from_value("op", op.as_str());
+        }
+        if use_collection {
+            ctx.add_variable_from_value("collection", collection);
+        }
+        if use_key {
+            ctx.add_variable_from_value("key", key);
+        }
         match self.program.execute(&ctx) {
             Ok(cel::Value::Bool(b)) => Ok(b),
             Ok(other) => Err(format!("`{}` gave {other:?}, not a boolean", self.source)),
             Err(e) => Err(format!("`{}`: {e}", self.source)),
+        }
+    }
+
+    /// The document limited to the fields the expression reads.
+    fn narrow<'a>(&self, v: &'a Value) -> Cow<'a, Value> {
+        match (&self.reads, v) {
+            (Reads::Fields(fields), Value::Object(map)) if map.len() > fields.len() => {
+                Cow::Owned(Value::Object(
+                    fields
+                        .iter()
+                        .filter_map(|f| map.get(f).map(|x| (f.clone(), x.clone())))
+                        .collect(),
+                ))
+            }
+            _ => Cow::Borrowed(v),
         }
     }
 }

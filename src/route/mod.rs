@@ -112,13 +112,19 @@ pub struct Delivery<'r> {
     pub kind: DeliveryKind<'r>,
     /// Distinct user ids, sorted.
     pub recipients: Vec<String>,
-    /// The document to send, projected.
-    pub doc: Value,
+    /// The document to send when the rule projects it; `None` sends the change's own
+    /// document as it is (no copy).
+    pub projected: Option<Value>,
 }
 
 impl Delivery<'_> {
     /// The event's JSON, with the id the hub gave it.
     pub fn encode(&self, id: &str, change: &Change) -> String {
+        let doc = match (&self.projected, &self.kind) {
+            (Some(p), _) => p,
+            (None, DeliveryKind::Change(_)) => change.doc().unwrap_or(&Value::Null),
+            (None, DeliveryKind::Alert { .. }) => change.after.as_ref().unwrap_or(&Value::Null),
+        };
         match &self.kind {
             DeliveryKind::Change(route) => ServerEvent::Change {
                 id,
@@ -127,7 +133,7 @@ impl Delivery<'_> {
                 collection: &change.collection,
                 key: &change.key,
                 at: change.at.as_deref(),
-                doc: &self.doc,
+                doc,
             },
             DeliveryKind::Alert { alert, message } => ServerEvent::Alert {
                 id,
@@ -136,7 +142,7 @@ impl Delivery<'_> {
                 key: &change.key,
                 at: change.at.as_deref(),
                 message,
-                doc: &self.doc,
+                doc,
             },
         }
         .to_json()
@@ -260,7 +266,7 @@ impl Router {
             name,
             recipients,
             DeliveryKind::Change(route),
-            project(doc, route.fields.as_deref()),
+            route.fields.as_deref().map(|f| project(doc, f)),
         )
     }
 
@@ -297,7 +303,7 @@ impl Router {
             name,
             recipients,
             DeliveryKind::Alert { alert, message },
-            project(doc, alert.fields.as_deref()),
+            alert.fields.as_deref().map(|f| project(doc, f)),
         )
     }
 
@@ -323,7 +329,7 @@ fn finish<'r>(
     name: &str,
     recipients: BTreeSet<String>,
     kind: DeliveryKind<'r>,
-    doc: Value,
+    projected: Option<Value>,
 ) -> Option<Delivery<'r>> {
     if recipients.is_empty() {
         metrics::counter!("changecast_rule_skips_total",
@@ -334,7 +340,7 @@ fn finish<'r>(
     Some(Delivery {
         kind,
         recipients: recipients.into_iter().collect(),
-        doc,
+        projected,
     })
 }
 

@@ -337,11 +337,8 @@ fn collect_ids(
     Ok(())
 }
 
-/// The document limited to `fields` (plus `_id`); the whole document when `None`.
-pub fn project(doc: &Value, fields: Option<&[FieldPath]>) -> Value {
-    let Some(fields) = fields else {
-        return doc.clone();
-    };
+/// The document limited to `fields` (plus `_id`).
+pub fn project(doc: &Value, fields: &[FieldPath]) -> Value {
     let mut out = Map::new();
     if let Some(id) = doc.get("_id") {
         out.insert("_id".into(), id.clone());

@@ -139,7 +139,12 @@ async fn lookup_routes_to_the_owner() {
     let d = router.route(&c).await;
     assert_eq!(d.len(), 1);
     assert_eq!(d[0].recipients, vec!["u1"]);
-    assert_eq!(d[0].doc, json!({"_id": "o1", "creator_id": "b1"}));
+    assert_eq!(
+        d[0].projected, None,
+        "no projection: the change's document is sent as is"
+    );
+    let sent: Value = serde_json::from_str(&d[0].encode("e1-1", &c)).unwrap();
+    assert_eq!(sent["doc"], json!({"_id": "o1", "creator_id": "b1"}));
 }
 
 #[tokio::test]
@@ -225,7 +230,7 @@ async fn ops_filter_and_projection_apply() {
     let d = router.route(&del).await;
     assert_eq!(d[0].recipients, vec!["u9"]);
     assert_eq!(
-        d[0].doc,
+        d[0].projected.clone().unwrap(),
         json!({"_id": "o1", "status": "x", "meta": {"a": 1}})
     );
 }

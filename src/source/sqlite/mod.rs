@@ -18,7 +18,7 @@ mod lookup;
 
 pub use lookup::SqliteLookup;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -119,6 +119,8 @@ pub struct SqliteSource {
     batch_size: usize,
     /// Highest log sequence number already checkpointed at open.
     checkpoint: i64,
+    /// `changecast_changes_total` handles by table and op, resolved once each.
+    counters: HashMap<String, [Option<metrics::Counter>; 4]>,
 }
 
 impl SqliteSource {
@@ -155,6 +157,7 @@ impl SqliteSource {
             poll_interval: config.poll_interval,
             batch_size: config.batch_size.max(1),
             checkpoint,
+            counters: HashMap::new(),
         })
     }
 
@@ -286,7 +289,7 @@ impl SqliteSource {
 
     /// Reads up to `batch_size` rows after `after`. Returns the batch, its last sequence
     /// number, and whether the batch was full (more may be waiting).
-    fn read_batch(&self, after: i64) -> rusqlite::Result<Option<(Batch, i64, bool)>> {
+    fn read_batch(&mut self, after: i64) -> rusqlite::Result<Option<(Batch, i64, bool)>> {
         let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT seq, tbl, op, key, before, after, at FROM {LOG_TABLE} \
              WHERE seq > ?1 ORDER BY seq LIMIT ?2"
@@ -309,12 +312,7 @@ impl SqliteSource {
                 at: row.get(6)?,
             };
             match raw.into_change() {
-                Ok(change) => {
-                    metrics::counter!("changecast_changes_total",
-                        "collection" => change.collection.clone(), "op" => change.op.as_str())
-                    .increment(1);
-                    changes.push(change);
-                }
+                Ok(change) => changes.push(change),
                 Err(why) => {
                     tracing::warn!(seq, %why, "sqlite: skipping malformed change-log row");
                     metrics::counter!("changecast_source_skipped_total", "reason" => "malformed")
@@ -322,8 +320,22 @@ impl SqliteSource {
                 }
             }
         }
+        drop(rows);
+        drop(stmt);
         if count == 0 {
             return Ok(None);
+        }
+        for change in &changes {
+            let slots = match self.counters.get_mut(change.collection.as_str()) {
+                Some(s) => s,
+                None => self.counters.entry(change.collection.clone()).or_default(),
+            };
+            slots[change.op as usize]
+                .get_or_insert_with(|| {
+                    metrics::counter!("changecast_changes_total",
+                        "collection" => change.collection.clone(), "op" => change.op.as_str())
+                })
+                .increment(1);
         }
         let batch = Batch {
             changes,
