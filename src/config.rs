@@ -102,17 +102,69 @@ fn default_batch() -> usize {
     512
 }
 
-/// `[source] type = "mongodb"`. Parsed so configs written for it are checked; the source
-/// itself is a separate piece of work and is refused when compiled until it exists.
+/// `[source] type = "mongodb"`: one change stream on a database of a replica set.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MongoSourceConfig {
+    /// Connection string, e.g. `mongodb://localhost:27017/?replicaSet=rs0`.
     pub uri: String,
+    /// The database whose collections are watched.
     pub database: String,
+    /// `ensure` (run `collMod … changeStreamPreAndPostImages` on the watched collections at
+    /// start), `assume` (they are enabled already), or `off` (no pre-images: deletes cannot
+    /// be routed by owner, and alerts cannot compare before and after).
     #[serde(default)]
-    pub pre_and_post_images: Option<String>,
-    #[serde(default)]
+    pub pre_and_post_images: Images,
+    /// Collections to watch. Default: those the rules name (and the lookups read).
     pub collections: Option<Vec<String>>,
+    /// Where the resume token is kept: `mongodb` (a collection in the watched database,
+    /// default) or `file`.
+    #[serde(default)]
+    pub checkpoint: CheckpointStore,
+    /// Collection for `checkpoint = "mongodb"`.
+    #[serde(default = "default_checkpoint_collection")]
+    pub checkpoint_collection: String,
+    /// File for `checkpoint = "file"`; relative to the config file's folder.
+    #[serde(default = "default_checkpoint_file")]
+    pub checkpoint_file: PathBuf,
+    /// Name of this stream's checkpoint (several changecasts can share a deployment).
+    #[serde(default = "default_stream_name")]
+    pub stream_name: String,
+    /// How long the server waits for new events before answering an empty batch.
+    #[serde(default = "default_max_await", deserialize_with = "duration")]
+    pub max_await_time: Duration,
+}
+
+/// `pre_and_post_images`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Images {
+    #[default]
+    Ensure,
+    Assume,
+    Off,
+}
+
+/// `checkpoint`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckpointStore {
+    #[default]
+    Mongodb,
+    File,
+}
+
+fn default_checkpoint_collection() -> String {
+    "changecast_checkpoints".into()
+}
+fn default_checkpoint_file() -> PathBuf {
+    "changecast.resume".into()
+}
+fn default_stream_name() -> String {
+    "changecast".into()
+}
+fn default_max_await() -> Duration {
+    Duration::from_secs(1)
 }
 
 /// `[auth]`
@@ -304,10 +356,12 @@ impl Config {
         })?;
         let mut config = Config::parse(&text)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        if let SourceConfig::Sqlite(s) = &mut config.source
-            && s.path.is_relative()
-        {
-            s.path = base.join(&s.path);
+        match &mut config.source {
+            SourceConfig::Sqlite(s) if s.path.is_relative() => s.path = base.join(&s.path),
+            SourceConfig::Mongodb(m) if m.checkpoint_file.is_relative() => {
+                m.checkpoint_file = base.join(&m.checkpoint_file)
+            }
+            _ => {}
         }
         Ok(config)
     }

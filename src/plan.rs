@@ -10,21 +10,29 @@ use std::fmt::Write;
 use crate::auth::AuthPlan;
 use crate::change::Op;
 use crate::config::{
-    Config, ConfigError, ConfigErrors, HistoryConfig, LookupsConfig, ServerConfig, SourceConfig,
-    SqliteSourceConfig,
+    Config, ConfigError, ConfigErrors, HistoryConfig, LookupsConfig, MongoSourceConfig,
+    ServerConfig, SourceConfig, SqliteSourceConfig,
 };
 use crate::route::alert::{Alert, compile_alert};
 use crate::route::expr::Reads;
 use crate::route::{RecipientSpec, Route, check_lookup_names, compile_route};
 use crate::source::Catalog;
+use crate::source::mongodb::pipeline::StreamSpec;
 use crate::source::sqlite::SqliteCatalog;
+
+/// The source to open.
+#[derive(Debug, Clone)]
+pub enum SourcePlan {
+    Sqlite(SqliteSourceConfig),
+    Mongodb(MongoSourceConfig),
+}
 
 /// A validated configuration, ready to run.
 #[derive(Clone)]
 pub struct Plan {
     pub server: ServerConfig,
     pub history: HistoryConfig,
-    pub source: SqliteSourceConfig,
+    pub source: SourcePlan,
     pub auth: AuthPlan,
     pub routes: Vec<Route>,
     pub alerts: Vec<Alert>,
@@ -36,42 +44,55 @@ impl Plan {
     pub fn compile(config: &Config) -> Result<Plan, ConfigErrors> {
         let mut errors = Vec::new();
         let source = match &config.source {
-            SourceConfig::Sqlite(s) => Some(s.clone()),
-            SourceConfig::Mongodb(_) => {
-                errors.push(ConfigError::new(
-                    "source.type",
-                    "the mongodb source is not available in this version yet; use type = \"sqlite\"",
-                ));
-                None
+            SourceConfig::Sqlite(s) => {
+                if s.poll_interval.is_zero() {
+                    errors.push(ConfigError::new(
+                        "source.poll_interval",
+                        "must be greater than zero",
+                    ));
+                }
+                if s.batch_size == 0 {
+                    errors.push(ConfigError::new("source.batch_size", "must be at least 1"));
+                }
+                Some(SourcePlan::Sqlite(s.clone()))
+            }
+            SourceConfig::Mongodb(m) => {
+                if !(m.uri.starts_with("mongodb://") || m.uri.starts_with("mongodb+srv://")) {
+                    errors.push(ConfigError::new(
+                        "source.uri",
+                        "expected a connection string starting with mongodb:// or mongodb+srv://",
+                    ));
+                }
+                if m.database.is_empty() {
+                    errors.push(ConfigError::new("source.database", "must not be empty"));
+                }
+                if m.max_await_time.is_zero() {
+                    errors.push(ConfigError::new(
+                        "source.max_await_time",
+                        "must be greater than zero",
+                    ));
+                }
+                Some(SourcePlan::Mongodb(m.clone()))
             }
         };
-        if let Some(s) = &source {
-            if s.poll_interval.is_zero() {
-                errors.push(ConfigError::new(
-                    "source.poll_interval",
-                    "must be greater than zero",
-                ));
-            }
-            if s.batch_size == 0 {
-                errors.push(ConfigError::new("source.batch_size", "must be at least 1"));
-            }
-        }
+        // What the source can tell about names before anything starts: SQLite reads its
+        // schema; MongoDB collections are schemaless and checked when used.
         let catalog = match &source {
-            Some(s) if !s.path.exists() => {
+            Some(SourcePlan::Sqlite(s)) if !s.path.exists() => {
                 errors.push(ConfigError::new(
                     "source.path",
                     format!("no database file at {}", s.path.display()),
                 ));
                 None
             }
-            Some(s) => match SqliteCatalog::read(&s.path) {
+            Some(SourcePlan::Sqlite(s)) => match SqliteCatalog::read(&s.path) {
                 Ok(c) => Some(c),
                 Err(e) => {
                     errors.push(ConfigError::new("source.path", e.to_string()));
                     None
                 }
             },
-            None => None,
+            _ => None,
         };
         let catalog = catalog.as_ref().map(|c| c as &dyn Catalog);
 
@@ -125,6 +146,24 @@ impl Plan {
             }
         }
 
+        if let SourceConfig::Mongodb(MongoSourceConfig {
+            collections: Some(list),
+            ..
+        }) = &config.source
+        {
+            let named = routes
+                .iter()
+                .map(|r| &r.collection)
+                .chain(alerts.iter().map(|a| &a.collection));
+            for c in named {
+                if !list.contains(c) {
+                    errors.push(ConfigError::new(
+                        "source.collections",
+                        format!("`{c}` is read by a rule but not in this list"),
+                    ));
+                }
+            }
+        }
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
@@ -156,7 +195,25 @@ impl Plan {
         for l in self.lookups_used() {
             m.entry(l.collection.clone()).or_default().extend(Op::ALL);
         }
+        if let SourcePlan::Mongodb(MongoSourceConfig {
+            collections: Some(list),
+            ..
+        }) = &self.source
+        {
+            for c in list {
+                m.entry(c.clone()).or_default();
+            }
+        }
         m
+    }
+
+    /// The change-stream request for a MongoDB source.
+    pub fn stream_spec(&self, config: &MongoSourceConfig) -> StreamSpec {
+        StreamSpec {
+            watched: self.watched(),
+            needed: self.needed_fields(),
+            images: config.pre_and_post_images,
+        }
     }
 
     fn lookups_used(&self) -> impl Iterator<Item = &crate::route::LookupSpec> {
@@ -197,12 +254,9 @@ impl Plan {
             );
         }
         for a in &self.alerts {
-            add(
-                &a.collection,
-                &a.reads,
-                a.fields.as_deref(),
-                Some(&a.when.reads),
-            );
+            let mut reads = a.when.reads.clone();
+            reads.merge(&a.message_reads);
+            add(&a.collection, &a.reads, a.fields.as_deref(), Some(&reads));
         }
         // Invalidating cached lookups needs the fields their conditions test.
         let lookups: Vec<(String, Vec<String>)> = self
@@ -225,12 +279,43 @@ impl Plan {
     /// The plan in words, for `changecast check`.
     pub fn describe(&self) -> String {
         let mut s = String::new();
-        let _ = writeln!(s, "source: sqlite {}", self.source.path.display());
-        let _ = writeln!(
-            s,
-            "  change log: triggers on every watched table, polled every {:?}, batches of {}",
-            self.source.poll_interval, self.source.batch_size
-        );
+        match &self.source {
+            SourcePlan::Sqlite(c) => {
+                let _ = writeln!(s, "source: sqlite {}", c.path.display());
+                let _ = writeln!(
+                    s,
+                    "  change log: triggers on every watched table, polled every {:?}, batches of {}",
+                    c.poll_interval, c.batch_size
+                );
+            }
+            SourcePlan::Mongodb(c) => {
+                let _ = writeln!(
+                    s,
+                    "source: mongodb {} database {}",
+                    redact(&c.uri),
+                    c.database
+                );
+                let images = match c.pre_and_post_images {
+                    crate::config::Images::Ensure => {
+                        "ensure (collMod on the watched collections at start)"
+                    }
+                    crate::config::Images::Assume => "assume (already enabled)",
+                    crate::config::Images::Off => "off (deletes cannot be routed by owner)",
+                };
+                let _ = writeln!(s, "  pre- and post-images: {images}");
+                let _ = match c.checkpoint {
+                    crate::config::CheckpointStore::Mongodb => writeln!(
+                        s,
+                        "  resume token: collection {}.{} (_id {:?})",
+                        c.database, c.checkpoint_collection, c.stream_name
+                    ),
+                    crate::config::CheckpointStore::File => {
+                        writeln!(s, "  resume token: file {}", c.checkpoint_file.display())
+                    }
+                };
+                s.push_str(&self.stream_spec(c).describe());
+            }
+        }
         let _ = writeln!(s, "listen: {}", self.server.listen);
         let _ = writeln!(s, "auth: {}", self.auth.describe());
         let _ = writeln!(
@@ -301,5 +386,78 @@ fn describe_rule(s: &mut String, to: &[RecipientSpec], fields: Option<&[crate::p
             let f: Vec<String> = f.iter().map(|p| p.to_string()).collect();
             let _ = writeln!(s, "    sends _id, {}", f.join(", "));
         }
+    }
+}
+
+/// A connection string with its password hidden.
+fn redact(uri: &str) -> String {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return uri.to_owned();
+    };
+    let host_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..host_end].rsplit_once('@') {
+        Some((userinfo, hosts)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{hosts}{}", &rest[host_end..])
+        }
+        None => uri.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn needed_fields_cover_routes_alert_conditions_templates_and_lookups() {
+        let config = Config::parse(
+            r#"
+            [source]
+            type = "mongodb"
+            uri = "mongodb://localhost/?replicaSet=rs0"
+            database = "m"
+            [auth]
+            jwt_secret = "s"
+            [[route]]
+            name = "orders"
+            collection = "orders"
+            to = { lookup = "businesses", where = { _id = "$creator_id" }, pick = "owner._id" }
+            fields = ["status"]
+            when = "doc.quantity > 0"
+            [[alert]]
+            name = "low"
+            collection = "items"
+            when = "doc.qty <= doc.min"
+            to = "$owner"
+            message = "{{ doc.name }} is low"
+            fields = ["qty"]
+            "#,
+        )
+        .unwrap();
+        let plan = Plan::compile(&config).unwrap();
+        let needed = plan.needed_fields();
+        let fields = |c: &str| match &needed[c] {
+            Reads::Fields(f) => f.iter().cloned().collect::<Vec<_>>(),
+            Reads::Whole => vec!["*".into()],
+        };
+        assert_eq!(
+            fields("orders"),
+            vec!["_id", "creator_id", "quantity", "status"]
+        );
+        assert_eq!(fields("items"), vec!["_id", "min", "name", "owner", "qty"]);
+        assert_eq!(fields("businesses"), vec!["_id"]);
+        assert_eq!(plan.watched().len(), 3);
+    }
+
+    #[test]
+    fn passwords_are_not_printed() {
+        assert_eq!(
+            redact("mongodb://app:s3cret@db1:27017,db2/?replicaSet=rs0"),
+            "mongodb://app:***@db1:27017,db2/?replicaSet=rs0"
+        );
+        assert_eq!(
+            redact("mongodb://localhost/?x=a@b"),
+            "mongodb://localhost/?x=a@b"
+        );
     }
 }

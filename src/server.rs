@@ -24,10 +24,11 @@ use crate::auth::Authenticator;
 use crate::change::Position;
 use crate::config::ServerConfig;
 use crate::hub::{Hub, HubConfig};
-use crate::plan::Plan;
+use crate::plan::{Plan, SourcePlan};
 use crate::route::Router;
+use crate::source::mongodb::MongoSource;
 use crate::source::sqlite::{SqliteLookup, SqliteSource};
-use crate::source::{Batch, Lookup, Source};
+use crate::source::{Batch, Health, Lookup, Source};
 
 /// Batches in flight between the source and the router: enough to keep both busy, small
 /// enough that a stalled router stops the source from reading ahead.
@@ -40,8 +41,10 @@ pub struct App {
     pub server: ServerConfig,
     /// Fires once, when the gateway stops.
     pub shutdown: CancellationToken,
-    /// True while the source is running and the router is consuming it.
-    pub source_ok: AtomicBool,
+    /// Set when the source task has ended.
+    pub source_stopped: AtomicBool,
+    /// The source's own account of whether it is delivering.
+    pub health: Arc<Health>,
     pub metrics: PrometheusHandle,
 }
 
@@ -93,16 +96,28 @@ pub async fn start(
     let local_addr = listener.local_addr()?;
     // Installed before anything resolves its metric handles.
     let metrics = metrics_handle();
-    let watched: Vec<String> = plan.watched().into_keys().collect();
-    let source_config = plan.source.clone();
-    let source =
-        tokio::task::spawn_blocking(move || SqliteSource::open(&source_config, &watched)).await??;
-    tracing::info!(
-        path = %source.path().display(),
-        checkpoint = source.checkpoint(),
-        "sqlite source open"
-    );
-    let lookup: Arc<dyn Lookup> = Arc::new(SqliteLookup::new(source.path()));
+    let (source, lookup): (Box<dyn Source>, Arc<dyn Lookup>) = match &plan.source {
+        SourcePlan::Sqlite(config) => {
+            let watched: Vec<String> = plan.watched().into_keys().collect();
+            let config = config.clone();
+            let source = tokio::task::spawn_blocking(move || SqliteSource::open(&config, &watched))
+                .await??;
+            tracing::info!(
+                path = %source.path().display(),
+                checkpoint = source.checkpoint(),
+                "sqlite source open"
+            );
+            let lookup = Arc::new(SqliteLookup::new(source.path()));
+            (Box::new(source), lookup)
+        }
+        SourcePlan::Mongodb(config) => {
+            let source = MongoSource::connect(config, plan.stream_spec(config)).await?;
+            tracing::info!(database = %config.database, "mongodb source open");
+            let lookup = Arc::new(source.lookup());
+            (Box::new(source), lookup)
+        }
+    };
+    let health = Arc::new(Health::default());
 
     let hub = Arc::new(Hub::new(HubConfig {
         history_per_user: plan.history.max_per_user,
@@ -114,14 +129,15 @@ pub async fn start(
         auth: plan.auth.build(Arc::clone(&lookup)),
         server: plan.server.clone(),
         shutdown: shutdown.clone(),
-        source_ok: AtomicBool::new(true),
+        source_stopped: AtomicBool::new(false),
+        health: Arc::clone(&health),
         metrics,
     });
     let router = Router::new(plan.routes, plan.alerts, lookup, plan.lookups.cache_entries);
 
     let (batch_tx, batch_rx) = mpsc::channel(BATCH_QUEUE);
     let (ack_tx, ack_rx) = watch::channel(None);
-    let source_task = tokio::spawn(Box::new(source).run(batch_tx, ack_rx, shutdown.clone()));
+    let source_task = tokio::spawn(source.run(batch_tx, ack_rx, health, shutdown.clone()));
     let router_task = tokio::spawn(route_changes(batch_rx, router, hub, ack_tx));
 
     let http = crate::transport::router(Arc::clone(&app));
@@ -140,7 +156,7 @@ pub async fn start(
     let tasks = tokio::spawn(async move {
         // The source ends on shutdown, or by itself on a fatal error: then stop everything.
         let source_result = source_task.await;
-        app2.source_ok.store(false, Ordering::Release);
+        app2.source_stopped.store(true, Ordering::Release);
         let source_result: anyhow::Result<()> = match source_result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(anyhow::anyhow!("source failed: {e}")),
@@ -170,6 +186,9 @@ async fn route_changes(
     acks: watch::Sender<Option<Position>>,
 ) {
     while let Some(batch) = batches.recv().await {
+        if batch.lost_history {
+            hub.history_lost();
+        }
         for change in &batch.changes {
             for d in router.route(change).await {
                 hub.publish(&d.recipients, |id| d.encode(id, change));

@@ -89,11 +89,11 @@ fn check_refuses_bad_configs_naming_the_config_path() {
         (
             good.replace(
                 "type = \"sqlite\"",
-                "type = \"mongodb\"\nuri = \"mongodb://x\"\ndatabase = \"d\"",
+                "type = \"mongodb\"\nuri = \"postgres://x\"\ndatabase = \"d\"",
             )
             .replace("path = ", "# path = ")
             .replace("poll_interval = \"2ms\"", ""),
-            "source",
+            "source.uri",
         ),
         (good.replace("mercury.db", "absent.db"), "source.path"),
         (
@@ -186,4 +186,36 @@ fn token_mints_a_token_the_gateway_accepts() {
     ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("CHANGECAST_JWT_SECRET"));
+}
+
+/// The README's MongoDB example config: `check` prints the pipeline without connecting.
+#[test]
+fn check_prints_the_mongodb_change_stream_request() {
+    let db = Db::new();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme
+        .find("```toml\n[source]\ntype = \"mongodb\"")
+        .expect("README has the MongoDB example");
+    let body = &readme[start + "```toml\n".len()..];
+    let example = &body[..body.find("```").unwrap()];
+    let config = example.replace(
+        "jwt_secret_env = \"CHANGECAST_JWT_SECRET\"",
+        "jwt_secret = \"s\"",
+    );
+    let (code, stdout, stderr) = check(&db, &config);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout
+            .contains("source: mongodb mongodb://localhost:27017/?replicaSet=rs0 database mercury"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("fullDocument: whenAvailable, fullDocumentBeforeChange: whenAvailable"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("\"$match\""), "{stdout}");
+    assert!(stdout.contains("\"ns.coll\":\"orders\""), "{stdout}");
+    assert!(stdout.contains("\"$project\""), "{stdout}");
+    assert!(stdout.contains("collMod"), "{stdout}");
 }

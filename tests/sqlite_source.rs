@@ -35,7 +35,8 @@ impl Tail {
         let (tx, rx) = mpsc::channel(4);
         let (acks, ack_rx) = watch::channel(None);
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(Box::new(source).run(tx, ack_rx, shutdown.clone()));
+        let health = std::sync::Arc::new(changecast::source::Health::default());
+        let task = tokio::spawn(Box::new(source).run(tx, ack_rx, health, shutdown.clone()));
         Tail {
             rx,
             acks,

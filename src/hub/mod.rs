@@ -73,6 +73,8 @@ pub struct Hub {
     epoch: Box<str>,
     /// Sequence number of the newest published event.
     head: AtomicU64,
+    /// Events with `seq <= floor` may be missing for everyone (the source lost history).
+    floor: AtomicU64,
     /// Serialises publishers so that sequence order is history order for every user.
     publish_lock: Mutex<()>,
     shards: Box<[Mutex<Users>]>,
@@ -173,6 +175,7 @@ impl Hub {
         Hub {
             epoch: epoch.into_boxed_str(),
             head: AtomicU64::new(0),
+            floor: AtomicU64::new(0),
             publish_lock: Mutex::new(()),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
@@ -275,27 +278,27 @@ impl Hub {
             Some(s) => s,
             None => shard.entry(user.into()).or_default(),
         };
-        let (replay, resumed, gap) =
-            match since.map(|s| (s, self.resume_point(s, head, state.floor))) {
-                None => (Vec::new(), false, None),
-                Some((_, Some(after))) => {
-                    let replay = state
-                        .history
-                        .iter()
-                        .filter(|f| f.seq > after)
-                        .cloned()
-                        .collect();
-                    (replay, true, None)
+        let floor = state.floor.max(self.floor.load(Ordering::Acquire));
+        let (replay, resumed, gap) = match since.map(|s| (s, self.resume_point(s, head, floor))) {
+            None => (Vec::new(), false, None),
+            Some((_, Some(after))) => {
+                let replay = state
+                    .history
+                    .iter()
+                    .filter(|f| f.seq > after)
+                    .cloned()
+                    .collect();
+                (replay, true, None)
+            }
+            Some((since, None)) => {
+                let gap = ServerEvent::Gap {
+                    since,
+                    position: &position,
                 }
-                Some((since, None)) => {
-                    let gap = ServerEvent::Gap {
-                        since,
-                        position: &position,
-                    }
-                    .to_json();
-                    (Vec::new(), false, Some(gap))
-                }
-            };
+                .to_json();
+                (Vec::new(), false, Some(gap))
+            }
+        };
         state.conns.push(Outbox {
             id: conn,
             tx,
@@ -334,6 +337,43 @@ impl Hub {
         let (epoch, seq) = since.rsplit_once('-')?;
         let seq: u64 = seq.parse().ok()?;
         (epoch == &*self.epoch && seq <= head && seq >= floor).then_some(seq)
+    }
+
+    /// The source lost changes: nobody can resume from before now, and every connected
+    /// client is sent `gap` so it refetches its state.
+    pub fn history_lost(&self) {
+        let _order = self.publish_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let head = self.head();
+        self.floor.store(head, Ordering::Release);
+        let position = format!("{}-{head}", self.epoch);
+        let gap = Arc::new(Frame {
+            seq: head,
+            id: position.clone().into_boxed_str(),
+            json: Utf8Bytes::from(
+                ServerEvent::Gap {
+                    since: &position,
+                    position: &position,
+                }
+                .to_json(),
+            ),
+            sse: OnceLock::new(),
+        });
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            for state in shard.values_mut() {
+                state
+                    .conns
+                    .retain(|c| match c.tx.try_send(Arc::clone(&gap)) {
+                        Ok(()) => true,
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            c.kick.kick(CloseReason::TooSlow);
+                            false
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => false,
+                    });
+            }
+        }
+        metrics::counter!("changecast_gaps_total").increment(1);
     }
 
     /// Kicks every connection with `reason` (shutdown).
@@ -472,6 +512,25 @@ mod tests {
         drop(a);
         assert_eq!(hub.connection_count(), 0);
         assert_eq!(hub.publish(&[] as &[&str], |_| String::new()), None);
+    }
+
+    #[test]
+    fn lost_history_sends_gap_and_refuses_older_resumes() {
+        let hub = hub(10, 10);
+        publish(&hub, &["u1"], 1);
+        let mut live = hub.subscribe("u1", None);
+        hub.history_lost();
+        let gap = live.rx.try_recv().unwrap();
+        assert_eq!(
+            &*gap.json,
+            r#"{"type":"gap","since":"e1-1","position":"e1-1"}"#
+        );
+        assert!(hub.subscribe("u1", Some("e1-0")).gap.is_some());
+        assert!(
+            hub.subscribe("u2", Some("e1-0")).gap.is_some(),
+            "also users with no history"
+        );
+        assert!(hub.subscribe("u1", Some("e1-1")).gap.is_none());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use minijinja::Environment;
 
-use super::expr::Condition;
+use super::expr::{Condition, Reads};
 use super::spec::{
     RecipientSpec, check_rule_names, compile_fields, compile_ops, compile_to, spec_reads,
 };
@@ -38,6 +38,8 @@ pub struct Alert {
     pub cooldown: Option<Duration>,
     /// Top-level fields `to` reads.
     pub reads: BTreeSet<String>,
+    /// Top-level fields the message template reads.
+    pub message_reads: Reads,
 }
 
 /// The template name of `alert[index]`.
@@ -73,11 +75,24 @@ pub fn compile_alert(
     let mut to = Vec::new();
     compile_to(&config.to, &format!("{at}.to"), &mut to, errors);
     let mut env = Environment::new();
-    if let Err(e) = env.add_template_owned(template_name(index), config.message.clone()) {
-        errors.push(ConfigError::new(
+    let mut message_reads = Reads::none();
+    match env.add_template_owned(template_name(index), config.message.clone()) {
+        Err(e) => errors.push(ConfigError::new(
             format!("{at}.message"),
             format!("invalid template: {}", e.detail().unwrap_or(&e.to_string())),
-        ));
+        )),
+        Ok(()) => {
+            if let Ok(t) = env.get_template(&template_name(index)) {
+                for var in t.undeclared_variables(true) {
+                    let mut parts = var.split('.');
+                    match (parts.next(), parts.next()) {
+                        (Some("doc" | "before"), Some(field)) => message_reads.add(field),
+                        (Some("doc" | "before"), None) => message_reads = Reads::Whole,
+                        _ => {}
+                    }
+                }
+            }
+        }
     }
     let fields = compile_fields(config.fields.as_ref(), &at, errors);
     if config.cooldown.is_some_and(|d| d.is_zero()) {
@@ -107,6 +122,7 @@ pub fn compile_alert(
         reads: spec_reads(&to),
         to,
         message: config.message.clone(),
+        message_reads,
         fields,
         cooldown: config.cooldown,
     })

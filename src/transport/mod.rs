@@ -62,10 +62,15 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
         )
             .into_response();
     }
-    if !app.source_ok.load(Ordering::Acquire) {
+    let problem = if app.source_stopped.load(Ordering::Acquire) {
+        Some("source stopped".to_string())
+    } else {
+        app.health.problem()
+    };
+    if let Some(reason) = problem {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"ready": false, "reason": "source stopped"})),
+            Json(json!({"ready": false, "reason": reason})),
         )
             .into_response();
     }

@@ -18,7 +18,7 @@ mod lookup;
 
 pub use lookup::SqliteLookup;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{Batch, Catalog, Source, SourceError};
+use super::{Batch, Catalog, ChangeCounters, Health, Source, SourceError};
 use crate::change::{Change, Op, Position, changed_fields};
 use crate::config::SqliteSourceConfig;
 
@@ -119,8 +119,7 @@ pub struct SqliteSource {
     batch_size: usize,
     /// Highest log sequence number already checkpointed at open.
     checkpoint: i64,
-    /// `changecast_changes_total` handles by table and op, resolved once each.
-    counters: HashMap<String, [Option<metrics::Counter>; 4]>,
+    counters: ChangeCounters,
 }
 
 impl SqliteSource {
@@ -157,7 +156,7 @@ impl SqliteSource {
             poll_interval: config.poll_interval,
             batch_size: config.batch_size.max(1),
             checkpoint,
-            counters: HashMap::new(),
+            counters: ChangeCounters::default(),
         })
     }
 
@@ -325,22 +324,8 @@ impl SqliteSource {
         if count == 0 {
             return Ok(None);
         }
-        for change in &changes {
-            let slots = match self.counters.get_mut(change.collection.as_str()) {
-                Some(s) => s,
-                None => self.counters.entry(change.collection.clone()).or_default(),
-            };
-            slots[change.op as usize]
-                .get_or_insert_with(|| {
-                    metrics::counter!("changecast_changes_total",
-                        "collection" => change.collection.clone(), "op" => change.op.as_str())
-                })
-                .increment(1);
-        }
-        let batch = Batch {
-            changes,
-            end: Position::from_seq(last as u64),
-        };
+        changes.iter().for_each(|c| self.counters.count(c));
+        let batch = Batch::new(changes, Position::from_seq(last as u64));
         Ok(Some((batch, last, count == self.batch_size)))
     }
 
@@ -366,8 +351,10 @@ impl Source for SqliteSource {
         self: Box<Self>,
         out: mpsc::Sender<Batch>,
         acks: watch::Receiver<Option<Position>>,
+        _health: std::sync::Arc<Health>,
         shutdown: CancellationToken,
     ) -> BoxFuture<'static, Result<(), SourceError>> {
+        // A local file: it is up while this runs (read errors are retried and counted).
         Box::pin(async move {
             tokio::task::spawn_blocking(move || self.tail(out, acks, shutdown))
                 .await

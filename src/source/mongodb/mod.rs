@@ -1,0 +1,574 @@
+//! The MongoDB source: one change stream per changecast process.
+//!
+//! In: the change stream of one database (`Database::watch`), with the `$match`/`$project`
+//! pipeline generated from the rules ([`pipeline`]). Out: one [`Batch`] per event, and
+//! lookups through `find` ([`lookup`]).
+//!
+//! - Resume tokens are checkpointed (as BSON bytes, in a collection of the watched
+//!   database or a file) once the router has handed the events they cover to the hub;
+//!   while the database is quiet the post-batch token is checkpointed too, so it never ages
+//!   out of the oplog. A restart resumes right after the last handed-over event.
+//! - Events are read as raw documents and decoded here: a malformed one is counted and
+//!   skipped, never a stream error, and no token is persisted past an event not yet handed
+//!   over.
+//! - Failures: the driver resumes once by itself after network errors; when that fails
+//!   too, the stream is reopened from the last token with capped exponential backoff and
+//!   jitter. History lost (286, 136, 260) → a new stream from now and a `gap` to clients,
+//!   never a retry of the dead token. `invalidate` (after drop/rename/dropDatabase) →
+//!   reopened with `startAfter`. Not a replica set (40573) → a startup error that says how to
+//!   start one.
+
+pub mod decode;
+pub mod lookup;
+pub mod pipeline;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::future::BoxFuture;
+use mongodb::bson::{Document, doc};
+use mongodb::change_stream::ChangeStream;
+use mongodb::change_stream::event::ResumeToken;
+use mongodb::error::ErrorKind;
+use mongodb::{Client, Collection, Database};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::{Batch, ChangeCounters, Health, Source, SourceError};
+use crate::change::{Op, Position};
+use crate::config::{CheckpointStore, Images, MongoSourceConfig};
+use decode::{Decoded, decode, token_bytes};
+pub use lookup::MongoLookup;
+use pipeline::StreamSpec;
+
+/// Checkpoints are written at most this often (and on shutdown).
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// How long a read may take beyond `max_await_time` before the connection is presumed
+/// dead and the stream reopened.
+const READ_GRACE: Duration = Duration::from_secs(10);
+
+/// How the stream starts.
+#[derive(Debug, Clone)]
+enum Start {
+    /// From now.
+    Now,
+    /// Right after this event (`resumeAfter`).
+    After(ResumeToken),
+    /// Right after this invalidate event (`startAfter`).
+    AfterInvalidate(ResumeToken),
+}
+
+/// What an error means for the stream.
+#[derive(Debug, PartialEq)]
+enum Failure {
+    /// Stop: configuration or deployment problem that retrying cannot fix.
+    Fatal(String),
+    /// The resume point rolled off the oplog: start from now and report a gap.
+    HistoryLost,
+    /// Network and other passing errors: reopen from the last token after a backoff.
+    Transient,
+}
+
+fn code(e: &mongodb::error::Error) -> Option<i32> {
+    match &*e.kind {
+        ErrorKind::Command(c) => Some(c.code),
+        _ => None,
+    }
+}
+
+fn classify(e: &mongodb::error::Error, uri: &str) -> Failure {
+    match code(e) {
+        Some(40573) => Failure::Fatal(format!(
+            "{uri} is not a replica set, and change streams need one. Start mongod with \
+             --replSet rs0 and run rs.initiate() once in mongosh (see the README's MongoDB section)"
+        )),
+        Some(286 | 136 | 260) => Failure::HistoryLost,
+        Some(c @ (13 | 18 | 8000)) => Failure::Fatal(format!(
+            "not authorised to watch the database (code {c}): {e}"
+        )),
+        Some(280) => Failure::Fatal(format!(
+            "the server refuses to resume this change stream: {e}"
+        )),
+        _ => match &*e.kind {
+            ErrorKind::InvalidArgument { .. } | ErrorKind::Authentication { .. } => {
+                Failure::Fatal(e.to_string())
+            }
+            _ => Failure::Transient,
+        },
+    }
+}
+
+/// Where resume tokens are kept.
+enum TokenStore {
+    Collection {
+        coll: Collection<Document>,
+        id: String,
+    },
+    File(PathBuf),
+}
+
+impl TokenStore {
+    async fn load(&self) -> Result<Option<Vec<u8>>, String> {
+        match self {
+            TokenStore::Collection { coll, id } => {
+                let found = coll
+                    .find_one(doc! {"_id": id})
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match found.and_then(|d| d.get_document("token").ok().cloned()) {
+                    Some(token) => {
+                        let mut bytes = Vec::new();
+                        token.to_writer(&mut bytes).map_err(|e| e.to_string())?;
+                        Ok(Some(bytes))
+                    }
+                    None => Ok(None),
+                }
+            }
+            TokenStore::File(path) => match tokio::fs::read(path).await {
+                Ok(bytes) => Ok(Some(bytes)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(format!("{}: {e}", path.display())),
+            },
+        }
+    }
+
+    async fn save(&self, bytes: &[u8]) -> Result<(), String> {
+        match self {
+            TokenStore::Collection { coll, id } => {
+                let token = Document::from_reader(bytes).map_err(|e| e.to_string())?;
+                coll.update_one(
+                    doc! {"_id": id},
+                    doc! {"$set": {"token": token, "updated_at": mongodb::bson::DateTime::now()}},
+                )
+                .upsert(true)
+                .await
+                .map_err(|e| e.to_string())?;
+                Ok(())
+            }
+            TokenStore::File(path) => {
+                // Write then rename: a crash leaves the old token or the new one, never half.
+                let tmp = path.with_extension("tmp");
+                tokio::fs::write(&tmp, bytes)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::fs::rename(&tmp, path)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+/// A token from checkpointed bytes.
+fn token_from(bytes: &[u8]) -> Result<ResumeToken, String> {
+    mongodb::bson::from_slice::<ResumeToken>(bytes)
+        .map_err(|e| format!("unreadable resume token: {e}"))
+}
+
+fn bytes_of(token: &ResumeToken) -> Option<Vec<u8>> {
+    mongodb::bson::to_vec(token).ok()
+}
+
+/// The MongoDB change feed. [`MongoSource::connect`] prepares it; [`Source::run`] runs it.
+pub struct MongoSource {
+    db: Database,
+    config: MongoSourceConfig,
+    spec: StreamSpec,
+    store: TokenStore,
+    start: Start,
+    /// The stream opened by `connect` (so a misconfigured deployment fails the start).
+    /// In a mutex only so that `&self` may cross awaits (a change stream is not `Sync`).
+    first: std::sync::Mutex<Option<ChangeStream<Document>>>,
+    /// The last checkpointed token.
+    checkpointed: Option<Vec<u8>>,
+}
+
+impl MongoSource {
+    /// Connects, enables pre- and post-images when told to, reads the checkpoint and opens
+    /// the stream. Fails on what retrying cannot fix (not a replica set, bad URI, no
+    /// permission); a deployment that is merely unreachable is retried by `run`.
+    pub async fn connect(
+        config: &MongoSourceConfig,
+        spec: StreamSpec,
+    ) -> Result<MongoSource, SourceError> {
+        let client = Client::with_uri_str(&config.uri)
+            .await
+            .map_err(|e| SourceError::Mongo(format!("bad uri: {e}")))?;
+        let db = client.database(&config.database);
+        let store = match config.checkpoint {
+            CheckpointStore::Mongodb => TokenStore::Collection {
+                coll: db.collection(&config.checkpoint_collection),
+                id: config.stream_name.clone(),
+            },
+            CheckpointStore::File => TokenStore::File(config.checkpoint_file.clone()),
+        };
+        let mut source = MongoSource {
+            db,
+            config: config.clone(),
+            spec,
+            store,
+            start: Start::Now,
+            first: std::sync::Mutex::new(None),
+            checkpointed: None,
+        };
+        match source.store.load().await {
+            Ok(Some(bytes)) => match token_from(&bytes) {
+                Ok(token) => {
+                    tracing::info!("mongodb: resuming after the checkpointed token");
+                    source.start = Start::After(token);
+                    source.checkpointed = Some(bytes);
+                }
+                Err(e) => tracing::warn!("mongodb: {e}; starting from now"),
+            },
+            Ok(None) => tracing::info!("mongodb: no checkpoint yet; starting from now"),
+            Err(e) => tracing::warn!("mongodb: cannot read the checkpoint ({e}); will retry"),
+        }
+        if config.pre_and_post_images == Images::Ensure {
+            source.ensure_images().await?;
+        }
+        match source.open(&source.start.clone()).await {
+            Ok(stream) => source.first = std::sync::Mutex::new(Some(stream)),
+            Err(e) => match classify(&e, &config.uri) {
+                Failure::Fatal(msg) => return Err(SourceError::Mongo(msg)),
+                Failure::HistoryLost => {
+                    tracing::warn!(
+                        "mongodb: the checkpoint is older than the oplog; starting from now"
+                    );
+                    source.start = Start::Now;
+                }
+                Failure::Transient => {
+                    tracing::warn!(error = %e, "mongodb: cannot open the change stream yet; retrying")
+                }
+            },
+        }
+        Ok(source)
+    }
+
+    /// Lookups on the same database.
+    pub fn lookup(&self) -> MongoLookup {
+        MongoLookup::new(self.db.clone())
+    }
+
+    /// `collMod … changeStreamPreAndPostImages` on every watched collection, as the seed
+    /// did by hand in mongosh.
+    async fn ensure_images(&self) -> Result<(), SourceError> {
+        for coll in self.spec.watched.keys() {
+            let cmd = doc! {"collMod": coll, "changeStreamPreAndPostImages": {"enabled": true}};
+            match self.db.run_command(cmd).await {
+                Ok(_) => {
+                    tracing::info!(collection = %coll, "mongodb: pre- and post-images enabled")
+                }
+                Err(e) if code(&e) == Some(26) => tracing::warn!(
+                    collection = %coll,
+                    "mongodb: collection does not exist yet; its images will be enabled on the next start"
+                ),
+                Err(e) => match classify(&e, &self.config.uri) {
+                    Failure::Fatal(msg) => return Err(SourceError::Mongo(msg)),
+                    _ => {
+                        tracing::warn!(collection = %coll, error = %e, "mongodb: could not enable pre- and post-images")
+                    }
+                },
+            }
+        }
+        Ok(())
+    }
+
+    async fn open(&self, start: &Start) -> mongodb::error::Result<ChangeStream<Document>> {
+        let mut watch = self
+            .db
+            .watch()
+            .pipeline(self.spec.pipeline())
+            .full_document(self.spec.full_document())
+            .full_document_before_change(self.spec.full_document_before_change())
+            .max_await_time(self.config.max_await_time);
+        watch = match start {
+            Start::Now => watch,
+            Start::After(t) => watch.resume_after(t.clone()),
+            Start::AfterInvalidate(t) => watch.start_after(t.clone()),
+        };
+        Ok(watch.await?.with_type::<Document>())
+    }
+
+    async fn tail(
+        mut self,
+        out: mpsc::Sender<Batch>,
+        mut acks: watch::Receiver<Option<Position>>,
+        health: Arc<Health>,
+        shutdown: CancellationToken,
+    ) -> Result<(), SourceError> {
+        let mut start = self.start.clone();
+        let mut stream = self.first.lock().ok().and_then(|mut f| f.take());
+        let mut lost_history = false;
+        let mut delays = backoff();
+        let mut counters = ChangeCounters::default();
+        let mut last_checkpoint = Instant::now();
+        let read_limit = self.config.max_await_time + READ_GRACE;
+        // The token of the last batch sent, so quiet post-batch tokens are sent once.
+        let mut last_sent: Option<Vec<u8>> = self.checkpointed.clone();
+
+        'streams: while !shutdown.is_cancelled() {
+            let mut s = match stream.take() {
+                Some(s) => s,
+                None => match self.open(&start).await {
+                    Ok(s) => {
+                        metrics::counter!("changecast_source_resumes_total").increment(1);
+                        s
+                    }
+                    Err(e) => match classify(&e, &self.config.uri) {
+                        Failure::Fatal(msg) => {
+                            health.down(msg.clone());
+                            return Err(SourceError::Mongo(msg));
+                        }
+                        Failure::HistoryLost => {
+                            self.history_lost(&mut start, &mut lost_history);
+                            continue;
+                        }
+                        Failure::Transient => {
+                            health.down(format!("mongodb: cannot open the change stream: {e}"));
+                            tracing::warn!(error = %e, "mongodb: cannot open the change stream; retrying");
+                            let wait = delays.next().unwrap_or(Duration::from_secs(30));
+                            tokio::select! {
+                                _ = shutdown.cancelled() => break 'streams,
+                                _ = tokio::time::sleep(wait) => continue,
+                            }
+                        }
+                    },
+                },
+            };
+            health.up();
+            delays = backoff();
+
+            loop {
+                self.checkpoint(&mut acks, &mut last_checkpoint, false)
+                    .await?;
+                // The stream is dropped whenever this select does not finish the read (shutdown,
+                // a dead connection): a half-done getMore is never resumed.
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => break 'streams,
+                    r = tokio::time::timeout(read_limit, s.next_if_any()) => r,
+                };
+                let next = match next {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::warn!(
+                            "mongodb: no answer from the server; reopening the change stream"
+                        );
+                        health.down("mongodb: no answer from the server");
+                        break;
+                    }
+                };
+                match next {
+                    Ok(Some(event)) => {
+                        let token = match token_bytes(&event) {
+                            Ok(t) => t,
+                            Err(why) => {
+                                // Cannot happen with the generated pipeline; count it anyway.
+                                skipped("no_token", &why);
+                                continue;
+                            }
+                        };
+                        let mut changes = Vec::new();
+                        match decode(&event) {
+                            Ok(Decoded::Change(change)) => {
+                                self.note_change(&change, &mut counters);
+                                changes.push(*change);
+                            }
+                            Ok(Decoded::Invalidate) => {
+                                // Its token is not checkpointed: resumeAfter cannot pass an
+                                // invalidate, so a restart re-reads it and lands here again.
+                                tracing::warn!(
+                                    "mongodb: change stream invalidated; reopening with startAfter"
+                                );
+                                metrics::counter!("changecast_source_invalidations_total")
+                                    .increment(1);
+                                start = Start::AfterInvalidate(
+                                    token_from(&token).map_err(SourceError::Mongo)?,
+                                );
+                                break;
+                            }
+                            Ok(Decoded::Dropped { op, collection }) => {
+                                tracing::warn!(%op, %collection, "mongodb: documents went away without per-document events");
+                                metrics::counter!("changecast_source_drops_total").increment(1);
+                            }
+                            Ok(Decoded::Other(op)) => {
+                                tracing::debug!(%op, "mongodb: event type not routed")
+                            }
+                            Err(why) => skipped("malformed", &why),
+                        }
+                        start = Start::After(token_from(&token).map_err(SourceError::Mongo)?);
+                        let batch = Batch {
+                            changes,
+                            end: Position(token.clone()),
+                            lost_history: std::mem::take(&mut lost_history),
+                        };
+                        last_sent = Some(token);
+                        if out.send(batch).await.is_err() {
+                            return Err(SourceError::Setup("router stopped unexpectedly".into()));
+                        }
+                    }
+                    Ok(None) => {
+                        // Quiet: hand over the post-batch token so it gets checkpointed.
+                        if let Some(bytes) = s.resume_token().as_ref().and_then(bytes_of)
+                            && last_sent.as_ref() != Some(&bytes)
+                        {
+                            start = Start::After(token_from(&bytes).map_err(SourceError::Mongo)?);
+                            let batch = Batch {
+                                changes: Vec::new(),
+                                end: Position(bytes.clone()),
+                                lost_history: std::mem::take(&mut lost_history),
+                            };
+                            last_sent = Some(bytes);
+                            if out.send(batch).await.is_err() {
+                                return Err(SourceError::Setup(
+                                    "router stopped unexpectedly".into(),
+                                ));
+                            }
+                        }
+                    }
+                    Err(e) => match classify(&e, &self.config.uri) {
+                        Failure::Fatal(msg) => {
+                            health.down(msg.clone());
+                            return Err(SourceError::Mongo(msg));
+                        }
+                        Failure::HistoryLost => {
+                            self.history_lost(&mut start, &mut lost_history);
+                            break;
+                        }
+                        Failure::Transient => {
+                            if code(&e) == Some(47) {
+                                metrics::counter!("changecast_source_missing_preimages_total")
+                                    .increment(1);
+                            }
+                            // The driver already tried to resume once; reopen from our token.
+                            health.down(format!("mongodb: change stream failed: {e}"));
+                            tracing::warn!(error = %e, "mongodb: change stream failed; reopening");
+                            let wait = delays.next().unwrap_or(Duration::from_secs(30));
+                            tokio::select! {
+                                _ = shutdown.cancelled() => break 'streams,
+                                _ = tokio::time::sleep(wait) => break,
+                            }
+                        }
+                    },
+                }
+            }
+        }
+        // Shutdown: stop reading, let the router drain, write the last checkpoint.
+        drop(out);
+        while acks.changed().await.is_ok() {}
+        self.checkpoint(&mut acks, &mut last_checkpoint, true).await
+    }
+
+    fn history_lost(&self, start: &mut Start, lost_history: &mut bool) {
+        tracing::error!(
+            "mongodb: the resume point is no longer in the oplog; changes in between are lost. \
+             Starting from now and telling clients to refetch (gap)"
+        );
+        metrics::counter!("changecast_source_history_lost_total").increment(1);
+        *start = Start::Now;
+        *lost_history = true;
+    }
+
+    fn note_change(&self, change: &crate::change::Change, counters: &mut ChangeCounters) {
+        counters.count(change);
+        if let Some(at) = change.at.as_deref()
+            && let Ok(t) = humantime::parse_rfc3339(at)
+            && let Ok(lag) = std::time::SystemTime::now().duration_since(t)
+        {
+            metrics::gauge!("changecast_source_lag_seconds").set(lag.as_secs_f64());
+        }
+        let images = self.config.pre_and_post_images != Images::Off;
+        if images
+            && change.before.is_none()
+            && matches!(change.op, Op::Delete | Op::Update | Op::Replace)
+        {
+            metrics::counter!("changecast_source_missing_preimages_total").increment(1);
+            if change.op == Op::Delete {
+                tracing::warn!(
+                    collection = %change.collection, key = %change.key,
+                    "mongodb: delete without its pre-image cannot be routed by owner; are pre-images enabled?"
+                );
+            }
+        }
+    }
+
+    /// Writes the acknowledged token when it changed and the last write is old enough
+    /// (or `force`).
+    async fn checkpoint(
+        &mut self,
+        acks: &mut watch::Receiver<Option<Position>>,
+        last: &mut Instant,
+        force: bool,
+    ) -> Result<(), SourceError> {
+        if !force && last.elapsed() < CHECKPOINT_EVERY {
+            return Ok(());
+        }
+        let acked = acks.borrow_and_update().as_ref().map(|p| p.0.clone());
+        let Some(bytes) = acked else { return Ok(()) };
+        if self.checkpointed.as_ref() == Some(&bytes) {
+            return Ok(());
+        }
+        match self.store.save(&bytes).await {
+            Ok(()) => {
+                self.checkpointed = Some(bytes);
+                *last = Instant::now();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "mongodb: checkpoint failed; will retry");
+                metrics::counter!("changecast_source_errors_total", "kind" => "checkpoint")
+                    .increment(1);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn skipped(reason: &'static str, why: &str) {
+    tracing::warn!(reason, "mongodb: skipping an event: {why}");
+    metrics::counter!("changecast_source_skipped_total", "reason" => reason).increment(1);
+}
+
+/// Reopen delays: 100 ms doubling to 30 s, with jitter, forever.
+fn backoff() -> impl Iterator<Item = Duration> {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(30))
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
+impl Source for MongoSource {
+    fn run(
+        self: Box<Self>,
+        out: mpsc::Sender<Batch>,
+        acks: watch::Receiver<Option<Position>>,
+        health: Arc<Health>,
+        shutdown: CancellationToken,
+    ) -> BoxFuture<'static, Result<(), SourceError>> {
+        Box::pin(self.tail(out, acks, health, shutdown))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_through_checkpoint_bytes() {
+        let event = doc! {"_id": {"_data": "826A1B2C3D000000012B"}, "operationType": "insert"};
+        let bytes = token_bytes(&event).unwrap();
+        let token = token_from(&bytes).unwrap();
+        assert_eq!(bytes_of(&token).unwrap(), bytes);
+        assert!(token_from(b"not bson").is_err());
+    }
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        let delays: Vec<Duration> = backoff().take(20).collect();
+        assert_eq!(delays.len(), 20, "retries forever");
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(60)));
+        assert!(delays[19] >= Duration::from_secs(30));
+    }
+}
