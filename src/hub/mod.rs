@@ -73,7 +73,8 @@ pub struct Hub {
     epoch: Box<str>,
     /// Sequence number of the newest published event.
     head: AtomicU64,
-    /// Events with `seq <= floor` may be missing for everyone (the source lost history).
+    /// Resuming needs `since >= floor` for everyone: after the source lost history, only
+    /// a client that has seen an event published since then is complete.
     floor: AtomicU64,
     /// Serialises publishers so that sequence order is history order for every user.
     publish_lock: Mutex<()>,
@@ -344,7 +345,8 @@ impl Hub {
     pub fn history_lost(&self) {
         let _order = self.publish_lock.lock().unwrap_or_else(|p| p.into_inner());
         let head = self.head();
-        self.floor.store(head, Ordering::Release);
+        // Whoever has seen `head` (or less) missed the lost changes after it.
+        self.floor.store(head + 1, Ordering::Release);
         let position = format!("{}-{head}", self.epoch);
         let gap = Arc::new(Frame {
             seq: head,
@@ -530,7 +532,15 @@ mod tests {
             hub.subscribe("u2", Some("e1-0")).gap.is_some(),
             "also users with no history"
         );
-        assert!(hub.subscribe("u1", Some("e1-1")).gap.is_none());
+        assert!(
+            hub.subscribe("u1", Some("e1-1")).gap.is_some(),
+            "saw the last event before the loss"
+        );
+        publish(&hub, &["u1"], 2);
+        assert!(
+            hub.subscribe("u1", Some("e1-2")).gap.is_none(),
+            "saw an event after the loss"
+        );
     }
 
     #[test]

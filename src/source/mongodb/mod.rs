@@ -339,6 +339,20 @@ impl MongoSource {
             };
             health.up();
             delays = backoff();
+            if lost_history && let Some(bytes) = s.resume_token().as_ref().and_then(bytes_of) {
+                // Tell clients now, and replace the dead checkpoint with the new stream's
+                // token, rather than waiting for the next event.
+                lost_history = false;
+                last_sent = Some(bytes.clone());
+                let batch = Batch {
+                    changes: Vec::new(),
+                    end: Position(bytes),
+                    lost_history: true,
+                };
+                if out.send(batch).await.is_err() {
+                    return Err(SourceError::Setup("router stopped unexpectedly".into()));
+                }
+            }
 
             loop {
                 self.checkpoint(&mut acks, &mut last_checkpoint, false)
