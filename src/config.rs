@@ -183,10 +183,40 @@ pub struct AuthConfig {
     /// Clock skew tolerated when checking `exp` and `nbf`.
     #[serde(default = "default_leeway", deserialize_with = "duration")]
     pub leeway: Duration,
+    /// The one signature algorithm accepted: `HS256` (default, with the secret above),
+    /// `RS256`, `ES256` or `EdDSA` (with `public_key_file`, `jwks_file` or `jwks_url`).
+    #[serde(default = "default_algorithm")]
+    pub algorithm: String,
+    /// PEM file with the public key (RS256, ES256, EdDSA). Relative to the config's folder.
+    pub public_key_file: Option<PathBuf>,
+    /// JWKS file (a JSON Web Key Set); keys are picked by the token's `kid`.
+    pub jwks_file: Option<PathBuf>,
+    /// JWKS URL, fetched at start and refreshed every `jwks_refresh`.
+    pub jwks_url: Option<String>,
+    /// How often a `jwks_url` is fetched again (a `kid` not in the set also triggers a fetch,
+    /// at most once per this interval).
+    #[serde(default = "default_jwks_refresh", deserialize_with = "duration")]
+    pub jwks_refresh: Duration,
+    /// If set, the token's `aud` must be one of these.
+    pub audience: Option<Vec<String>>,
+    /// If set, the token's `iss` must be one of these.
+    pub issuer: Option<Vec<String>>,
+    /// How long before a connection's token expires it is sent an `expiring` event.
+    #[serde(default = "default_expiry_warning", deserialize_with = "duration")]
+    pub expiry_warning: Duration,
 }
 
 fn default_leeway() -> Duration {
     Duration::from_secs(5)
+}
+fn default_algorithm() -> String {
+    "HS256".into()
+}
+fn default_jwks_refresh() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_expiry_warning() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// `[auth] user = { claim, lookup, where, pick }`: the claim that names the user and,
@@ -362,6 +392,14 @@ impl Config {
                 m.checkpoint_file = base.join(&m.checkpoint_file)
             }
             _ => {}
+        }
+        for p in [&mut config.auth.public_key_file, &mut config.auth.jwks_file]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
         }
         Ok(config)
     }

@@ -24,6 +24,11 @@ impl Lookup for Users {
     }
 }
 
+/// `[auth]` with its defaults and an HS256 secret.
+fn hs256() -> AuthConfig {
+    toml::from_str("jwt_secret = \"test-secret\"").unwrap()
+}
+
 fn auth(user: UserConfig, client_ids: Option<Vec<String>>) -> Authenticator {
     let config = AuthConfig {
         jwt_secret_env: None,
@@ -31,6 +36,7 @@ fn auth(user: UserConfig, client_ids: Option<Vec<String>>) -> Authenticator {
         user,
         client_ids,
         leeway: Duration::from_secs(0),
+        ..hs256()
     };
     let mut errors = Vec::new();
     AuthPlan::compile(&config, &mut errors)
@@ -161,6 +167,7 @@ fn auth_config_errors_are_named() {
         user: UserConfig::default(),
         client_ids: Some(vec![]),
         leeway: Duration::from_secs(5),
+        ..hs256()
     };
     let mut errors = Vec::new();
     assert!(AuthPlan::compile(&base, &mut errors).is_none());
@@ -179,6 +186,7 @@ fn auth_config_errors_are_named() {
         },
         client_ids: None,
         leeway: Duration::from_secs(5),
+        ..hs256()
     };
     assert!(AuthPlan::compile(&bad_lookup, &mut errors).is_none());
     assert_eq!(errors[0].path, "auth.user.where.email");
