@@ -48,6 +48,8 @@ pub struct ServerConfig {
     /// default: the queue is per connection, and a client this far behind should resume
     /// from history rather than hold memory here.
     pub send_queue: usize,
+    /// Bytes a connection may have queued before it is disconnected with 4008.
+    pub send_queue_bytes: usize,
     /// How long a WebSocket client has to send its `auth` frame when it did not bring a
     /// token in the URL or header.
     #[serde(deserialize_with = "duration")]
@@ -65,6 +67,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             send_queue: 256,
+            send_queue_bytes: 256 * 1024,
             auth_timeout: Duration::from_secs(5),
             keepalive: Duration::from_secs(15),
             max_client_frame: 16 * 1024,
@@ -251,18 +254,47 @@ fn default_claim() -> String {
     "sub".into()
 }
 
-/// `[history]`
+/// `[history]`: what a reconnecting client can resume from.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HistoryConfig {
-    /// Events kept per user for resume; older ones are dropped and a client asking for
-    /// them gets `gap`.
+    /// `sqlite` (durable: survives restarts and crashes; the default) or `memory` (faster,
+    /// lost on restart, when clients reconnecting after a restart get `gap`).
+    pub store: HistoryKind,
+    /// The history file for `store = "sqlite"`. Relative to the config file's folder.
+    pub path: PathBuf,
+    /// Events kept per user; a client asking for older ones gets `gap`.
     pub max_per_user: usize,
+    /// Events older than this are dropped.
+    #[serde(deserialize_with = "duration")]
+    pub max_age: Duration,
+    /// With `store = "sqlite"`: the newest events per user also kept in memory, so most
+    /// resumes never read the file.
+    pub memory_per_user: usize,
+    /// How often retention is applied.
+    #[serde(deserialize_with = "duration")]
+    pub prune_interval: Duration,
+}
+
+/// `[history] store`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HistoryKind {
+    #[default]
+    Sqlite,
+    Memory,
 }
 
 impl Default for HistoryConfig {
     fn default() -> Self {
-        HistoryConfig { max_per_user: 1000 }
+        HistoryConfig {
+            store: HistoryKind::Sqlite,
+            path: "changecast-history.db".into(),
+            max_per_user: 1000,
+            max_age: Duration::from_secs(24 * 3600),
+            memory_per_user: 64,
+            prune_interval: Duration::from_secs(60),
+        }
     }
 }
 
@@ -392,6 +424,9 @@ impl Config {
                 m.checkpoint_file = base.join(&m.checkpoint_file)
             }
             _ => {}
+        }
+        if config.history.path.is_relative() {
+            config.history.path = base.join(&config.history.path);
         }
         for p in [&mut config.auth.public_key_file, &mut config.auth.jwks_file]
             .into_iter()

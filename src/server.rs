@@ -13,6 +13,9 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::Context;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
@@ -23,6 +26,9 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::Authenticator;
 use crate::change::Position;
 use crate::config::ServerConfig;
+use crate::config::{HistoryConfig, HistoryKind};
+use crate::hub::new_epoch;
+use crate::hub::store::{HistoryStore, Record};
 use crate::hub::{Hub, HubConfig};
 use crate::plan::{Plan, SourcePlan};
 use crate::route::Router;
@@ -96,12 +102,33 @@ pub async fn start(
     let local_addr = listener.local_addr()?;
     // Installed before anything resolves its metric handles.
     let metrics = metrics_handle();
+    // The durable history, first: its checkpoint is where the source resumes, because it
+    // was committed together with the events it covers.
+    let history = match plan.history.store {
+        HistoryKind::Sqlite => {
+            let path = plan.history.path.clone();
+            let opened = tokio::task::spawn_blocking(move || HistoryStore::open(&path, new_epoch))
+                .await?
+                .with_context(|| {
+                    format!("cannot open the history at {}", plan.history.path.display())
+                })?;
+            tracing::info!(
+                path = %plan.history.path.display(), epoch = %opened.epoch, head = opened.head,
+                "history open"
+            );
+            Some(opened)
+        }
+        HistoryKind::Memory => None,
+    };
+    let resume_from = history.as_ref().and_then(|h| h.checkpoint.clone());
     let (source, lookup): (Box<dyn Source>, Arc<dyn Lookup>) = match &plan.source {
         SourcePlan::Sqlite(config) => {
             let watched: Vec<String> = plan.watched().into_keys().collect();
             let config = config.clone();
-            let source = tokio::task::spawn_blocking(move || SqliteSource::open(&config, &watched))
-                .await??;
+            let from = resume_from.as_ref().and_then(Position::as_seq);
+            let source =
+                tokio::task::spawn_blocking(move || SqliteSource::open(&config, &watched, from))
+                    .await??;
             tracing::info!(
                 path = %source.path().display(),
                 checkpoint = source.checkpoint(),
@@ -111,7 +138,8 @@ pub async fn start(
             (Box::new(source), lookup)
         }
         SourcePlan::Mongodb(config) => {
-            let source = MongoSource::connect(config, plan.stream_spec(config)).await?;
+            let from = resume_from.map(|p| p.0);
+            let source = MongoSource::connect(config, plan.stream_spec(config), from).await?;
             tracing::info!(database = %config.database, "mongodb source open");
             let lookup = Arc::new(source.lookup());
             (Box::new(source), lookup)
@@ -119,14 +147,27 @@ pub async fn start(
     };
     let health = Arc::new(Health::default());
 
-    let hub = Arc::new(Hub::new(HubConfig {
-        history_per_user: plan.history.max_per_user,
+    let hub_config = HubConfig {
+        history_per_user: match &history {
+            Some(_) => plan.history.memory_per_user.min(plan.history.max_per_user),
+            None => plan.history.max_per_user,
+        },
         queue_capacity: plan.server.send_queue,
-    }));
+        queue_bytes: plan.server.send_queue_bytes,
+    };
+    let hub = Arc::new(match &history {
+        Some(opened) => Hub::durable(opened, hub_config),
+        None => Hub::new(hub_config),
+    });
     let shutdown = CancellationToken::new();
+    let auth = plan
+        .auth
+        .build(Arc::clone(&lookup))
+        .await
+        .map_err(anyhow::Error::msg)?;
     let app = Arc::new(App {
         hub: Arc::clone(&hub),
-        auth: plan.auth.build(Arc::clone(&lookup)),
+        auth,
         server: plan.server.clone(),
         shutdown: shutdown.clone(),
         source_stopped: AtomicBool::new(false),
@@ -138,7 +179,20 @@ pub async fn start(
     let (batch_tx, batch_rx) = mpsc::channel(BATCH_QUEUE);
     let (ack_tx, ack_rx) = watch::channel(None);
     let source_task = tokio::spawn(source.run(batch_tx, ack_rx, health, shutdown.clone()));
-    let router_task = tokio::spawn(route_changes(batch_rx, router, hub, ack_tx));
+    let router_task = tokio::spawn(route_changes(
+        batch_rx,
+        router,
+        Arc::clone(&hub),
+        ack_tx,
+        Arc::clone(&app),
+    ));
+    if hub.store().is_some() {
+        tokio::spawn(prune(
+            Arc::clone(&hub),
+            plan.history.clone(),
+            shutdown.clone(),
+        ));
+    }
 
     let http = crate::transport::router(Arc::clone(&app));
     let http = match extra {
@@ -177,23 +231,112 @@ pub async fn start(
     })
 }
 
-/// The router task: every change of every batch is routed and published before the batch's
-/// end position is acknowledged.
+/// The router task: every change of a batch is routed, stored with the batch's end
+/// position in one transaction, then delivered; only then is the position acknowledged to
+/// the source. With the in-memory history the store step is skipped.
 async fn route_changes(
     mut batches: mpsc::Receiver<Batch>,
     router: Router,
     hub: Arc<Hub>,
     acks: watch::Sender<Option<Position>>,
+    app: Arc<App>,
 ) {
     while let Some(batch) = batches.recv().await {
         if batch.lost_history {
-            hub.history_lost();
-        }
-        for change in &batch.changes {
-            for d in router.route(change).await {
-                hub.publish(&d.recipients, |id| d.encode(id, change));
+            let floor = hub.history_lost();
+            if let Some(store) = hub.store().cloned() {
+                persist(&app, "history floor", move || store.set_floor(floor)).await;
             }
         }
+        let mut prepared = Vec::new();
+        for change in &batch.changes {
+            for d in router.route(change).await {
+                if let Some(p) = hub.prepare(d.recipients.clone(), |id| d.encode(id, change)) {
+                    prepared.push(p);
+                }
+            }
+        }
+        let prepared = Arc::new(prepared);
+        if let Some(store) = hub.store().cloned() {
+            let (events, end) = (Arc::clone(&prepared), batch.end.clone());
+            persist(&app, "history append", move || {
+                let records: Vec<Record> = events
+                    .iter()
+                    .map(|p| Record {
+                        seq: p.frame.seq,
+                        json: p.frame.json.as_str(),
+                        recipients: &p.recipients,
+                    })
+                    .collect();
+                store.append(&records, &end)
+            })
+            .await;
+        }
+        for p in prepared.iter() {
+            hub.deliver(p);
+        }
         acks.send_replace(Some(batch.end));
+    }
+}
+
+/// Runs a store write on a blocking thread until it succeeds: an event is never delivered
+/// before it is stored, and never dropped. While it fails, `/readyz` says why.
+async fn persist<F>(app: &App, what: &'static str, write: F)
+where
+    F: Fn() -> rusqlite::Result<()> + Send + Sync + 'static,
+{
+    let write = Arc::new(write);
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let w = Arc::clone(&write);
+        match tokio::task::spawn_blocking(move || w()).await {
+            Ok(Ok(())) => {
+                if app
+                    .health
+                    .problem()
+                    .is_some_and(|p| p.starts_with("history"))
+                {
+                    app.health.up();
+                }
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "{what} failed; retrying");
+                app.health.down(format!("history: {what} failed: {e}"));
+            }
+            Err(e) => tracing::error!(error = %e, "{what} task failed; retrying"),
+        }
+        metrics::counter!("changecast_history_errors_total").increment(1);
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Applies retention every `prune_interval` until shutdown.
+async fn prune(hub: Arc<Hub>, config: HistoryConfig, shutdown: CancellationToken) {
+    let Some(store) = hub.store().cloned() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(config.prune_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let s = Arc::clone(&store);
+        let (age, per_user) = (config.max_age, config.max_per_user);
+        match tokio::task::spawn_blocking(move || {
+            s.prune(age, per_user).and_then(|p| Ok((p, s.len()?)))
+        })
+        .await
+        {
+            Ok(Ok((pruned, len))) => {
+                metrics::counter!("changecast_history_pruned_total").increment(pruned.events);
+                metrics::gauge!("changecast_history_events").set(len as f64);
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "history: pruning failed"),
+            Err(e) => tracing::warn!(error = %e, "history: pruning task failed"),
+        }
     }
 }

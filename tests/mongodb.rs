@@ -163,6 +163,9 @@ database = "{DB}"
 max_await_time = "200ms"
 {extra_source}
 
+[history]
+store = "memory"
+
 [auth]
 jwt_secret = "{SECRET}"
 user = {{ claim = "user_id", lookup = "users", where = {{ email = "$claim" }}, pick = "_id" }}

@@ -59,6 +59,9 @@ uri = "{uri}"
 database = "{database}"
 pre_and_post_images = "ensure"
 
+[history]
+store = "memory"
+
 [auth]
 jwt_secret = "{SECRET}"
 user = {{ claim = "user_id", lookup = "users", where = {{ email = "$claim" }}, pick = "_id" }}

@@ -31,7 +31,7 @@ struct Tail {
 impl Tail {
     fn start(db: &Db, tables: &[&str]) -> Tail {
         let tables: Vec<String> = tables.iter().map(|s| s.to_string()).collect();
-        let source = SqliteSource::open(&config(db), &tables).unwrap();
+        let source = SqliteSource::open(&config(db), &tables, None).unwrap();
         let (tx, rx) = mpsc::channel(4);
         let (acks, ack_rx) = watch::channel(None);
         let shutdown = CancellationToken::new();
@@ -143,9 +143,11 @@ async fn a_restart_resumes_after_the_checkpoint_and_prunes_the_log() {
 async fn changes_not_acknowledged_are_read_again_after_a_restart() {
     let db = Db::new();
     let mut tail = Tail::start(&db, &["orders"]);
-    for i in 1..=4 {
-        db.exec(&insert_order(&format!("o{i}"), "b1"));
-    }
+    // One transaction, so the source sees all four at once whenever it looks.
+    let inserts: String = (1..=4)
+        .map(|i| insert_order(&format!("o{i}"), "b1"))
+        .collect();
+    db.exec(&format!("BEGIN;{inserts}COMMIT;"));
     // batch_size is 3: acknowledge only the first batch.
     let first = tokio::time::timeout(WAIT, tail.rx.recv())
         .await
@@ -192,7 +194,7 @@ async fn triggers_never_fail_the_applications_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_table_is_a_clear_setup_error() {
     let db = Db::new();
-    let err = SqliteSource::open(&config(&db), &["nope".to_string()])
+    let err = SqliteSource::open(&config(&db), &["nope".to_string()], None)
         .err()
         .unwrap();
     assert!(err.to_string().contains("nope"), "{err}");
@@ -200,6 +202,6 @@ async fn a_missing_table_is_a_clear_setup_error() {
         path: db.dir.path().join("missing.db"),
         ..config(&db)
     };
-    let err = SqliteSource::open(&gone, &[]).err().unwrap();
+    let err = SqliteSource::open(&gone, &[], None).err().unwrap();
     assert!(err.to_string().contains("missing.db"), "{err}");
 }

@@ -54,6 +54,9 @@ listen = "{listen}"
 type = "sqlite"
 path = "{db}"
 
+[history]
+path = "{history}"
+
 [auth]
 jwt_secret = "{secret}"
 # As in the seed: the token's `user_id` claim holds an email; the user is looked up by it.
@@ -85,6 +88,10 @@ pub fn config_toml(db: &Path, listen: &str, secret: &str) -> String {
     let escape = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
     CONFIG_TEMPLATE
         .replace("{db}", &escape(&db.display().to_string()))
+        .replace(
+            "{history}",
+            &escape(&db.with_file_name("history.db").display().to_string()),
+        )
         .replace("{listen}", &escape(listen))
         .replace("{secret}", &escape(secret))
 }

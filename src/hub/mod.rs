@@ -1,23 +1,29 @@
 //! The hub: per-user fan-out, history and resume.
 //!
-//! In: routed events (`publish`, from the one router task) and subscriptions (`subscribe`,
-//! one per client connection). Out: [`Frame`]s on each connection's bounded queue.
+//! In: routed events from the one router task — [`Hub::prepare`] gives each its id and
+//! encoding, the router stores them durably ([`store`]), then [`Hub::deliver`] fans them
+//! out — and subscriptions ([`Hub::subscribe`], one per client connection). Out:
+//! [`Frame`]s on each connection's bounded queue, and the opening of each connection
+//! (`ready`, then `gap` or the replay after `since`).
 //!
 //! - Every event gets one id, `<epoch>-<seq>`, from a sequence that only grows, so ids
 //!   increase for every user in delivery order. It is encoded to JSON once, and the same
 //!   bytes (`Arc<Frame>`) go to every connection of every recipient.
 //! - Users live in sharded maps behind `std` mutexes. A lock is held only to touch the map,
-//!   the user's history and its queue senders (`try_send`); never across an `.await`, never
-//!   while writing to a socket. A connection whose queue is full is kicked with 4008.
-//! - Subscribing snapshots the user's history and registers the queue under the same lock
-//!   that publishing takes, so every event is either in the replay or in the queue: none
-//!   lost at the seam, none repeated.
-//! - The epoch names this history's lifetime: history is in memory, so a new process has a
-//!   new epoch and a client resuming with an id of another epoch gets `gap`.
+//!   the user's recent events and its queue senders (`try_send`); never across an `.await`,
+//!   never while writing to a socket. A connection whose queue is full (events or bytes) is
+//!   kicked with 4008 and resumes from history.
+//! - Subscribing registers the queue and notes the published head under the same lock that
+//!   delivery takes: every event up to the head is in history (memory or store), every
+//!   later one arrives in the queue. Nothing lost at the seam, nothing repeated.
+//! - The epoch names a history's lifetime. With the durable store it survives restarts; in
+//!   memory, a new process is a new epoch and older ids get `gap`.
+
+pub mod store;
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use axum::extract::ws::Utf8Bytes;
@@ -26,6 +32,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::event::{CloseReason, ServerEvent};
+use store::HistoryStore;
 
 const SHARDS: usize = 64;
 
@@ -43,6 +50,15 @@ pub struct Frame {
 }
 
 impl Frame {
+    pub fn new(id: String, seq: u64, json: String) -> Frame {
+        Frame {
+            seq,
+            id: id.into_boxed_str(),
+            json: Utf8Bytes::from(json),
+            sse: OnceLock::new(),
+        }
+    }
+
     /// The frame as an SSE event.
     pub fn sse(&self) -> Bytes {
         self.sse
@@ -62,22 +78,29 @@ impl Frame {
 /// Limits the hub enforces.
 #[derive(Debug, Clone, Copy)]
 pub struct HubConfig {
-    /// Events kept per user for resume.
+    /// Recent events kept in memory per user (with the durable store: a cache in front of
+    /// it; without: all the history there is).
     pub history_per_user: usize,
     /// Events a connection may have queued before it is kicked with 4008.
     pub queue_capacity: usize,
+    /// Bytes a connection may have queued before it is kicked with 4008.
+    pub queue_bytes: usize,
 }
 
 /// Per-user fan-out and history. Shared as `Arc<Hub>`.
 pub struct Hub {
     epoch: Box<str>,
-    /// Sequence number of the newest published event.
+    /// Sequence number of the newest event given an id.
+    assigned: AtomicU64,
+    /// Sequence number of the newest delivered event: every event up to it is in history.
     head: AtomicU64,
-    /// Resuming needs `since >= floor` for everyone: after the source lost history, only
-    /// a client that has seen an event published since then is complete.
+    /// Resuming needs `since >= floor` for everyone (history lost or pruned below it).
     floor: AtomicU64,
-    /// Serialises publishers so that sequence order is history order for every user.
-    publish_lock: Mutex<()>,
+    /// Events with `seq <= memory_start` are in the store only (they predate this process).
+    memory_start: u64,
+    store: Option<Arc<HistoryStore>>,
+    /// Serialises delivery so that sequence order is history order for every user.
+    deliver_lock: Mutex<()>,
     shards: Box<[Mutex<Users>]>,
     hasher: RandomState,
     config: HubConfig,
@@ -91,11 +114,9 @@ pub struct Hub {
 /// One shard of the user map.
 type Users = HashMap<Box<str>, UserState>;
 
-#[derive(Default)]
 struct UserState {
-    history: VecDeque<Arc<Frame>>,
-    /// Events with `seq <= floor` may have been dropped from history; resuming from
-    /// before it is a gap.
+    recent: VecDeque<Arc<Frame>>,
+    /// Events with `seq <= floor` are not in `recent` (dropped, or from before this process).
     floor: u64,
     conns: Vec<Outbox>,
 }
@@ -104,7 +125,37 @@ struct UserState {
 struct Outbox {
     id: u64,
     tx: mpsc::Sender<Arc<Frame>>,
+    queued_bytes: Arc<AtomicUsize>,
     kick: Arc<Kick>,
+}
+
+/// What became of a frame offered to a connection.
+#[derive(Debug, PartialEq, Eq)]
+enum Offer {
+    Sent,
+    /// The connection is gone; its `Registration` removes it shortly.
+    Gone,
+    /// The queue is full (events or bytes): the connection was kicked with 4008.
+    TooSlow,
+}
+
+impl Outbox {
+    /// Queues `frame` without waiting; a connection too far behind is kicked.
+    fn offer(&self, frame: &Arc<Frame>, max_bytes: usize) -> Offer {
+        let size = frame.json.len();
+        let queued = self.queued_bytes.fetch_add(size, Ordering::Relaxed) + size;
+        let sent = queued <= max_bytes && self.tx.try_send(Arc::clone(frame)).is_ok();
+        if sent {
+            return Offer::Sent;
+        }
+        // Not queued: take its bytes back, so the count matches what the reader will see.
+        self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+        if self.tx.is_closed() {
+            return Offer::Gone;
+        }
+        self.kick.kick(CloseReason::TooSlow);
+        Offer::TooSlow
+    }
 }
 
 /// A request, from the hub or the server, that a connection close with a reason.
@@ -128,18 +179,90 @@ impl Kick {
     }
 }
 
-/// What a new connection starts with; dropping it unsubscribes.
+/// An event with its id and encoding, not yet delivered.
+#[derive(Debug)]
+pub struct Prepared {
+    pub frame: Arc<Frame>,
+    pub recipients: Vec<String>,
+}
+
+/// What a connection starts with, before live events.
+pub enum Opening {
+    /// A control event (`ready`, `gap`) without an id.
+    Control(String),
+    /// A replayed event.
+    Event(Arc<Frame>),
+}
+
+enum Resume {
+    Fresh,
+    Replay(Vec<Arc<Frame>>),
+    Gap(String),
+    /// Older than memory: read the store for `after < seq <= upto`.
+    Store {
+        since: String,
+        after: u64,
+        upto: u64,
+    },
+}
+
+/// A registered connection; dropping it unsubscribes.
 pub struct Subscription {
-    /// The `ready` event's JSON.
-    pub ready: String,
-    /// A `gap` event's JSON when the requested `since` could not be honoured.
-    pub gap: Option<String>,
-    /// Events after `since`, oldest first, to send before anything from `rx`.
-    pub replay: Vec<Arc<Frame>>,
-    /// Live events, each newer than every replayed one.
+    user: Box<str>,
+    position: String,
+    resume: Option<Resume>,
+    /// Live events, each newer than everything in the opening.
     pub rx: mpsc::Receiver<Arc<Frame>>,
     pub kick: Arc<Kick>,
-    _guard: Registration,
+    queued_bytes: Arc<AtomicUsize>,
+    registration: Registration,
+}
+
+impl Subscription {
+    /// `ready`, then `gap` or the replay. Reads the durable store when `since` is older
+    /// than what memory holds.
+    pub async fn opening(&mut self) -> Vec<Opening> {
+        let hub = Arc::clone(&self.registration.hub);
+        let (resumed, replay, gap) = match self.resume.take().unwrap_or(Resume::Fresh) {
+            Resume::Fresh => (false, Vec::new(), None),
+            Resume::Replay(r) => (true, r, None),
+            Resume::Gap(since) => (false, Vec::new(), Some(since)),
+            Resume::Store { since, after, upto } => match hub.load(&self.user, after, upto).await {
+                Some(r) => (true, r, None),
+                None => (false, Vec::new(), Some(since)),
+            },
+        };
+        let mut out = Vec::with_capacity(2 + replay.len());
+        out.push(Opening::Control(
+            ServerEvent::Ready {
+                user: &self.user,
+                position: &self.position,
+                resumed,
+            }
+            .to_json(),
+        ));
+        if let Some(since) = gap {
+            metrics::counter!("changecast_gaps_total").increment(1);
+            out.push(Opening::Control(
+                ServerEvent::Gap {
+                    since: &since,
+                    position: &self.position,
+                }
+                .to_json(),
+            ));
+        }
+        metrics::counter!("changecast_replayed_events_total").increment(replay.len() as u64);
+        out.extend(replay.into_iter().map(Opening::Event));
+        out
+    }
+
+    /// Receives the next live event.
+    pub async fn recv(&mut self) -> Option<Arc<Frame>> {
+        let frame = self.rx.recv().await?;
+        self.queued_bytes
+            .fetch_sub(frame.json.len(), Ordering::Relaxed);
+        Some(frame)
+    }
 }
 
 /// Removes the connection from the hub when dropped.
@@ -154,7 +277,10 @@ impl Drop for Registration {
         let mut shard = self.hub.shard(&self.user);
         if let Some(state) = shard.get_mut(&*self.user) {
             state.conns.retain(|c| c.id != self.conn);
-            if state.conns.is_empty() && state.history.is_empty() && state.floor == 0 {
+            if state.conns.is_empty()
+                && state.recent.is_empty()
+                && state.floor <= self.hub.memory_start
+            {
                 shard.remove(&*self.user);
             }
         }
@@ -164,20 +290,43 @@ impl Drop for Registration {
 }
 
 impl Hub {
-    /// A hub with a fresh epoch.
+    /// A hub whose history lives in memory, with a fresh epoch.
     pub fn new(config: HubConfig) -> Self {
         Hub::with_epoch(new_epoch(), config)
     }
 
-    /// A hub with the given epoch (no `-` allowed in it).
+    /// An in-memory hub with the given epoch (no `-` allowed in it).
     pub fn with_epoch(epoch: impl Into<String>, config: HubConfig) -> Self {
-        let epoch: String = epoch.into();
+        Hub::build(epoch.into(), 0, 0, None, config)
+    }
+
+    /// A hub backed by a durable store, continuing its epoch and sequence.
+    pub fn durable(opened: &store::Opened, config: HubConfig) -> Self {
+        Hub::build(
+            opened.epoch.clone(),
+            opened.head,
+            opened.floor,
+            Some(Arc::clone(&opened.store)),
+            config,
+        )
+    }
+
+    fn build(
+        epoch: String,
+        head: u64,
+        floor: u64,
+        store: Option<Arc<HistoryStore>>,
+        config: HubConfig,
+    ) -> Self {
         assert!(!epoch.contains('-'), "epoch must not contain '-'");
         Hub {
             epoch: epoch.into_boxed_str(),
-            head: AtomicU64::new(0),
-            floor: AtomicU64::new(0),
-            publish_lock: Mutex::new(()),
+            assigned: AtomicU64::new(head),
+            head: AtomicU64::new(head),
+            floor: AtomicU64::new(floor),
+            memory_start: head,
+            store,
+            deliver_lock: Mutex::new(()),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
             config,
@@ -192,70 +341,76 @@ impl Hub {
         &self.epoch
     }
 
-    /// Sequence number of the newest event published.
+    /// The durable store, when there is one.
+    pub fn store(&self) -> Option<&Arc<HistoryStore>> {
+        self.store.as_ref()
+    }
+
+    /// Sequence number of the newest delivered event.
     pub fn head(&self) -> u64 {
         self.head.load(Ordering::Acquire)
     }
 
     fn shard(&self, user: &str) -> MutexGuard<'_, Users> {
         let i = (self.hasher.hash_one(user) as usize) % SHARDS;
-        // A panic while holding a shard lock cannot leave a user's state half-written in a
-        // way later readers would misread (every mutation is a single push/retain), so a
-        // poisoned lock is still usable.
+        // Every mutation under a shard lock is a single push/retain, so a panic while one
+        // is held cannot leave state half-written: a poisoned lock is still usable.
         self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Publishes one event to `recipients` (distinct user ids). `encode` receives the
-    /// event's id and returns its JSON; it is called once. Returns the event's sequence
-    /// number, or `None` when there was nobody to send it to.
-    pub fn publish<S: AsRef<str>>(
+    /// Gives an event for `recipients` (distinct user ids) its id; `encode` receives the id
+    /// and returns the JSON, once. `None` when there is nobody to send it to. Events must
+    /// be delivered in the order they were prepared (the router is the one caller).
+    pub fn prepare(
         &self,
-        recipients: &[S],
+        recipients: Vec<String>,
         encode: impl FnOnce(&str) -> String,
-    ) -> Option<u64> {
+    ) -> Option<Prepared> {
         if recipients.is_empty() {
             return None;
         }
-        let _order = self.publish_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let seq = self.head.load(Ordering::Acquire) + 1;
+        let seq = self.assigned.fetch_add(1, Ordering::AcqRel) + 1;
         let id = format!("{}-{seq}", self.epoch);
-        let json = Utf8Bytes::from(encode(&id));
-        let frame = Arc::new(Frame {
-            seq,
-            id: id.into_boxed_str(),
-            json,
-            sse: OnceLock::new(),
-        });
-        self.head.store(seq, Ordering::Release);
+        let json = encode(&id);
+        Some(Prepared {
+            frame: Arc::new(Frame::new(id, seq, json)),
+            recipients,
+        })
+    }
 
+    /// Fans a prepared (and, with a store, stored) event out to its recipients' connections.
+    pub fn deliver(&self, event: &Prepared) {
+        let _order = self.deliver_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let frame = &event.frame;
+        self.head.store(frame.seq, Ordering::Release);
         let mut delivered = 0u64;
         let mut kicked = 0u64;
-        for user in recipients {
-            let user = user.as_ref();
+        for user in &event.recipients {
             let mut shard = self.shard(user);
-            let state = match shard.get_mut(user) {
+            let state = match shard.get_mut(user.as_str()) {
                 Some(s) => s,
-                None => shard.entry(user.into()).or_default(),
+                None => shard
+                    .entry(user.as_str().into())
+                    .or_insert_with(|| self.new_user()),
             };
-            state.history.push_back(Arc::clone(&frame));
-            while state.history.len() > self.config.history_per_user {
-                if let Some(old) = state.history.pop_front() {
+            state.recent.push_back(Arc::clone(frame));
+            while state.recent.len() > self.config.history_per_user {
+                if let Some(old) = state.recent.pop_front() {
                     state.floor = old.seq;
                 }
             }
             state
                 .conns
-                .retain(|c| match c.tx.try_send(Arc::clone(&frame)) {
-                    Ok(()) => {
+                .retain(|c| match c.offer(frame, self.config.queue_bytes) {
+                    Offer::Sent => {
                         delivered += 1;
                         true
                     }
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        c.kick.kick(CloseReason::TooSlow);
+                    Offer::Gone => false,
+                    Offer::TooSlow => {
                         kicked += 1;
                         false
                     }
-                    Err(mpsc::error::TrySendError::Closed(_)) => false,
                 });
         }
         self.published.increment(1);
@@ -263,13 +418,34 @@ impl Hub {
         if kicked > 0 {
             self.slow_disconnects.increment(kicked);
         }
-        Some(seq)
+    }
+
+    /// Prepares and delivers in one step: for in-memory use (tests, tools). The router
+    /// stores prepared events before delivering them.
+    pub fn publish<S: AsRef<str>>(
+        &self,
+        recipients: &[S],
+        encode: impl FnOnce(&str) -> String,
+    ) -> Option<u64> {
+        let recipients = recipients.iter().map(|s| s.as_ref().to_owned()).collect();
+        let event = self.prepare(recipients, encode)?;
+        self.deliver(&event);
+        Some(event.frame.seq)
+    }
+
+    fn new_user(&self) -> UserState {
+        UserState {
+            recent: VecDeque::new(),
+            floor: self.memory_start,
+            conns: Vec::new(),
+        }
     }
 
     /// Registers a connection of `user`, resuming after `since` when given.
     pub fn subscribe(self: &Arc<Self>, user: &str, since: Option<&str>) -> Subscription {
         let (tx, rx) = mpsc::channel(self.config.queue_capacity.max(1));
         let kick = Arc::new(Kick::default());
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
 
         let mut shard = self.shard(user);
@@ -277,54 +453,44 @@ impl Hub {
         let position = format!("{}-{head}", self.epoch);
         let state = match shard.get_mut(user) {
             Some(s) => s,
-            None => shard.entry(user.into()).or_default(),
+            None => shard.entry(user.into()).or_insert_with(|| self.new_user()),
         };
-        let floor = state.floor.max(self.floor.load(Ordering::Acquire));
-        let (replay, resumed, gap) = match since.map(|s| (s, self.resume_point(s, head, floor))) {
-            None => (Vec::new(), false, None),
-            Some((_, Some(after))) => {
-                let replay = state
-                    .history
-                    .iter()
-                    .filter(|f| f.seq > after)
-                    .cloned()
-                    .collect();
-                (replay, true, None)
-            }
-            Some((since, None)) => {
-                let gap = ServerEvent::Gap {
-                    since,
-                    position: &position,
-                }
-                .to_json();
-                (Vec::new(), false, Some(gap))
-            }
+        let resume = match since {
+            None => Resume::Fresh,
+            Some(since) => match self.resume_point(since, head) {
+                None => Resume::Gap(since.to_owned()),
+                Some(after) if after >= state.floor => Resume::Replay(
+                    state
+                        .recent
+                        .iter()
+                        .filter(|f| f.seq > after)
+                        .cloned()
+                        .collect(),
+                ),
+                Some(after) if self.store.is_some() => Resume::Store {
+                    since: since.to_owned(),
+                    after,
+                    upto: head,
+                },
+                Some(_) => Resume::Gap(since.to_owned()),
+            },
         };
         state.conns.push(Outbox {
             id: conn,
             tx,
+            queued_bytes: Arc::clone(&queued_bytes),
             kick: Arc::clone(&kick),
         });
         drop(shard);
         metrics::gauge!("changecast_connections").increment(1.0);
-        if gap.is_some() {
-            metrics::counter!("changecast_gaps_total").increment(1);
-        }
-        metrics::counter!("changecast_replayed_events_total").increment(replay.len() as u64);
-
-        let ready = ServerEvent::Ready {
-            user,
-            position: &position,
-            resumed,
-        }
-        .to_json();
         Subscription {
-            ready,
-            gap,
-            replay,
+            user: user.into(),
+            position,
+            resume: Some(resume),
             rx,
             kick,
-            _guard: Registration {
+            queued_bytes,
+            registration: Registration {
                 hub: Arc::clone(self),
                 user: user.into(),
                 conn,
@@ -333,49 +499,64 @@ impl Hub {
     }
 
     /// The sequence number to replay after, or `None` when `since` cannot be honoured:
-    /// malformed, from another epoch, from the future, or older than retained history.
-    fn resume_point(&self, since: &str, head: u64, floor: u64) -> Option<u64> {
+    /// malformed, from another epoch, from the future, or below the floor.
+    fn resume_point(&self, since: &str, head: u64) -> Option<u64> {
         let (epoch, seq) = since.rsplit_once('-')?;
         let seq: u64 = seq.parse().ok()?;
+        let floor = self.floor.load(Ordering::Acquire);
         (epoch == &*self.epoch && seq <= head && seq >= floor).then_some(seq)
     }
 
+    /// Reads `user`'s events `after < seq <= upto` from the store; `None` when history
+    /// does not reach back that far.
+    async fn load(&self, user: &str, after: u64, upto: u64) -> Option<Vec<Arc<Frame>>> {
+        let store = Arc::clone(self.store.as_ref()?);
+        let (user, epoch) = (user.to_owned(), self.epoch.to_string());
+        let floor = self.floor.load(Ordering::Acquire);
+        match tokio::task::spawn_blocking(move || store.replay(&user, after, upto, floor, &epoch))
+            .await
+        {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "history: replay failed; the client is sent gap");
+                None
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "history: replay task failed; the client is sent gap");
+                None
+            }
+        }
+    }
+
     /// The source lost changes: nobody can resume from before now, and every connected
-    /// client is sent `gap` so it refetches its state.
-    pub fn history_lost(&self) {
-        let _order = self.publish_lock.lock().unwrap_or_else(|p| p.into_inner());
+    /// client is sent `gap` so it refetches its state. Returns the new floor (for the
+    /// store to keep).
+    pub fn history_lost(&self) -> u64 {
+        let _order = self.deliver_lock.lock().unwrap_or_else(|p| p.into_inner());
         let head = self.head();
         // Whoever has seen `head` (or less) missed the lost changes after it.
-        self.floor.store(head + 1, Ordering::Release);
+        let floor = head + 1;
+        self.floor.store(floor, Ordering::Release);
         let position = format!("{}-{head}", self.epoch);
-        let gap = Arc::new(Frame {
-            seq: head,
-            id: position.clone().into_boxed_str(),
-            json: Utf8Bytes::from(
-                ServerEvent::Gap {
-                    since: &position,
-                    position: &position,
-                }
-                .to_json(),
-            ),
-            sse: OnceLock::new(),
-        });
+        let gap = Arc::new(Frame::new(
+            position.clone(),
+            head,
+            ServerEvent::Gap {
+                since: &position,
+                position: &position,
+            }
+            .to_json(),
+        ));
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
             for state in shard.values_mut() {
                 state
                     .conns
-                    .retain(|c| match c.tx.try_send(Arc::clone(&gap)) {
-                        Ok(()) => true,
-                        Err(mpsc::error::TrySendError::Full(_)) => {
-                            c.kick.kick(CloseReason::TooSlow);
-                            false
-                        }
-                        Err(mpsc::error::TrySendError::Closed(_)) => false,
-                    });
+                    .retain(|c| c.offer(&gap, self.config.queue_bytes) == Offer::Sent);
             }
         }
         metrics::counter!("changecast_gaps_total").increment(1);
+        floor
     }
 
     /// Kicks every connection with `reason` (shutdown).
@@ -401,7 +582,7 @@ impl Hub {
 }
 
 /// A short, probably-unique epoch name: `e` and base-36 digits, no `-`.
-fn new_epoch() -> String {
+pub fn new_epoch() -> String {
     let mut n = fastrand::u64(..) >> 24; // 40 bits: 8 base-36 digits
     let mut digits = Vec::new();
     while n > 0 || digits.is_empty() {
@@ -414,141 +595,4 @@ fn new_epoch() -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn hub(history: usize, queue: usize) -> Arc<Hub> {
-        Arc::new(Hub::with_epoch(
-            "e1",
-            HubConfig {
-                history_per_user: history,
-                queue_capacity: queue,
-            },
-        ))
-    }
-
-    fn publish(hub: &Hub, users: &[&str], n: u64) -> u64 {
-        hub.publish(users, |id| format!("{{\"id\":\"{id}\",\"n\":{n}}}"))
-            .unwrap()
-    }
-
-    #[test]
-    fn every_connection_of_a_user_gets_the_same_bytes() {
-        let hub = hub(10, 10);
-        let mut a = hub.subscribe("u1", None);
-        let mut b = hub.subscribe("u1", None);
-        let mut other = hub.subscribe("u2", None);
-        publish(&hub, &["u1"], 1);
-        let fa = a.rx.try_recv().unwrap();
-        let fb = b.rx.try_recv().unwrap();
-        assert!(
-            Arc::ptr_eq(&fa, &fb),
-            "one encoding shared by all connections"
-        );
-        assert_eq!(fa.id.as_ref(), "e1-1");
-        assert!(other.rx.try_recv().is_err());
-    }
-
-    #[test]
-    fn resume_replays_exactly_what_was_missed() {
-        let hub = hub(10, 10);
-        for n in 1..=5 {
-            publish(&hub, &["u1"], n);
-        }
-        publish(&hub, &["u2"], 6);
-        let sub = hub.subscribe("u1", Some("e1-2"));
-        let ids: Vec<&str> = sub.replay.iter().map(|f| &*f.id).collect();
-        assert_eq!(ids, vec!["e1-3", "e1-4", "e1-5"]);
-        assert!(sub.ready.contains("\"resumed\":true"));
-        assert!(sub.ready.contains("\"position\":\"e1-6\""));
-        assert!(sub.gap.is_none());
-    }
-
-    #[test]
-    fn since_older_than_history_or_from_another_epoch_is_a_gap() {
-        let hub = hub(2, 10);
-        for n in 1..=5 {
-            publish(&hub, &["u1"], n);
-        }
-        for since in ["e1-2", "e0-4", "e1-99", "garbage", "e1-x"] {
-            let sub = hub.subscribe("u1", Some(since));
-            assert!(sub.gap.is_some(), "{since} should be a gap");
-            assert!(sub.replay.is_empty());
-            assert!(sub.ready.contains("\"resumed\":false"));
-        }
-        // The oldest kept is e1-4, so resuming after e1-3 is complete.
-        let sub = hub.subscribe("u1", Some("e1-3"));
-        assert!(sub.gap.is_none());
-        assert_eq!(sub.replay.len(), 2);
-    }
-
-    #[test]
-    fn a_user_with_no_history_resumes_from_anywhere_in_the_epoch() {
-        let hub = hub(2, 10);
-        publish(&hub, &["u2"], 1);
-        let sub = hub.subscribe("u1", Some("e1-0"));
-        assert!(sub.gap.is_none());
-        assert!(sub.replay.is_empty());
-    }
-
-    #[test]
-    fn full_queue_kicks_only_that_connection() {
-        let hub = hub(10, 2);
-        let slow = hub.subscribe("u1", None);
-        let mut fast = hub.subscribe("u1", None);
-        for n in 1..=3 {
-            publish(&hub, &["u1"], n);
-            fast.rx.try_recv().unwrap();
-        }
-        assert!(slow.kick.token.is_cancelled());
-        assert_eq!(slow.kick.reason.get(), Some(&CloseReason::TooSlow));
-        assert!(!fast.kick.token.is_cancelled());
-        assert_eq!(hub.connection_count(), 1);
-    }
-
-    #[test]
-    fn dropping_a_subscription_unregisters_it() {
-        let hub = hub(10, 10);
-        let a = hub.subscribe("u1", None);
-        assert_eq!(hub.connection_count(), 1);
-        drop(a);
-        assert_eq!(hub.connection_count(), 0);
-        assert_eq!(hub.publish(&[] as &[&str], |_| String::new()), None);
-    }
-
-    #[test]
-    fn lost_history_sends_gap_and_refuses_older_resumes() {
-        let hub = hub(10, 10);
-        publish(&hub, &["u1"], 1);
-        let mut live = hub.subscribe("u1", None);
-        hub.history_lost();
-        let gap = live.rx.try_recv().unwrap();
-        assert_eq!(
-            &*gap.json,
-            r#"{"type":"gap","since":"e1-1","position":"e1-1"}"#
-        );
-        assert!(hub.subscribe("u1", Some("e1-0")).gap.is_some());
-        assert!(
-            hub.subscribe("u2", Some("e1-0")).gap.is_some(),
-            "also users with no history"
-        );
-        assert!(
-            hub.subscribe("u1", Some("e1-1")).gap.is_some(),
-            "saw the last event before the loss"
-        );
-        publish(&hub, &["u1"], 2);
-        assert!(
-            hub.subscribe("u1", Some("e1-2")).gap.is_none(),
-            "saw an event after the loss"
-        );
-    }
-
-    #[test]
-    fn epochs_are_short_and_dashless() {
-        let e = new_epoch();
-        assert!(
-            e.starts_with('e') && !e.contains('-') && e.len() <= 10,
-            "{e}"
-        );
-    }
-}
+mod tests;

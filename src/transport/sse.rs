@@ -26,7 +26,7 @@ use tokio::time::{Instant, sleep_until};
 use super::{StreamParams, bearer};
 use crate::auth::{AuthError, now_secs};
 use crate::event::CloseReason;
-use crate::hub::Subscription;
+use crate::hub::{Opening, Subscription};
 use crate::server::App;
 
 pub async fn handler(
@@ -52,16 +52,20 @@ pub async fn handler(
             .map(str::to_owned)
     });
     let mut sub = app.hub.subscribe(&identity.user, since.as_deref());
-    let mut opening: Vec<Bytes> = Vec::with_capacity(2 + sub.replay.len());
-    opening.push(data_only(&std::mem::take(&mut sub.ready)));
-    if let Some(gap) = sub.gap.take() {
-        opening.push(data_only(&gap));
-    }
-    opening.extend(sub.replay.drain(..).map(|f| f.sse()));
+    let opening: Vec<Bytes> = sub
+        .opening()
+        .await
+        .into_iter()
+        .map(|o| match o {
+            Opening::Control(json) => data_only(&json),
+            Opening::Event(frame) => frame.sse(),
+        })
+        .collect();
 
     let left = identity.expires_at.saturating_sub(now_secs());
     let state = StreamState {
         opening: opening.into_iter(),
+        kick: Arc::clone(&sub.kick),
         sub,
         app: Arc::clone(&app),
         expires: Instant::now() + Duration::from_secs(left),
@@ -84,6 +88,7 @@ pub async fn handler(
 struct StreamState {
     opening: std::vec::IntoIter<Bytes>,
     sub: Subscription,
+    kick: Arc<crate::hub::Kick>,
     app: Arc<App>,
     expires: Instant,
     next_comment: Instant,
@@ -100,12 +105,12 @@ async fn next_chunk(mut st: StreamState) -> Option<(Result<Bytes, Infallible>, S
     }
     let reason = tokio::select! {
         biased;
-        reason = st.sub.kick.kicked() => reason,
+        reason = st.kick.kicked() => reason,
         _ = st.app.shutdown.cancelled() => CloseReason::Restarting,
         _ = sleep_until(st.expires) => CloseReason::TokenExpired,
-        frame = st.sub.rx.recv() => match frame {
+        frame = st.sub.recv() => match frame {
             Some(frame) => return Some((Ok(frame.sse()), st)),
-            None => st.sub.kick.kicked().await,
+            None => st.kick.kicked().await,
         },
         _ = sleep_until(st.next_comment) => {
             st.next_comment = Instant::now() + st.app.server.keepalive;

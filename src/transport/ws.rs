@@ -24,6 +24,7 @@ use tokio::time::{Instant, sleep_until};
 use super::{StreamParams, bearer, close_text};
 use crate::auth::{AuthError, Identity, now_secs};
 use crate::event::{CloseReason, ServerEvent};
+use crate::hub::Opening;
 use crate::server::App;
 
 /// Frames a client may send.
@@ -85,15 +86,17 @@ async fn session(
     };
 
     let mut sub = app.hub.subscribe(&identity.user, since.as_deref());
-    let opening = std::iter::once(Utf8Bytes::from(std::mem::take(&mut sub.ready)))
-        .chain(sub.gap.take().map(Utf8Bytes::from))
-        .chain(sub.replay.drain(..).map(|f| f.json.clone()));
-    for text in opening {
+    for item in sub.opening().await {
+        let text = match item {
+            Opening::Control(json) => Utf8Bytes::from(json),
+            Opening::Event(frame) => frame.json.clone(),
+        };
         if socket.send(Message::Text(text)).await.is_err() {
             return;
         }
     }
 
+    let kick = std::sync::Arc::clone(&sub.kick);
     let keepalive = app.server.keepalive;
     let mut next_ping = Instant::now() + keepalive;
     let mut last_heard = Instant::now();
@@ -101,17 +104,17 @@ async fn session(
         let expires = expiry_instant(&identity);
         tokio::select! {
             biased;
-            reason = sub.kick.kicked() => break reason,
+            reason = kick.kicked() => break reason,
             _ = app.shutdown.cancelled() => break CloseReason::Restarting,
             _ = sleep_until(expires) => break CloseReason::TokenExpired,
-            frame = sub.rx.recv() => match frame {
+            frame = sub.recv() => match frame {
                 Some(frame) => {
                     if socket.send(Message::Text(frame.json.clone())).await.is_err() {
                         return;
                     }
                 }
                 // The hub dropped this connection; the kick arm says why on the next turn.
-                None => break sub.kick.kicked().await,
+                None => break kick.kicked().await,
             },
             msg = socket.recv() => {
                 last_heard = Instant::now();

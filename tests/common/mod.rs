@@ -74,6 +74,7 @@ user = {{ claim = "user_id", lookup = "users", where = {{ email = "$claim" }}, p
 
 [history]
 max_per_user = {history}
+path = "{history_path}"
 
 [[route]]
 name = "orders"
@@ -93,7 +94,8 @@ when = "doc.quantity_in_stock <= doc.reorder_point"
 to = {{ lookup = "businesses", where = {{ _id = "$owned_by" }}, pick = "owner._id" }}
 message = "Stock low: {{{{ doc.name }}}} has {{{{ doc.quantity_in_stock }}}} left. Restock to keep issuing orders."
 "#,
-            db = self.path.display()
+            db = self.path.display(),
+            history_path = self.dir.path().join("history.db").display(),
         )
     }
 }

@@ -189,9 +189,12 @@ impl MongoSource {
     /// Connects, enables pre- and post-images when told to, reads the checkpoint and opens
     /// the stream. Fails on what retrying cannot fix (not a replica set, bad URI, no
     /// permission); a deployment that is merely unreachable is retried by `run`.
+    /// `resume_from` (the durable history's checkpoint, committed with the events it
+    /// covers) wins over the source's own checkpoint when given.
     pub async fn connect(
         config: &MongoSourceConfig,
         spec: StreamSpec,
+        resume_from: Option<Vec<u8>>,
     ) -> Result<MongoSource, SourceError> {
         let client = Client::with_uri_str(&config.uri)
             .await
@@ -213,7 +216,11 @@ impl MongoSource {
             first: std::sync::Mutex::new(None),
             checkpointed: None,
         };
-        match source.store.load().await {
+        let saved = match resume_from {
+            Some(bytes) => Ok(Some(bytes)),
+            None => source.store.load().await,
+        };
+        match saved {
             Ok(Some(bytes)) => match token_from(&bytes) {
                 Ok(token) => {
                     tracing::info!("mongodb: resuming after the checkpointed token");

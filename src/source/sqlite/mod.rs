@@ -125,7 +125,13 @@ pub struct SqliteSource {
 impl SqliteSource {
     /// Opens the database (which must exist), installs the change log, the checkpoint
     /// table and the triggers for `tables`, and reads the last checkpoint.
-    pub fn open(config: &SqliteSourceConfig, tables: &[String]) -> Result<Self, SourceError> {
+    /// `resume_from` (the durable history's checkpoint, committed with the events it
+    /// covers) wins over the checkpoint in the database when given.
+    pub fn open(
+        config: &SqliteSourceConfig,
+        tables: &[String],
+        resume_from: Option<u64>,
+    ) -> Result<Self, SourceError> {
         let path = config.path.clone();
         if !path.exists() {
             return Err(SourceError::Setup(format!(
@@ -150,6 +156,10 @@ impl SqliteSource {
             )
             .optional()?
             .unwrap_or(0);
+        let checkpoint = match resume_from {
+            Some(seq) => seq as i64,
+            None => checkpoint,
+        };
         Ok(SqliteSource {
             path,
             conn,
