@@ -36,6 +36,19 @@ pub struct Config {
     /// The lookup cache.
     #[serde(default)]
     pub lookups: LookupsConfig,
+    /// `POST /v1/publish`: server-side publishing with API keys.
+    #[serde(default)]
+    pub publish: PublishConfig,
+}
+
+/// `[publish]`. Without keys the endpoint answers 403.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishConfig {
+    /// Environment variable holding the API key(s), comma-separated (recommended).
+    pub api_keys_env: Option<String>,
+    /// The API keys themselves. For demos and tests; prefer `api_keys_env`.
+    pub api_keys: Option<Vec<String>>,
 }
 
 /// `[server]`
@@ -60,6 +73,11 @@ pub struct ServerConfig {
     pub keepalive: Duration,
     /// Largest frame a client may send, in bytes.
     pub max_client_frame: usize,
+    /// Most connections at once (WebSocket and SSE); more are refused with HTTP 503.
+    pub max_connections: usize,
+    /// Most connections of one user at once; more are refused (WebSocket: close 1013 "try
+    /// again later"; SSE: HTTP 429).
+    pub max_connections_per_user: usize,
 }
 
 impl Default for ServerConfig {
@@ -71,6 +89,8 @@ impl Default for ServerConfig {
             auth_timeout: Duration::from_secs(5),
             keepalive: Duration::from_secs(15),
             max_client_frame: 16 * 1024,
+            max_connections: 100_000,
+            max_connections_per_user: 64,
         }
     }
 }

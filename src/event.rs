@@ -40,12 +40,22 @@ pub enum ServerEvent<'a> {
         message: &'a str,
         doc: &'a Value,
     },
+    /// Published through `POST /v1/publish`.
+    Message {
+        id: &'a str,
+        event: &'a Value,
+    },
     /// History did not reach back to `since`: the client must refetch its state.
     Gap {
         since: &'a str,
         position: &'a str,
     },
     Pong,
+    /// The connection's token expires in `expires_in` seconds: send `refresh` with a new
+    /// one, or the connection closes with 4001.
+    Expiring {
+        expires_in: u64,
+    },
 }
 
 impl ServerEvent<'_> {
@@ -70,6 +80,8 @@ pub enum CloseReason {
     Restarting,
     /// 1011: internal error. Reconnect with backoff.
     Internal,
+    /// 1013: too many connections (in all, or of this user). Reconnect later.
+    TryAgainLater,
 }
 
 impl CloseReason {
@@ -81,6 +93,7 @@ impl CloseReason {
             CloseReason::TooSlow => 4008,
             CloseReason::Restarting => 1012,
             CloseReason::Internal => 1011,
+            CloseReason::TryAgainLater => 1013,
         }
     }
 
@@ -93,6 +106,7 @@ impl CloseReason {
             CloseReason::TooSlow => "too slow: send queue overflowed",
             CloseReason::Restarting => "server restarting",
             CloseReason::Internal => "internal error",
+            CloseReason::TryAgainLater => "too many connections",
         }
     }
 
@@ -105,6 +119,7 @@ impl CloseReason {
             CloseReason::TooSlow => "too_slow",
             CloseReason::Restarting => "restarting",
             CloseReason::Internal => "internal",
+            CloseReason::TryAgainLater => "too_many_connections",
         }
     }
 }

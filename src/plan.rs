@@ -11,7 +11,7 @@ use crate::auth::AuthPlan;
 use crate::change::Op;
 use crate::config::{
     Config, ConfigError, ConfigErrors, HistoryConfig, LookupsConfig, MongoSourceConfig,
-    ServerConfig, SourceConfig, SqliteSourceConfig,
+    PublishConfig, ServerConfig, SourceConfig, SqliteSourceConfig,
 };
 use crate::route::alert::{Alert, compile_alert};
 use crate::route::expr::Reads;
@@ -37,6 +37,10 @@ pub struct Plan {
     pub routes: Vec<Route>,
     pub alerts: Vec<Alert>,
     pub lookups: LookupsConfig,
+    /// API keys for `POST /v1/publish` (none: publishing is off).
+    pub publish_keys: Vec<String>,
+    /// `[auth] expiry_warning`.
+    pub expiry_warning: std::time::Duration,
 }
 
 impl Plan {
@@ -132,6 +136,7 @@ impl Plan {
                 routes.push(route);
             }
         }
+        let publish_keys = publish_keys(&config.publish, &mut errors);
         let mut alert_names: HashMap<&str, usize> = HashMap::new();
         let mut alerts = Vec::new();
         for (i, a) in config.alerts.iter().enumerate() {
@@ -176,6 +181,8 @@ impl Plan {
                 routes,
                 alerts,
                 lookups: config.lookups.clone(),
+                publish_keys,
+                expiry_warning: config.auth.expiry_warning,
             }),
             _ => Err(ConfigErrors(vec![ConfigError::new("config", "invalid")])),
         }
@@ -387,6 +394,28 @@ fn describe_rule(s: &mut String, to: &[RecipientSpec], fields: Option<&[crate::p
             let _ = writeln!(s, "    sends _id, {}", f.join(", "));
         }
     }
+}
+
+/// The API keys `[publish]` names, read from the environment when told to.
+fn publish_keys(config: &PublishConfig, errors: &mut Vec<ConfigError>) -> Vec<String> {
+    let mut keys: Vec<String> = config.api_keys.clone().unwrap_or_default();
+    if let Some(var) = &config.api_keys_env {
+        match std::env::var(var) {
+            Ok(v) => keys.extend(v.split(',').map(|k| k.trim().to_owned())),
+            Err(_) => errors.push(ConfigError::new(
+                "publish.api_keys_env",
+                format!("environment variable `{var}` is not set"),
+            )),
+        }
+    }
+    keys.retain(|k| !k.is_empty());
+    if keys.iter().any(|k| k.len() < 16) {
+        errors.push(ConfigError::new(
+            "publish",
+            "API keys must be at least 16 characters (they are bearer credentials)",
+        ));
+    }
+    keys
 }
 
 /// A connection string with its password hidden.

@@ -19,7 +19,7 @@ use anyhow::Context;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +27,8 @@ use crate::auth::Authenticator;
 use crate::change::Position;
 use crate::config::ServerConfig;
 use crate::config::{HistoryConfig, HistoryKind};
+use crate::event::ServerEvent;
+use crate::hub::Prepared;
 use crate::hub::new_epoch;
 use crate::hub::store::{HistoryStore, Record};
 use crate::hub::{Hub, HubConfig};
@@ -51,6 +53,12 @@ pub struct App {
     pub source_stopped: AtomicBool,
     /// The source's own account of whether it is delivering.
     pub health: Arc<Health>,
+    /// Messages for the router from `POST /v1/publish`.
+    pub publish: mpsc::Sender<PublishRequest>,
+    /// API keys accepted by `POST /v1/publish`.
+    pub publish_keys: Vec<String>,
+    /// How long before a token expires its connection is warned.
+    pub expiry_warning: Duration,
     pub metrics: PrometheusHandle,
 }
 
@@ -154,12 +162,17 @@ pub async fn start(
         },
         queue_capacity: plan.server.send_queue,
         queue_bytes: plan.server.send_queue_bytes,
+        max_connections: plan.server.max_connections,
+        max_connections_per_user: plan.server.max_connections_per_user,
     };
     let hub = Arc::new(match &history {
         Some(opened) => Hub::durable(opened, hub_config),
         None => Hub::new(hub_config),
     });
     let shutdown = CancellationToken::new();
+    // Publishing waits for the router; a small queue bounds how many wait.
+    let (publish_tx, publish_rx) = mpsc::channel(64);
+    let publish_keys = plan.publish_keys.clone();
     let auth = plan
         .auth
         .build(Arc::clone(&lookup))
@@ -173,6 +186,9 @@ pub async fn start(
         source_stopped: AtomicBool::new(false),
         health: Arc::clone(&health),
         metrics,
+        publish: publish_tx,
+        publish_keys,
+        expiry_warning: plan.expiry_warning,
     });
     let router = Router::new(plan.routes, plan.alerts, lookup, plan.lookups.cache_entries);
 
@@ -181,6 +197,7 @@ pub async fn start(
     let source_task = tokio::spawn(source.run(batch_tx, ack_rx, health, shutdown.clone()));
     let router_task = tokio::spawn(route_changes(
         batch_rx,
+        publish_rx,
         router,
         Arc::clone(&hub),
         ack_tx,
@@ -231,17 +248,46 @@ pub async fn start(
     })
 }
 
+/// A message for `POST /v1/publish`, stored and delivered by the router like routed
+/// events (one writer keeps ids in order); `done` gets the event's id.
+pub struct PublishRequest {
+    pub to: Vec<String>,
+    pub event: serde_json::Value,
+    pub done: oneshot::Sender<String>,
+}
+
 /// The router task: every change of a batch is routed, stored with the batch's end
 /// position in one transaction, then delivered; only then is the position acknowledged to
-/// the source. With the in-memory history the store step is skipped.
+/// the source. Published messages take the same path. With the in-memory history the
+/// store step is skipped.
 async fn route_changes(
     mut batches: mpsc::Receiver<Batch>,
+    mut publishes: mpsc::Receiver<PublishRequest>,
     router: Router,
     hub: Arc<Hub>,
     acks: watch::Sender<Option<Position>>,
     app: Arc<App>,
 ) {
-    while let Some(batch) = batches.recv().await {
+    loop {
+        let batch = tokio::select! {
+            // Changes first: they hold the source's checkpoint back.
+            biased;
+            batch = batches.recv() => match batch {
+                Some(b) => b,
+                None => return, // the source stopped: shutdown
+            },
+            Some(req) = publishes.recv() => {
+                let mut sorted = req.to;
+                sorted.sort();
+                sorted.dedup();
+                if let Some(p) = hub.prepare(sorted, |id| ServerEvent::Message { id, event: &req.event }.to_json()) {
+                    let id = p.frame.id.to_string();
+                    store_and_deliver(&app, &hub, vec![p], None).await;
+                    let _ = req.done.send(id);
+                }
+                continue;
+            }
+        };
         if batch.lost_history {
             let floor = hub.history_lost();
             if let Some(store) = hub.store().cloned() {
@@ -256,26 +302,32 @@ async fn route_changes(
                 }
             }
         }
-        let prepared = Arc::new(prepared);
-        if let Some(store) = hub.store().cloned() {
-            let (events, end) = (Arc::clone(&prepared), batch.end.clone());
-            persist(&app, "history append", move || {
-                let records: Vec<Record> = events
-                    .iter()
-                    .map(|p| Record {
-                        seq: p.frame.seq,
-                        json: p.frame.json.as_str(),
-                        recipients: &p.recipients,
-                    })
-                    .collect();
-                store.append(&records, &end)
-            })
-            .await;
-        }
-        for p in prepared.iter() {
-            hub.deliver(p);
-        }
+        store_and_deliver(&app, &hub, prepared, Some(batch.end.clone())).await;
         acks.send_replace(Some(batch.end));
+    }
+}
+
+/// Stores prepared events (and the source position they bring the history to), then
+/// delivers them.
+async fn store_and_deliver(app: &App, hub: &Hub, prepared: Vec<Prepared>, end: Option<Position>) {
+    let prepared = Arc::new(prepared);
+    if let Some(store) = hub.store().cloned() {
+        let events = Arc::clone(&prepared);
+        persist(app, "history append", move || {
+            let records: Vec<Record> = events
+                .iter()
+                .map(|p| Record {
+                    seq: p.frame.seq,
+                    json: p.frame.json.as_str(),
+                    recipients: &p.recipients,
+                })
+                .collect();
+            store.append(&records, end.as_ref())
+        })
+        .await;
+    }
+    for p in prepared.iter() {
+        hub.deliver(p);
     }
 }
 

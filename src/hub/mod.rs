@@ -85,6 +85,9 @@ pub struct HubConfig {
     pub queue_capacity: usize,
     /// Bytes a connection may have queued before it is kicked with 4008.
     pub queue_bytes: usize,
+    /// Most connections at once, and per user.
+    pub max_connections: usize,
+    pub max_connections_per_user: usize,
 }
 
 /// Per-user fan-out and history. Shared as `Arc<Hub>`.
@@ -105,6 +108,8 @@ pub struct Hub {
     hasher: RandomState,
     config: HubConfig,
     next_conn: AtomicU64,
+    /// Connections registered now.
+    connections: AtomicUsize,
     /// Metric handles, resolved once: looking a metric up by name costs a hash per call.
     published: metrics::Counter,
     deliveries: metrics::Counter,
@@ -285,6 +290,7 @@ impl Drop for Registration {
             }
         }
         drop(shard);
+        self.hub.connections.fetch_sub(1, Ordering::AcqRel);
         metrics::gauge!("changecast_connections").decrement(1.0);
     }
 }
@@ -331,6 +337,7 @@ impl Hub {
             hasher: RandomState::new(),
             config,
             next_conn: AtomicU64::new(1),
+            connections: AtomicUsize::new(0),
             published: metrics::counter!("changecast_events_published_total"),
             deliveries: metrics::counter!("changecast_deliveries_total"),
             slow_disconnects: metrics::counter!("changecast_slow_disconnects_total"),
@@ -441,8 +448,19 @@ impl Hub {
         }
     }
 
-    /// Registers a connection of `user`, resuming after `since` when given.
-    pub fn subscribe(self: &Arc<Self>, user: &str, since: Option<&str>) -> Subscription {
+    /// Registers a connection of `user`, resuming after `since` when given. Refused with
+    /// [`CloseReason::TryAgainLater`] past the connection limits.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        user: &str,
+        since: Option<&str>,
+    ) -> Result<Subscription, CloseReason> {
+        if self.connections.fetch_add(1, Ordering::AcqRel) >= self.config.max_connections {
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+            metrics::counter!("changecast_connections_refused_total", "limit" => "total")
+                .increment(1);
+            return Err(CloseReason::TryAgainLater);
+        }
         let (tx, rx) = mpsc::channel(self.config.queue_capacity.max(1));
         let kick = Arc::new(Kick::default());
         let queued_bytes = Arc::new(AtomicUsize::new(0));
@@ -455,6 +473,13 @@ impl Hub {
             Some(s) => s,
             None => shard.entry(user.into()).or_insert_with(|| self.new_user()),
         };
+        if state.conns.len() >= self.config.max_connections_per_user {
+            drop(shard);
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+            metrics::counter!("changecast_connections_refused_total", "limit" => "per_user")
+                .increment(1);
+            return Err(CloseReason::TryAgainLater);
+        }
         let resume = match since {
             None => Resume::Fresh,
             Some(since) => match self.resume_point(since, head) {
@@ -483,7 +508,7 @@ impl Hub {
         });
         drop(shard);
         metrics::gauge!("changecast_connections").increment(1.0);
-        Subscription {
+        Ok(Subscription {
             user: user.into(),
             position,
             resume: Some(resume),
@@ -495,7 +520,7 @@ impl Hub {
                 user: user.into(),
                 conn,
             },
-        }
+        })
     }
 
     /// The sequence number to replay after, or `None` when `since` cannot be honoured:

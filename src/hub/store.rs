@@ -131,8 +131,13 @@ impl HistoryStore {
         })
     }
 
-    /// Appends events and records `checkpoint`, in one transaction.
-    pub fn append(&self, records: &[Record<'_>], checkpoint: &Position) -> rusqlite::Result<()> {
+    /// Appends events and records `checkpoint` (when the events came from the source), in
+    /// one transaction.
+    pub fn append(
+        &self,
+        records: &[Record<'_>],
+        checkpoint: Option<&Position>,
+    ) -> rusqlite::Result<()> {
         let mut conn = lock(&self.writer);
         let tx = conn.transaction()?;
         {
@@ -153,10 +158,12 @@ impl HistoryStore {
                     [last.seq.to_string().as_bytes()],
                 )?;
             }
-            tx.execute(
-                "INSERT INTO meta VALUES ('checkpoint', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                [&checkpoint.0],
-            )?;
+            if let Some(checkpoint) = checkpoint {
+                tx.execute(
+                    "INSERT INTO meta VALUES ('checkpoint', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    [&checkpoint.0],
+                )?;
+            }
         }
         tx.commit()
     }
@@ -329,7 +336,7 @@ mod tests {
                         recipients: &both,
                     },
                 ],
-                &Position::from_seq(10),
+                Some(&Position::from_seq(10)),
             )
             .unwrap();
         let r = h.store.replay("u1", 0, 2, 0, "e1").unwrap().unwrap();
@@ -370,7 +377,9 @@ mod tests {
                 recipients: &u1,
             })
             .collect();
-        h.store.append(&records, &Position::from_seq(5)).unwrap();
+        h.store
+            .append(&records, Some(&Position::from_seq(5)))
+            .unwrap();
         let p = h.store.prune(Duration::from_secs(3600), 2).unwrap();
         assert_eq!(p.deliveries, 3);
         assert!(
@@ -395,7 +404,7 @@ mod tests {
                     json: "{}",
                     recipients: &u1,
                 }],
-                &Position::from_seq(1),
+                Some(&Position::from_seq(1)),
             )
             .unwrap();
         std::thread::sleep(Duration::from_millis(1100));

@@ -6,6 +6,8 @@ fn config(history: usize, queue: usize) -> HubConfig {
         history_per_user: history,
         queue_capacity: queue,
         queue_bytes: 1 << 20,
+        max_connections: 1000,
+        max_connections_per_user: 100,
     }
 }
 
@@ -40,9 +42,9 @@ fn kinds(o: &[(String, String)]) -> Vec<&str> {
 #[tokio::test]
 async fn every_connection_of_a_user_gets_the_same_bytes() {
     let hub = hub(10, 10);
-    let mut a = hub.subscribe("u1", None);
-    let mut b = hub.subscribe("u1", None);
-    let mut other = hub.subscribe("u2", None);
+    let mut a = hub.subscribe("u1", None).unwrap();
+    let mut b = hub.subscribe("u1", None).unwrap();
+    let mut other = hub.subscribe("u2", None).unwrap();
     publish(&hub, &["u1"], 1);
     let fa = a.recv().await.unwrap();
     let fb = b.recv().await.unwrap();
@@ -61,7 +63,7 @@ async fn resume_replays_exactly_what_was_missed() {
         publish(&hub, &["u1"], n);
     }
     publish(&hub, &["u2"], 6);
-    let mut sub = hub.subscribe("u1", Some("e1-2"));
+    let mut sub = hub.subscribe("u1", Some("e1-2")).unwrap();
     let o = opening(&mut sub).await;
     assert_eq!(kinds(&o), vec!["ready", "e1-3", "e1-4", "e1-5"]);
     assert!(o[0].1.contains("\"resumed\":true"));
@@ -75,13 +77,13 @@ async fn since_older_than_history_or_from_another_epoch_is_a_gap() {
         publish(&hub, &["u1"], n);
     }
     for since in ["e1-2", "e0-4", "e1-99", "garbage", "e1-x"] {
-        let mut sub = hub.subscribe("u1", Some(since));
+        let mut sub = hub.subscribe("u1", Some(since)).unwrap();
         let o = opening(&mut sub).await;
         assert_eq!(kinds(&o), vec!["ready", "gap"], "{since}");
         assert!(o[0].1.contains("\"resumed\":false"));
     }
     // The oldest kept is e1-4, so resuming after e1-3 is complete.
-    let mut sub = hub.subscribe("u1", Some("e1-3"));
+    let mut sub = hub.subscribe("u1", Some("e1-3")).unwrap();
     assert_eq!(
         kinds(&opening(&mut sub).await),
         vec!["ready", "e1-4", "e1-5"]
@@ -92,15 +94,15 @@ async fn since_older_than_history_or_from_another_epoch_is_a_gap() {
 async fn a_user_with_no_history_resumes_from_anywhere_in_the_epoch() {
     let hub = hub(2, 10);
     publish(&hub, &["u2"], 1);
-    let mut sub = hub.subscribe("u1", Some("e1-0"));
+    let mut sub = hub.subscribe("u1", Some("e1-0")).unwrap();
     assert_eq!(kinds(&opening(&mut sub).await), vec!["ready"]);
 }
 
 #[tokio::test]
 async fn full_queue_kicks_only_that_connection() {
     let hub = hub(10, 2);
-    let slow = hub.subscribe("u1", None);
-    let mut fast = hub.subscribe("u1", None);
+    let slow = hub.subscribe("u1", None).unwrap();
+    let mut fast = hub.subscribe("u1", None).unwrap();
     for n in 1..=3 {
         publish(&hub, &["u1"], n);
         fast.recv().await.unwrap();
@@ -119,10 +121,12 @@ async fn queued_bytes_are_bounded_too() {
             history_per_user: 10,
             queue_capacity: 100,
             queue_bytes: 100,
+            max_connections: 1000,
+            max_connections_per_user: 100,
         },
     ));
-    let slow = hub.subscribe("u1", None);
-    let mut reader = hub.subscribe("u1", None);
+    let slow = hub.subscribe("u1", None).unwrap();
+    let mut reader = hub.subscribe("u1", None).unwrap();
     let big = "x".repeat(40);
     for _ in 0..3 {
         hub.publish(&["u1"], |id| format!("{{\"id\":\"{id}\",\"p\":\"{big}\"}}"));
@@ -136,7 +140,7 @@ async fn queued_bytes_are_bounded_too() {
 #[tokio::test]
 async fn dropping_a_subscription_unregisters_it() {
     let hub = hub(10, 10);
-    let a = hub.subscribe("u1", None);
+    let a = hub.subscribe("u1", None).unwrap();
     assert_eq!(hub.connection_count(), 1);
     drop(a);
     assert_eq!(hub.connection_count(), 0);
@@ -147,7 +151,7 @@ async fn dropping_a_subscription_unregisters_it() {
 async fn lost_history_sends_gap_and_refuses_older_resumes() {
     let hub = hub(10, 10);
     publish(&hub, &["u1"], 1);
-    let mut live = hub.subscribe("u1", None);
+    let mut live = hub.subscribe("u1", None).unwrap();
     assert_eq!(hub.history_lost(), 2);
     let gap = live.recv().await.unwrap();
     assert_eq!(
@@ -155,7 +159,7 @@ async fn lost_history_sends_gap_and_refuses_older_resumes() {
         r#"{"type":"gap","since":"e1-1","position":"e1-1"}"#
     );
     for (user, since) in [("u1", "e1-0"), ("u2", "e1-0"), ("u1", "e1-1")] {
-        let mut sub = hub.subscribe(user, Some(since));
+        let mut sub = hub.subscribe(user, Some(since)).unwrap();
         assert_eq!(
             kinds(&opening(&mut sub).await),
             vec!["ready", "gap"],
@@ -163,7 +167,7 @@ async fn lost_history_sends_gap_and_refuses_older_resumes() {
         );
     }
     publish(&hub, &["u1"], 2);
-    let mut sub = hub.subscribe("u1", Some("e1-2"));
+    let mut sub = hub.subscribe("u1", Some("e1-2")).unwrap();
     assert_eq!(
         kinds(&opening(&mut sub).await),
         vec!["ready"],
@@ -194,7 +198,7 @@ async fn a_durable_hub_resumes_from_the_store_across_restarts() {
                     json: &json,
                     recipients: &recipients,
                 }],
-                &Position::from_seq(n),
+                Some(&Position::from_seq(n)),
             )
             .unwrap();
         hub.deliver(&p);
@@ -202,7 +206,7 @@ async fn a_durable_hub_resumes_from_the_store_across_restarts() {
     }
     let epoch = hub.epoch().to_owned();
     // Memory keeps 2; the store has all 5.
-    let mut sub = hub.subscribe("u1", Some(&stored[0]));
+    let mut sub = hub.subscribe("u1", Some(&stored[0])).unwrap();
     let o = opening(&mut sub).await;
     assert_eq!(
         kinds(&o),
@@ -215,7 +219,7 @@ async fn a_durable_hub_resumes_from_the_store_across_restarts() {
     let hub = Arc::new(Hub::durable(&opened, config(2, 10)));
     assert_eq!(hub.epoch(), epoch);
     assert_eq!(hub.head(), 5);
-    let mut sub = hub.subscribe("u1", Some(&stored[2]));
+    let mut sub = hub.subscribe("u1", Some(&stored[2])).unwrap();
     let o = opening(&mut sub).await;
     assert_eq!(kinds(&o), vec!["ready", &stored[3], &stored[4]]);
     let next = hub.prepare(vec!["u1".into()], |id| id.to_owned()).unwrap();
@@ -229,4 +233,29 @@ fn epochs_are_short_and_dashless() {
         e.starts_with('e') && !e.contains('-') && e.len() <= 10,
         "{e}"
     );
+}
+
+#[tokio::test]
+async fn connection_limits_refuse_with_try_again_later() {
+    let hub = Arc::new(Hub::with_epoch(
+        "e1",
+        HubConfig {
+            max_connections: 3,
+            max_connections_per_user: 2,
+            ..config(10, 10)
+        },
+    ));
+    let a = hub.subscribe("u1", None).unwrap();
+    let _b = hub.subscribe("u1", None).unwrap();
+    assert_eq!(
+        hub.subscribe("u1", None).err(),
+        Some(CloseReason::TryAgainLater)
+    );
+    let _c = hub.subscribe("u2", None).unwrap();
+    assert_eq!(
+        hub.subscribe("u3", None).err(),
+        Some(CloseReason::TryAgainLater)
+    );
+    drop(a);
+    assert!(hub.subscribe("u3", None).is_ok(), "a slot freed up");
 }

@@ -7,6 +7,7 @@
 //! (and `gap` or the replay), then live events from the connection's bounded queue. A
 //! connection task writes only to its own socket; nothing shared is locked while it waits.
 
+pub mod publish;
 pub mod sse;
 pub mod ws;
 
@@ -14,10 +15,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::Json;
+use axum::extract::DefaultBodyLimit;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -38,6 +40,10 @@ pub fn router(app: Arc<App>) -> axum::Router {
     axum::Router::new()
         .route("/v1/ws", get(ws::handler))
         .route("/v1/sse", get(sse::handler))
+        .route(
+            "/v1/publish",
+            post(publish::handler).layer(DefaultBodyLimit::max(publish::MAX_BODY)),
+        )
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

@@ -16,7 +16,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::stream;
@@ -51,7 +51,13 @@ pub async fn handler(
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     });
-    let mut sub = app.hub.subscribe(&identity.user, since.as_deref());
+    let mut sub = match app.hub.subscribe(&identity.user, since.as_deref()) {
+        Ok(sub) => sub,
+        Err(reason) => {
+            let body = json!({"error": reason.text(), "code": reason.code()});
+            return (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
+        }
+    };
     let opening: Vec<Bytes> = sub
         .opening()
         .await

@@ -85,7 +85,10 @@ async fn session(
         }
     };
 
-    let mut sub = app.hub.subscribe(&identity.user, since.as_deref());
+    let mut sub = match app.hub.subscribe(&identity.user, since.as_deref()) {
+        Ok(sub) => sub,
+        Err(reason) => return close(socket, reason, reason.text()).await,
+    };
     for item in sub.opening().await {
         let text = match item {
             Opening::Control(json) => Utf8Bytes::from(json),
@@ -100,13 +103,26 @@ async fn session(
     let keepalive = app.server.keepalive;
     let mut next_ping = Instant::now() + keepalive;
     let mut last_heard = Instant::now();
+    // The expiry a warning was sent for: a refresh moves the expiry, and a new warning is due.
+    let mut warned_for = 0;
     let reason = loop {
         let expires = expiry_instant(&identity);
+        let warn_at = expires
+            .checked_sub(app.expiry_warning)
+            .unwrap_or_else(Instant::now);
         tokio::select! {
             biased;
             reason = kick.kicked() => break reason,
             _ = app.shutdown.cancelled() => break CloseReason::Restarting,
             _ = sleep_until(expires) => break CloseReason::TokenExpired,
+            _ = sleep_until(warn_at), if warned_for != identity.expires_at => {
+                warned_for = identity.expires_at;
+                let left = identity.expires_at.saturating_sub(now_secs());
+                let warning = ServerEvent::Expiring { expires_in: left }.to_json();
+                if socket.send(Message::Text(warning.into())).await.is_err() {
+                    return;
+                }
+            }
             frame = sub.recv() => match frame {
                 Some(frame) => {
                     if socket.send(Message::Text(frame.json.clone())).await.is_err() {

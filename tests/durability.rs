@@ -1,0 +1,298 @@
+//! Nothing lost: slow consumers, the publish API, token lifecycle, limits, readiness.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+
+const KEY: &str = "publish-key-0123456789";
+
+fn with_publish(db: &Db, server: &str) -> String {
+    format!(
+        "{}\n[publish]\napi_keys = [\"{KEY}\"]\n",
+        db.config(server, 1000)
+    )
+}
+
+async fn post(gw: &Gateway, key: Option<&str>, body: &str) -> (u16, Value) {
+    let mut req = reqwest::Client::new()
+        .post(gw.http("/v1/publish"))
+        .header("content-type", "application/json")
+        .body(body.to_owned());
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    let res = req.send().await.unwrap();
+    let status = res.status().as_u16();
+    let text = res.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_delivers_resumable_message_events() {
+    let db = Db::new();
+    let gw = Gateway::start(&with_publish(&db, "")).await;
+    let (mut u1, ready) = Ws::user(&gw, "u1", None).await;
+    let (mut u2, _) = Ws::user(&gw, "u2", None).await;
+    let before = ready["position"].as_str().unwrap().to_owned();
+
+    let (status, body) = post(
+        &gw,
+        Some(KEY),
+        r#"{"to": ["u1", "u2", "u1"], "event": {"kind": "promo", "text": "20% off"}}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let id = body["id"].as_str().unwrap().to_owned();
+    for ws in [&mut u1, &mut u2] {
+        let ev = ws.next().await;
+        assert_eq!(
+            ev,
+            json!({"type": "message", "id": id, "event": {"kind": "promo", "text": "20% off"}})
+        );
+    }
+    // Through the same history: a client that was away gets it on resume.
+    let (mut again, _) = Ws::user(&gw, "u1", Some(&before)).await;
+    assert_eq!(again.next().await["id"], id.as_str());
+    // Interleaved with routed changes, ids keep increasing.
+    db.exec(&insert_order("o1", "b1"));
+    let change = u1.change().await;
+    assert!(
+        change["id"].as_str().unwrap() > id.as_str()
+            || change["id"].as_str().unwrap().len() > id.len()
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_refuses_bad_requests_with_json_reasons() {
+    let db = Db::new();
+    let gw = Gateway::start(&with_publish(&db, "")).await;
+    let good = r#"{"to": ["u1"], "event": {"a": 1}}"#;
+    let cases: Vec<(Option<&str>, String, u16, &str)> = vec![
+        (None, good.into(), 401, "missing API key"),
+        (
+            Some("wrong-key-0123456789"),
+            good.into(),
+            401,
+            "unknown API key",
+        ),
+        (Some(KEY), "{not json".into(), 400, "invalid body"),
+        (
+            Some(KEY),
+            r#"{"to": [], "event": {}}"#.into(),
+            400,
+            "at least one",
+        ),
+        (
+            Some(KEY),
+            r#"{"to": [""], "event": {}}"#.into(),
+            400,
+            "empty user id",
+        ),
+        (
+            Some(KEY),
+            r#"{"to": ["u1"], "event": 5}"#.into(),
+            400,
+            "JSON object",
+        ),
+        (
+            Some(KEY),
+            r#"{"to": ["u1"], "event": {}, "extra": 1}"#.into(),
+            400,
+            "unknown field",
+        ),
+        (
+            Some(KEY),
+            r#"{"to": "u1", "event": {}}"#.into(),
+            400,
+            "invalid body",
+        ),
+    ];
+    for (key, body, status, reason) in cases {
+        let (got, json) = post(&gw, key, &body).await;
+        assert_eq!(got, status, "{body}: {json}");
+        assert!(
+            json["error"].as_str().unwrap_or_default().contains(reason),
+            "{body}: {json}"
+        );
+    }
+    let huge = format!(
+        r#"{{"to": ["u1"], "event": {{"x": "{}"}}}}"#,
+        "y".repeat(100_000)
+    );
+    assert_eq!(post(&gw, Some(KEY), &huge).await.0, 413);
+    gw.stop().await;
+
+    // Without keys the endpoint is off.
+    let gw = Gateway::start(&db.config("", 10)).await;
+    let (status, json) = post(&gw, Some(KEY), good).await;
+    assert_eq!(status, 403);
+    assert!(json["error"].as_str().unwrap().contains("not enabled"));
+    gw.stop().await;
+}
+
+/// Reads `n` change events and returns their keys.
+async fn keys(mut ws: Ws, n: usize) -> Vec<String> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        out.push(ws.change().await["key"].as_str().unwrap().to_owned());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_client_is_cut_off_with_4008_others_keep_receiving_and_it_resumes_without_loss() {
+    let db = Db::new();
+    let gw = Gateway::start(&db.config("send_queue = 64\nsend_queue_bytes = 1048576", 5000)).await;
+    // A reader that never reads, with a small receive buffer so the stall shows quickly.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(gw.addr).await.unwrap();
+    let url = gw.ws_url(&format!("token={}", token_for("u1")));
+    let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+    let (socket, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+    let mut stalled = Ws { socket };
+    assert_eq!(stalled.next().await["type"], "ready");
+    let (sibling, _) = Ws::user(&gw, "u1", None).await;
+    let (other, _) = Ws::user(&gw, "u2", None).await;
+
+    // Large events, written in paced transactions (an application's steady stream).
+    let n = 1000;
+    let mine: Vec<String> = (0..n)
+        .filter(|i| i % 4 != 3)
+        .map(|i| format!("o{i}"))
+        .collect();
+    let theirs: Vec<String> = (0..n)
+        .filter(|i| i % 4 == 3)
+        .map(|i| format!("o{i}"))
+        .collect();
+    let sibling = tokio::spawn(keys(sibling, mine.len()));
+    let other = tokio::spawn(keys(other, theirs.len()));
+    let payload = "p".repeat(20_000);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(50) {
+        let mut sql = String::from("BEGIN;");
+        for i in chunk {
+            let b = if i % 4 == 3 { "b2" } else { "b1" };
+            sql.push_str(&format!(
+                "INSERT INTO orders VALUES ('o{i}', '{b}', 'i1', 1, '{payload}');"
+            ));
+        }
+        sql.push_str("COMMIT;");
+        db.exec(&sql);
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    // The others get everything, in order, while the stalled one is not reading.
+    assert_eq!(sibling.await.unwrap(), mine);
+    assert_eq!(other.await.unwrap(), theirs);
+
+    // The stalled client reads what reached it, then the 4008 close.
+    let mut got = Vec::new();
+    let mut last = String::new();
+    let code = loop {
+        match stalled.next_or_end().await {
+            Ok(ev) => {
+                got.push(ev["key"].as_str().unwrap().to_owned());
+                last = ev["id"].as_str().unwrap().to_owned();
+            }
+            Err(WsEnd::Closed(code, _)) => break code,
+            Err(WsEnd::Dropped) => panic!("dropped without a close frame"),
+        }
+    };
+    assert_eq!(code, 4008);
+    assert!(got.len() < mine.len(), "it was cut off before the end");
+    // Resume: exactly the rest, in order.
+    let (mut resumed, ready) = Ws::user(&gw, "u1", Some(&last)).await;
+    assert_eq!(ready["resumed"], true);
+    while got.len() < mine.len() {
+        got.push(resumed.change().await["key"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(got, mine, "every event once, in order");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiring_token_is_warned_and_refreshed_without_a_reconnect() {
+    let db = Db::new();
+    let config = db
+        .config("", 10)
+        .replace("[auth]\n", "[auth]\nexpiry_warning = \"60s\"\n");
+    let gw = Gateway::start(&config).await;
+    let mut ws = Ws::connect(&gw.ws_url(&format!("token={}", token_with_ttl("u1", 3)))).await;
+    assert_eq!(ws.next().await["type"], "ready");
+    // Within the warning window from the start: warned at once.
+    let warning = ws.next().await;
+    assert_eq!(warning["type"], "expiring", "{warning}");
+    assert!(warning["expires_in"].as_u64().unwrap() <= 3);
+    ws.send(json!({"type": "refresh", "token": token_with_ttl("u1", 3600)}))
+        .await;
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    db.exec(&insert_order("o1", "b1"));
+    assert_eq!(
+        ws.change().await["key"],
+        "o1",
+        "still open after the old expiry"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limits_refuse_with_1013_and_429() {
+    let db = Db::new();
+    let gw = Gateway::start(&db.config("max_connections_per_user = 2", 10)).await;
+    let (_a, _) = Ws::user(&gw, "u1", None).await;
+    let (_b, _) = Ws::user(&gw, "u1", None).await;
+    let mut third = Ws::connect(&gw.ws_url(&format!("token={}", token_for("u1")))).await;
+    assert_eq!(third.close_code().await, 1013);
+    let (status, _, body) = Sse::open(&gw, Some(&token_for("u1")), "", None).await;
+    assert_eq!(status, 429, "{body}");
+    let (_c, _) = Ws::user(&gw, "u2", None).await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_happened_and_readyz_explains_itself() {
+    let db = Db::new();
+    let gw = Gateway::start(&with_publish(&db, "")).await;
+    let (mut u1, ready) = Ws::user(&gw, "u1", None).await;
+    db.exec(&insert_order("o1", "b1"));
+    u1.change().await;
+    let since = ready["position"].as_str().unwrap().to_owned();
+    let (_again, _) = Ws::user(&gw, "u1", Some(&since)).await;
+    let metrics = reqwest::get(gw.http("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+    };
+    assert!(value("changecast_changes_total{collection=\"orders\",op=\"insert\"}") >= 1.0);
+    assert!(value("changecast_events_published_total") >= 1.0);
+    assert!(value("changecast_deliveries_total") >= 1.0);
+    assert!(value("changecast_replayed_events_total") >= 1.0);
+    assert!(value("changecast_connections") >= 2.0);
+    assert!(metrics.contains("# TYPE changecast_connections gauge"));
+    let ready = reqwest::get(gw.http("/readyz")).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let running = gw.running;
+    running
+        .app
+        .health
+        .down("mongodb: no answer from the server");
+    let addr = running.local_addr;
+    let res = reqwest::get(format!("http://{addr}/readyz")).await.unwrap();
+    assert_eq!(res.status(), 503);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(
+        body,
+        json!({"ready": false, "reason": "mongodb: no answer from the server"})
+    );
+    running.stop().await.unwrap();
+}
