@@ -340,7 +340,11 @@ async fn with_memory_history_a_restart_is_a_new_epoch_and_repeats_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_token_closes_with_4001_unless_refreshed_by_the_same_user() {
     let db = Db::new();
-    let gw = Gateway::start(&db.config("", 100)).await;
+    // No expiry warnings here (tests/durability.rs covers them): only the close matters.
+    let config = db
+        .config("", 100)
+        .replace("[auth]\n", "[auth]\nexpiry_warning = \"0s\"\n");
+    let gw = Gateway::start(&config).await;
     // Expires in 2 s (the 5 s leeway lets it connect).
     let mut ws = Ws::connect(&gw.ws_url(&format!("token={}", token_with_ttl("u1", 2)))).await;
     assert_eq!(ws.next().await["type"], "ready");

@@ -492,10 +492,12 @@ impl Hub {
                         .cloned()
                         .collect(),
                 ),
+                // Up to the last event already handed to this user's connections: later
+                // ones (even if stored) come through the queue, so none arrives twice.
                 Some(after) if self.store.is_some() => Resume::Store {
                     since: since.to_owned(),
                     after,
-                    upto: head,
+                    upto: state.recent.back().map_or(state.floor, |f| f.seq),
                 },
                 Some(_) => Resume::Gap(since.to_owned()),
             },

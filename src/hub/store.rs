@@ -139,7 +139,7 @@ impl HistoryStore {
         checkpoint: Option<&Position>,
     ) -> rusqlite::Result<()> {
         let mut conn = lock(&self.writer);
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         {
             let at = now_secs();
             let mut ev =
@@ -237,7 +237,7 @@ impl HistoryStore {
     /// deliveries; raises the floors accordingly.
     pub fn prune(&self, max_age: Duration, max_per_user: usize) -> rusqlite::Result<Pruned> {
         let mut conn = lock(&self.writer);
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut pruned = Pruned::default();
         let cutoff = now_secs() - max_age.as_secs() as i64;
         let old: Option<i64> =

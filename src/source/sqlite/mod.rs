@@ -340,7 +340,11 @@ impl SqliteSource {
     }
 
     fn write_checkpoint(&mut self, seq: i64) -> rusqlite::Result<()> {
-        let tx = self.conn.transaction()?;
+        // IMMEDIATE: take the write lock up front, so a busy database waits (busy_timeout)
+        // instead of failing a read-to-write upgrade at once.
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute(
             &format!(
                 "INSERT INTO {CHECKPOINT_TABLE}(id, seq) VALUES (1, ?1) \
@@ -441,7 +445,8 @@ pub(crate) fn parse_json_text(s: &str) -> Option<Value> {
 /// one transaction. Triggers are rebuilt on every start so they follow schema changes made
 /// while changecast was stopped.
 fn install(conn: &mut Connection, tables: &[String]) -> Result<(), SourceError> {
-    let tx = conn.transaction()?;
+    // IMMEDIATE: wait for a busy application writer instead of failing an upgrade at once.
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     tx.execute_batch(&format!(
         "CREATE TABLE IF NOT EXISTS {LOG_TABLE} (
             seq INTEGER PRIMARY KEY AUTOINCREMENT,
