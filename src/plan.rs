@@ -327,8 +327,27 @@ impl Plan {
         let _ = writeln!(s, "auth: {}", self.auth.describe());
         let _ = writeln!(
             s,
-            "history: {} events per user (in memory); send queue: {} events per connection",
-            self.history.max_per_user, self.server.send_queue
+            "history: {}, {} events per user, {:?} at most; send queue: {} events / {} bytes per connection",
+            match self.history.store {
+                crate::config::HistoryKind::Sqlite =>
+                    format!("durable in {}", self.history.path.display()),
+                crate::config::HistoryKind::Memory => "in memory (lost on restart)".to_string(),
+            },
+            self.history.max_per_user,
+            self.history.max_age,
+            self.server.send_queue,
+            self.server.send_queue_bytes
+        );
+        let _ = writeln!(
+            s,
+            "limits: {} connections, {} per user; publish API: {}",
+            self.server.max_connections,
+            self.server.max_connections_per_user,
+            if self.publish_keys.is_empty() {
+                "off".to_string()
+            } else {
+                format!("{} key(s)", self.publish_keys.len())
+            }
         );
         let _ = writeln!(s, "lookup cache: {} answers", self.lookups.cache_entries);
         let watched = self.watched();

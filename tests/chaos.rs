@@ -272,3 +272,35 @@ async fn kill_9_restarts_and_random_resumes_lose_and_repeat_nothing() {
     server.kill();
     assert!(started.elapsed() < DEADLINE);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_clients_with_1012_and_exits_cleanly() {
+    let db = Db::new();
+    let config_path = db.dir.path().join("changecast.toml");
+    std::fs::write(&config_path, db.config("", 100)).unwrap();
+    let (server, addr) = spawn(&config_path);
+    let token = token_for("u1");
+    let (socket, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws?token={token}"))
+        .await
+        .unwrap();
+    let mut ws = Ws { socket };
+    assert_eq!(ws.next().await["type"], "ready");
+    let mut child = server.child;
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(ws.close_code().await, 1012);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "did not exit after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "{exit:?}");
+    // It went through the orderly path (clients told, router drained, checkpoint written).
+    assert!(LOG.lock().unwrap().iter().any(|l| l.contains("stopping")));
+}

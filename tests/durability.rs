@@ -296,3 +296,53 @@ async fn metrics_count_what_happened_and_readyz_explains_itself() {
     );
     running.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_peers_are_dropped_and_sse_streams_get_keepalive_comments() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = Db::new();
+    let gw = Gateway::start(&db.config("keepalive = \"150ms\"", 10)).await;
+    // A peer that completes the handshake, then never reads or answers a ping again.
+    let mut raw = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let request = format!(
+        "GET /v1/ws?token={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        token_for("u1")
+    );
+    raw.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 256];
+    let n = raw.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"));
+    let hub = std::sync::Arc::clone(&gw.running.app.hub);
+    let mut dropped = false;
+    for _ in 0..100 {
+        if hub.connection_count() == 0 {
+            dropped = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        dropped,
+        "a silent peer is dropped after two missed keepalives"
+    );
+
+    let res = reqwest::Client::new()
+        .get(gw.http("/v1/sse"))
+        .bearer_auth(token_for("u1"))
+        .send()
+        .await
+        .unwrap();
+    let mut body = res.bytes_stream();
+    let mut seen = String::new();
+    while !seen.contains(": keepalive") {
+        use futures_util::StreamExt;
+        let chunk = tokio::time::timeout(WAIT, body.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    gw.stop().await;
+}
