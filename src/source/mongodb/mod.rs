@@ -324,10 +324,7 @@ impl MongoSource {
                         s
                     }
                     Err(e) => match classify(&e, &self.config.uri) {
-                        Failure::Fatal(msg) => {
-                            health.down(msg.clone());
-                            return Err(SourceError::Mongo(msg));
-                        }
+                        Failure::Fatal(msg) => return Err(fatal(&health, msg)),
                         Failure::HistoryLost => {
                             self.history_lost(&mut start, &mut lost_history);
                             continue;
@@ -356,9 +353,7 @@ impl MongoSource {
                     end: Position(bytes),
                     lost_history: true,
                 };
-                if out.send(batch).await.is_err() {
-                    return Err(SourceError::Setup("router stopped unexpectedly".into()));
-                }
+                hand_over(&out, batch).await?;
             }
 
             loop {
@@ -425,9 +420,7 @@ impl MongoSource {
                             lost_history: std::mem::take(&mut lost_history),
                         };
                         last_sent = Some(token);
-                        if out.send(batch).await.is_err() {
-                            return Err(SourceError::Setup("router stopped unexpectedly".into()));
-                        }
+                        hand_over(&out, batch).await?;
                     }
                     Ok(None) => {
                         // Quiet: hand over the post-batch token so it gets checkpointed.
@@ -441,18 +434,11 @@ impl MongoSource {
                                 lost_history: std::mem::take(&mut lost_history),
                             };
                             last_sent = Some(bytes);
-                            if out.send(batch).await.is_err() {
-                                return Err(SourceError::Setup(
-                                    "router stopped unexpectedly".into(),
-                                ));
-                            }
+                            hand_over(&out, batch).await?;
                         }
                     }
                     Err(e) => match classify(&e, &self.config.uri) {
-                        Failure::Fatal(msg) => {
-                            health.down(msg.clone());
-                            return Err(SourceError::Mongo(msg));
-                        }
+                        Failure::Fatal(msg) => return Err(fatal(&health, msg)),
                         Failure::HistoryLost => {
                             self.history_lost(&mut start, &mut lost_history);
                             break;
@@ -543,6 +529,19 @@ impl MongoSource {
         }
         Ok(())
     }
+}
+
+/// Sends a batch to the router; the router gone means the process is stopping abnormally.
+async fn hand_over(out: &mpsc::Sender<Batch>, batch: Batch) -> Result<(), SourceError> {
+    out.send(batch)
+        .await
+        .map_err(|_| SourceError::Setup("router stopped unexpectedly".into()))
+}
+
+/// Reports a fatal stream error on `/readyz` and turns it into the task's error.
+fn fatal(health: &Health, msg: String) -> SourceError {
+    health.down(msg.clone());
+    SourceError::Mongo(msg)
 }
 
 fn skipped(reason: &'static str, why: &str) {
