@@ -296,8 +296,9 @@ async fn route_changes(
         }
         let mut prepared = Vec::new();
         for change in &batch.changes {
-            for d in router.route(change).await {
-                if let Some(p) = hub.prepare(d.recipients.clone(), |id| d.encode(id, change)) {
+            for mut d in router.route(change).await {
+                let recipients = std::mem::take(&mut d.recipients);
+                if let Some(p) = hub.prepare(recipients, |id| d.encode(id, change)) {
                     prepared.push(p);
                 }
             }
