@@ -282,7 +282,9 @@ async fn route_changes(
                 sorted.dedup();
                 if let Some(p) = hub.prepare(sorted, |id| ServerEvent::Message { id, event: &req.event }.to_json()) {
                     let id = p.frame.id.to_string();
-                    store_and_deliver(&app, &hub, vec![p], None).await;
+                    if !store_and_deliver(&app, &hub, vec![p], None).await {
+                        return; // shutting down with the store failing: the publisher gets 503
+                    }
                     let _ = req.done.send(id);
                 }
                 continue;
@@ -290,8 +292,10 @@ async fn route_changes(
         };
         if batch.lost_history {
             let floor = hub.history_lost();
-            if let Some(store) = hub.store().cloned() {
-                persist(&app, "history floor", move || store.set_floor(floor)).await;
+            if let Some(store) = hub.store().cloned()
+                && !persist(&app, "history floor", move || store.set_floor(floor)).await
+            {
+                return;
             }
         }
         let mut prepared = Vec::new();
@@ -303,18 +307,27 @@ async fn route_changes(
                 }
             }
         }
-        store_and_deliver(&app, &hub, prepared, Some(batch.end.clone())).await;
+        if !store_and_deliver(&app, &hub, prepared, Some(batch.end.clone())).await {
+            // Not stored, so not delivered and not acknowledged: the source reads these
+            // changes again after the restart.
+            return;
+        }
         acks.send_replace(Some(batch.end));
     }
 }
 
 /// Stores prepared events (and the source position they bring the history to), then
-/// delivers them.
-async fn store_and_deliver(app: &App, hub: &Hub, prepared: Vec<Prepared>, end: Option<Position>) {
+/// delivers them. False when the store kept failing until shutdown: nothing delivered.
+async fn store_and_deliver(
+    app: &App,
+    hub: &Hub,
+    prepared: Vec<Prepared>,
+    end: Option<Position>,
+) -> bool {
     let prepared = Arc::new(prepared);
     if let Some(store) = hub.store().cloned() {
         let events = Arc::clone(&prepared);
-        persist(app, "history append", move || {
+        if !persist(app, "history append", move || {
             let records: Vec<Record> = events
                 .iter()
                 .map(|p| Record {
@@ -325,16 +338,21 @@ async fn store_and_deliver(app: &App, hub: &Hub, prepared: Vec<Prepared>, end: O
                 .collect();
             store.append(&records, end.as_ref())
         })
-        .await;
+        .await
+        {
+            return false;
+        }
     }
     for p in prepared.iter() {
         hub.deliver(p);
     }
+    true
 }
 
 /// Runs a store write on a blocking thread until it succeeds: an event is never delivered
-/// before it is stored, and never dropped. While it fails, `/readyz` says why.
-async fn persist<F>(app: &App, what: &'static str, write: F)
+/// before it is stored, and never dropped. While it fails, `/readyz` says why. Gives up
+/// (false) only when the gateway is shutting down.
+async fn persist<F>(app: &App, what: &'static str, write: F) -> bool
 where
     F: Fn() -> rusqlite::Result<()> + Send + Sync + 'static,
 {
@@ -351,7 +369,7 @@ where
                 {
                     app.health.up();
                 }
-                return;
+                return true;
             }
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "{what} failed; retrying");
@@ -360,7 +378,16 @@ where
             Err(e) => tracing::error!(error = %e, "{what} task failed; retrying"),
         }
         metrics::counter!("changecast_history_errors_total").increment(1);
-        tokio::time::sleep(delay).await;
+        if app.shutdown.is_cancelled() {
+            tracing::error!(
+                "{what}: giving up on shutdown; the source re-reads these changes on restart"
+            );
+            return false;
+        }
+        tokio::select! {
+            _ = app.shutdown.cancelled() => {}
+            _ = tokio::time::sleep(delay) => {}
+        }
         delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
