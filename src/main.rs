@@ -262,8 +262,18 @@ async fn run_demo(listen: SocketAddr, data: Option<PathBuf>, rate: u32) -> anyho
     std::fs::write(&config_path, &config_text)?;
     let plan = Plan::compile(&Config::parse(&config_text)?)?;
 
-    let users = demo::demo_users(secret.as_bytes(), 24 * 3600);
-    let running = server::start(plan, listener, Some(demo::routes(users.clone()))).await?;
+    // Demo tokens live 24 h; CHANGECAST_DEMO_TOKEN_TTL (seconds) shortens them, to watch
+    // (and test) the page refreshing its token. `/demo/users` mints fresh ones each time.
+    let token_ttl: u64 = std::env::var("CHANGECAST_DEMO_TOKEN_TTL")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(24 * 3600);
+    let users = demo::demo_users(secret.as_bytes(), token_ttl);
+    let mint = {
+        let secret = secret.clone();
+        move || demo::demo_users(secret.as_bytes(), token_ttl)
+    };
+    let running = server::start(plan, listener, Some(demo::routes(mint))).await?;
 
     let stop_sim = Arc::new(AtomicBool::new(false));
     let sim = {

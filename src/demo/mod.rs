@@ -206,16 +206,33 @@ pub fn demo_users(secret: &[u8], ttl_secs: u64) -> Vec<DemoUser> {
         .collect()
 }
 
-/// The page at `/` and the user list it reads.
-pub fn routes(users: Vec<DemoUser>) -> axum::Router {
+/// The page at `/`, the client module it loads (`/changecast.js`, built from `clients/js`
+/// and committed as `changecast.js` beside this file), and the user list it reads.
+/// `users` is called on every request of `/demo/users`, so tokens there are fresh.
+pub fn routes(users: impl Fn() -> Vec<DemoUser> + Send + Sync + 'static) -> axum::Router {
     let users = Arc::new(users);
     axum::Router::new()
         .route("/", get(|| async { Html(include_str!("page.html")) }))
         .route(
+            "/changecast.js",
+            get(|| async {
+                (
+                    [
+                        (
+                            axum::http::header::CONTENT_TYPE,
+                            "text/javascript; charset=utf-8",
+                        ),
+                        (axum::http::header::CACHE_CONTROL, "no-cache"),
+                    ],
+                    include_str!("changecast.js"),
+                )
+            }),
+        )
+        .route(
             "/demo/users",
             get(move || {
                 let users = Arc::clone(&users);
-                async move { Json((*users).clone()) }
+                async move { Json(users()) }
             }),
         )
 }

@@ -1,0 +1,502 @@
+// Generated from clients/js (dist/changecast.js); do not edit: run `npm run build` there.
+/**
+ * changecast client: one live stream of a user's events over WebSocket, or Server-Sent
+ * Events where WebSockets are blocked, with automatic reconnect, resume without loss, and
+ * token refresh. No runtime dependencies; runs in browsers and in Node (>= 20, with an
+ * injected WebSocket for the WebSocket transport).
+ */
+// ---------------------------------------------------------------------------------------
+// Helpers (exported for tests and advanced use)
+/**
+ * Whether event id `a` comes after `b`. Ids are `<epoch>-<seq>`: within one epoch compare
+ * the sequence numbers; a different epoch (or an unknown shape) counts as newer.
+ */
+export function isAfter(a, b) {
+    if (!b)
+        return true;
+    const pa = splitId(a);
+    const pb = splitId(b);
+    if (!pa || !pb || pa.epoch !== pb.epoch)
+        return a !== b;
+    if (pa.seq.length !== pb.seq.length)
+        return pa.seq.length > pb.seq.length;
+    return pa.seq > pb.seq;
+}
+function splitId(id) {
+    const i = id.lastIndexOf('-');
+    if (i < 0)
+        return null;
+    const seq = id.slice(i + 1).replace(/^0+(?=\d)/, '');
+    if (!/^\d+$/.test(seq))
+        return null;
+    return { epoch: id.slice(0, i), seq };
+}
+/** Full-jitter exponential backoff: uniform in [0, min(cap, base * 2^attempt)). */
+export function backoffDelay(attempt, base = 500, cap = 10000, random = Math.random) {
+    const ceiling = Math.min(cap, base * Math.pow(2, Math.max(0, attempt)));
+    return Math.floor(random() * ceiling);
+}
+export function reactionTo(code) {
+    switch (code) {
+        case 1008: // bad credentials
+        case 4003: // unknown user or client id not allowed
+            return 'stop';
+        case 4001: // token expired: new token, then resume
+            return 'refresh';
+        case 1013: // too many connections
+            return 'later';
+        default: // 4008 too slow, 1012 restarting, 1011 internal, 1006 network, ...
+            return 'resume';
+    }
+}
+const STOP_REASONS = {
+    1008: 'invalid credentials',
+    4003: 'unknown user or client id not allowed',
+};
+const CLOSE_REASONS = {
+    4001: 'token expired',
+    4008: 'connection too slow',
+    1012: 'server restarting',
+    1011: 'server error',
+    1013: 'too many connections',
+    1006: 'connection lost',
+};
+const realTimers = {
+    setTimeout: (fn, ms) => globalThis.setTimeout(fn, ms),
+    clearTimeout: (h) => globalThis.clearTimeout(h),
+};
+// ---------------------------------------------------------------------------------------
+// The client
+export class Changecast {
+    constructor(options) {
+        /** Current state. */
+        this.state = 'connecting';
+        this.listeners = new Map();
+        this.stopped = false;
+        this.started = false;
+        this.gen = 0;
+        this.attempt = 0;
+        this.wsFailures = 0;
+        this.wsEverOpened = false;
+        this.conn = null;
+        this.retryTimer = null;
+        this.stableTimer = null;
+        this.watchdog = null;
+        this.refreshTimer = null;
+        this.opts = options;
+        this.timers = options.timers ?? realTimers;
+        this.random = options.random ?? Math.random;
+        this.base = options.backoff?.base ?? 500;
+        this.cap = options.backoff?.cap ?? 10000;
+        this.stableAfter = options.backoff?.stableAfter ?? 5000;
+        this.lastEventId = options.since ?? null;
+        const hasWs = !!(options.WebSocket ?? globalThis.WebSocket);
+        this.transport = options.transport === 'sse' || (options.transport !== 'ws' && !hasWs) ? 'sse' : 'ws';
+        if (options.autoConnect !== false)
+            this.connect();
+    }
+    /** Subscribes to an event; returns the unsubscribe function. */
+    on(type, fn) {
+        let set = this.listeners.get(type);
+        if (!set)
+            this.listeners.set(type, (set = new Set()));
+        set.add(fn);
+        return () => this.off(type, fn);
+    }
+    off(type, fn) {
+        this.listeners.get(type)?.delete(fn);
+    }
+    /** Starts connecting (done by the constructor unless `autoConnect: false`). */
+    connect() {
+        if (this.started || this.stopped)
+            return;
+        this.started = true;
+        // On the next microtask, so that listeners added right after the constructor see it all.
+        void Promise.resolve().then(() => this.open());
+    }
+    /** Closes the connection and stops for good: no reconnect, no timers left. */
+    close() {
+        if (this.stopped)
+            return;
+        this.finish('closed by the client');
+    }
+    // -------------------------------------------------------------------------------------
+    emit(type, ev) {
+        const set = this.listeners.get(type);
+        if (!set)
+            return;
+        for (const fn of [...set]) {
+            try {
+                fn(ev);
+            }
+            catch (e) {
+                if (type !== 'error')
+                    this.emit('error', e instanceof Error ? e : new Error(String(e)));
+            }
+        }
+    }
+    setState(state, extra = {}) {
+        this.state = state;
+        this.emit('state', { state, transport: this.transport, ...extra });
+    }
+    clear(handle) {
+        if (handle != null)
+            this.timers.clearTimeout(handle);
+        return null;
+    }
+    clearConnectionTimers() {
+        this.stableTimer = this.clear(this.stableTimer);
+        this.watchdog = this.clear(this.watchdog);
+        this.refreshTimer = this.clear(this.refreshTimer);
+    }
+    finish(detail, code) {
+        this.stopped = true;
+        this.gen++;
+        this.retryTimer = this.clear(this.retryTimer);
+        this.clearConnectionTimers();
+        const c = this.conn;
+        this.conn = null;
+        c?.abandon();
+        this.setState('stopped', code === undefined ? { reason: detail } : { code, reason: detail });
+    }
+    async token() {
+        const t = this.opts.token;
+        return typeof t === 'function' ? await t() : t;
+    }
+    baseUrl() {
+        let url = this.opts.url ?? globalThis.location?.origin;
+        if (!url)
+            throw new Error('changecast: no url given');
+        return String(url).replace(/\/+$/, '');
+    }
+    query(token) {
+        const q = [];
+        if (token != null)
+            q.push('token=' + encodeURIComponent(token));
+        if (this.lastEventId)
+            q.push('since=' + encodeURIComponent(this.lastEventId));
+        if (this.opts.clientId)
+            q.push('client_id=' + encodeURIComponent(this.opts.clientId));
+        return q.length ? '?' + q.join('&') : '';
+    }
+    async open() {
+        if (this.stopped)
+            return;
+        const my = ++this.gen;
+        this.retryTimer = null;
+        if (this.state !== 'reconnecting')
+            this.setState('connecting');
+        let token;
+        try {
+            token = await this.token();
+        }
+        catch (e) {
+            if (my !== this.gen || this.stopped)
+                return;
+            this.emit('error', new Error('token provider failed: ' + (e instanceof Error ? e.message : String(e))));
+            this.onClosed(my, 1006, 'token provider failed', false);
+            return;
+        }
+        if (my !== this.gen || this.stopped)
+            return;
+        if (this.transport === 'ws')
+            this.openWs(my, token);
+        else
+            void this.openSse(my, token);
+    }
+    // ---- WebSocket ----------------------------------------------------------------------
+    openWs(my, token) {
+        const Ctor = this.opts.WebSocket ?? globalThis.WebSocket;
+        const base = this.baseUrl().replace(/^http/, 'ws');
+        let ws;
+        try {
+            ws = new Ctor(base + '/v1/ws' + this.query(token));
+        }
+        catch (e) {
+            this.onClosed(my, 1006, 'cannot open a WebSocket', false);
+            return;
+        }
+        const conn = {
+            kind: 'ws',
+            opened: false,
+            send: (text) => {
+                if (ws.readyState !== 1)
+                    return false;
+                ws.send(text);
+                return true;
+            },
+            abandon: () => {
+                ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+                try {
+                    ws.close(1000);
+                }
+                catch {
+                    /* already closed */
+                }
+            },
+        };
+        this.conn = conn;
+        ws.onopen = () => {
+            if (my !== this.gen)
+                return;
+            conn.opened = true;
+            this.wsEverOpened = true;
+            this.wsFailures = 0;
+            this.touch(my);
+        };
+        ws.onmessage = (e) => {
+            if (my !== this.gen)
+                return;
+            this.touch(my);
+            if (typeof e.data !== 'string')
+                return;
+            this.frame(my, e.data);
+        };
+        ws.onerror = () => { };
+        ws.onclose = (e) => {
+            if (my !== this.gen)
+                return;
+            this.onClosed(my, e.code, e.reason, conn.opened);
+        };
+    }
+    /** Liveness: WebSocket pings when quiet, SSE idle timeout. Any frame re-arms it. */
+    touch(my) {
+        this.watchdog = this.clear(this.watchdog);
+        if (this.conn?.kind === 'ws') {
+            const interval = this.opts.pingInterval ?? 20000;
+            this.watchdog = this.timers.setTimeout(() => {
+                if (my !== this.gen)
+                    return;
+                this.conn?.send('{"type":"ping"}');
+                this.watchdog = this.timers.setTimeout(() => {
+                    if (my !== this.gen)
+                        return;
+                    this.lost(my, 'no answer to ping');
+                }, this.opts.pingTimeout ?? 10000);
+            }, interval);
+        }
+        else {
+            this.watchdog = this.timers.setTimeout(() => {
+                if (my !== this.gen)
+                    return;
+                this.lost(my, 'stream idle');
+            }, this.opts.sseIdleTimeout ?? 45000);
+        }
+    }
+    /** Gives up on a connection that went silent. */
+    lost(my, why) {
+        const c = this.conn;
+        this.conn = null;
+        this.gen++;
+        c?.abandon();
+        this.onClosed(this.gen, 1006, why, true);
+        void my;
+    }
+    // ---- SSE (fetch streaming: unlike EventSource it sees the HTTP status and the
+    //      `: close <code>` comments, so it can react to each code like the WebSocket) ----
+    async openSse(my, token) {
+        const doFetch = this.opts.fetch ?? globalThis.fetch;
+        const ctl = new AbortController();
+        let reader = null;
+        const conn = {
+            kind: 'sse',
+            opened: false,
+            send: () => false,
+            abandon: () => {
+                try {
+                    ctl.abort();
+                }
+                catch {
+                    /* ignore */
+                }
+                try {
+                    void Promise.resolve(reader?.cancel()).catch(() => { });
+                }
+                catch {
+                    /* ignore */
+                }
+            },
+        };
+        this.conn = conn;
+        let res;
+        try {
+            res = await doFetch(this.baseUrl() + '/v1/sse' + this.query(null), {
+                headers: { Authorization: 'Bearer ' + token, Accept: 'text/event-stream' },
+                signal: ctl.signal,
+                cache: 'no-store',
+            });
+        }
+        catch (e) {
+            if (my === this.gen)
+                this.onClosed(my, 1006, 'cannot reach the server', false);
+            return;
+        }
+        if (my !== this.gen)
+            return;
+        if (!res.ok || !res.body) {
+            const code = res.status === 401 ? 1008 : res.status === 403 ? 4003 : res.status === 429 ? 1013 : 1011;
+            this.onClosed(my, code, 'HTTP ' + res.status, false);
+            return;
+        }
+        conn.opened = true;
+        this.touch(my);
+        reader = res.body.getReader();
+        const decoder = new TextDecoder();
+        let buf = '';
+        let data = [];
+        let closeCode = null;
+        let closeReason = '';
+        const line = (l) => {
+            if (l === '') {
+                if (data.length)
+                    this.frame(my, data.join('\n'));
+                data = [];
+                return;
+            }
+            if (l.startsWith(':')) {
+                const m = /^:\s*close\s+(\d+)\s*(.*)$/.exec(l);
+                if (m) {
+                    closeCode = Number(m[1]);
+                    closeReason = m[2];
+                }
+                return;
+            }
+            const i = l.indexOf(':');
+            const field = i < 0 ? l : l.slice(0, i);
+            let value = i < 0 ? '' : l.slice(i + 1);
+            if (value.startsWith(' '))
+                value = value.slice(1);
+            if (field === 'data')
+                data.push(value);
+            // `id:` repeats the JSON's id, `event:`/`retry:` are not used by changecast.
+        };
+        try {
+            for (;;) {
+                const { done, value } = await reader.read();
+                if (my !== this.gen)
+                    return;
+                if (done)
+                    break;
+                this.touch(my);
+                buf += decoder.decode(value, { stream: true });
+                let nl;
+                while ((nl = buf.search(/\r\n|\r|\n/)) >= 0) {
+                    const l = buf.slice(0, nl);
+                    buf = buf.slice(nl + (buf.startsWith('\r\n', nl) ? 2 : 1));
+                    line(l);
+                    if (my !== this.gen)
+                        return;
+                }
+            }
+        }
+        catch {
+            if (my !== this.gen)
+                return;
+        }
+        this.onClosed(my, closeCode ?? 1006, closeCode ? closeReason : 'stream ended', true);
+    }
+    // ---- Frames ---------------------------------------------------------------------------
+    frame(my, text) {
+        let msg;
+        try {
+            msg = JSON.parse(text);
+        }
+        catch {
+            this.emit('error', new Error('unparsable frame'));
+            return;
+        }
+        if (!msg || typeof msg !== 'object')
+            return;
+        switch (msg.type) {
+            case 'ready': {
+                if (!this.lastEventId && msg.position)
+                    this.lastEventId = msg.position;
+                this.stableTimer = this.clear(this.stableTimer);
+                this.stableTimer = this.timers.setTimeout(() => {
+                    if (my === this.gen)
+                        this.attempt = 0;
+                }, this.stableAfter);
+                this.setState('live', { attempt: this.attempt });
+                this.emit('ready', msg);
+                break;
+            }
+            case 'change':
+            case 'alert':
+            case 'message': {
+                if (typeof msg.id === 'string') {
+                    if (this.lastEventId && !isAfter(msg.id, this.lastEventId))
+                        return; // already seen
+                    this.lastEventId = msg.id;
+                }
+                this.emit(msg.type, msg);
+                break;
+            }
+            case 'gap': {
+                if (msg.position)
+                    this.lastEventId = msg.position;
+                this.emit('gap', msg);
+                break;
+            }
+            case 'expiring': {
+                const left = Number(msg.expires_in) || 0;
+                this.refreshTimer = this.clear(this.refreshTimer);
+                // Soon, but not at once: with very short-lived tokens the server warns right after
+                // each refresh, and an immediate refresh would spin.
+                this.refreshTimer = this.timers.setTimeout(() => void this.refresh(my), Math.min(left * 500, 5000));
+                break;
+            }
+            default:
+                break; // pong and future types
+        }
+    }
+    async refresh(my) {
+        this.refreshTimer = null;
+        if (typeof this.opts.token !== 'function' || my !== this.gen)
+            return;
+        let token;
+        try {
+            token = await this.token();
+        }
+        catch (e) {
+            this.emit('error', new Error('token provider failed: ' + (e instanceof Error ? e.message : String(e))));
+            return; // the server closes with 4001 at expiry; the reconnect asks again
+        }
+        if (my !== this.gen || !this.conn)
+            return;
+        this.conn.send(JSON.stringify({ type: 'refresh', token }));
+    }
+    // ---- Closes and reconnects ------------------------------------------------------------
+    onClosed(my, code, reason, opened) {
+        if (my !== this.gen || this.stopped)
+            return;
+        this.conn = null;
+        this.gen++;
+        this.clearConnectionTimers();
+        const reaction = reactionTo(code);
+        if (reaction === 'stop') {
+            this.finish(STOP_REASONS[code] + (reason ? ' (' + reason + ')' : ''), code);
+            return;
+        }
+        if (this.transport === 'ws' && !opened) {
+            this.wsFailures++;
+            const after = this.opts.sseAfter ?? 3;
+            if (this.opts.transport !== 'ws' && !this.wsEverOpened && this.wsFailures >= after) {
+                this.transport = 'sse';
+                this.attempt = 0;
+            }
+        }
+        let attempt = this.attempt++;
+        if (reaction === 'later')
+            attempt = Math.max(attempt, 3);
+        const delay = backoffDelay(attempt, this.base, this.cap, this.random);
+        this.setState('reconnecting', {
+            code,
+            reason: CLOSE_REASONS[code] ?? (reason || 'connection closed'),
+            delay,
+            attempt: this.attempt,
+        });
+        this.retryTimer = this.clear(this.retryTimer);
+        this.retryTimer = this.timers.setTimeout(() => void this.open(), delay);
+    }
+}
+export default Changecast;
