@@ -41,7 +41,7 @@ step "cargo build"
 timeout 1200 cargo build --locked || fail "cargo build"
 
 step "browser tests"
-(cd tests/browser && CHANGECAST_BIN="$ROOT/target/debug/changecast" timeout 900 node --test --test-concurrency=1 --test-reporter=spec *.test.mjs) 2>&1 | tee "$LOG"
+(cd tests/browser && CHANGECAST_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/changecast" timeout 900 node --test --test-concurrency=1 --test-reporter=spec *.test.mjs) 2>&1 | tee "$LOG"
 rc=${PIPESTATUS[0]}
 passed=$(sed -n 's/^[^0-9a-z]*pass \([0-9][0-9]*\).*/\1/p' "$LOG" | tail -1)
 failed=$(sed -n 's/^[^0-9a-z]*fail \([0-9][0-9]*\).*/\1/p' "$LOG" | tail -1)
