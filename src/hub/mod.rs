@@ -268,6 +268,14 @@ impl Subscription {
             .fetch_sub(frame.json.len(), Ordering::Relaxed);
         Some(frame)
     }
+
+    /// The next live event if one is already queued.
+    pub fn try_recv(&mut self) -> Option<Arc<Frame>> {
+        let frame = self.rx.try_recv().ok()?;
+        self.queued_bytes
+            .fetch_sub(frame.json.len(), Ordering::Relaxed);
+        Some(frame)
+    }
 }
 
 /// Removes the connection from the hub when dropped.

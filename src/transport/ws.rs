@@ -18,6 +18,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
+use futures_util::SinkExt;
 use serde::Deserialize;
 use tokio::time::{Instant, sleep_until};
 
@@ -44,8 +45,12 @@ enum ClientFrame {
 
 /// Socket buffers are per connection: kept small so idle connections stay cheap. Event
 /// frames are small JSON; larger ones still go through, they just take more reads/writes.
-const READ_BUFFER: usize = 4 * 1024;
-const WRITE_BUFFER: usize = 0; // write each frame as it comes; the queue does the batching
+const READ_BUFFER: usize = 1024;
+/// Frames are buffered up to this size and written with one flush per wake-up: under
+/// fan-out one `sendto` carries every event queued for the connection, not one each.
+const WRITE_BUFFER: usize = 16 * 1024;
+/// Most queued events written per flush, so one busy connection yields to others.
+const MAX_BATCH: usize = 64;
 
 pub async fn handler(
     State(app): State<Arc<App>>,
@@ -125,7 +130,18 @@ async fn session(
             }
             frame = sub.recv() => match frame {
                 Some(frame) => {
-                    if socket.send(Message::Text(frame.json.clone())).await.is_err() {
+                    let mut next = Some(frame);
+                    let mut written = 0;
+                    while let Some(frame) = next.take() {
+                        if socket.feed(Message::Text(frame.json.clone())).await.is_err() {
+                            return;
+                        }
+                        written += 1;
+                        if written < MAX_BATCH {
+                            next = sub.try_recv();
+                        }
+                    }
+                    if socket.flush().await.is_err() {
                         return;
                     }
                 }
