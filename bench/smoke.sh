@@ -5,12 +5,13 @@ set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 fail() { echo "bench-smoke: $*" >&2; echo "bench-smoke: 0 passed, 1 failed"; exit 1; }
-cargo build --bin changecast --example loadgen >&2 || fail "build failed"
+cargo build --locked --bin changecast --example loadgen >&2 || fail "build failed"
 DIR="$(mktemp -d)"
 PID=""
 cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null; rm -rf "$DIR"; }
 trap cleanup EXIT
-LOADGEN="$ROOT/target/debug/examples/loadgen"
+TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+LOADGEN="$TARGET/debug/examples/loadgen"
 "$LOADGEN" init --db "$DIR/app.db" --users 50 --businesses 1 > /dev/null || fail "init failed"
 cat > "$DIR/changecast.toml" <<TOML
 [server]
@@ -29,7 +30,7 @@ collection = "orders"
 on = ["insert"]
 to = "\$creator_id"
 TOML
-"$ROOT/target/debug/changecast" serve --config "$DIR/changecast.toml" > "$DIR/server.log" 2>&1 &
+"$TARGET/debug/changecast" serve --config "$DIR/changecast.toml" > "$DIR/server.log" 2>&1 &
 PID=$!
 ADDR=""
 for _ in $(seq 1 100); do
