@@ -73,6 +73,14 @@ impl Server {
     }
 }
 
+impl Drop for Server {
+    /// A failing test must not leave a server running: kill it (a no-op once it exited).
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The next event, or how the connection ended; a silent server is reported, not hung on.
 async fn read(ws: &mut Ws) -> Result<serde_json::Value, WsEnd> {
     use futures_util::StreamExt;
@@ -278,23 +286,22 @@ async fn sigterm_closes_clients_with_1012_and_exits_cleanly() {
     let db = Db::new();
     let config_path = db.dir.path().join("changecast.toml");
     std::fs::write(&config_path, db.config("", 100)).unwrap();
-    let (server, addr) = spawn(&config_path);
+    let (mut server, addr) = spawn(&config_path);
     let token = token_for("u1");
     let (socket, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws?token={token}"))
         .await
         .unwrap();
     let mut ws = Ws { socket };
     assert_eq!(ws.next().await["type"], "ready");
-    let mut child = server.child;
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &server.child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
     assert_eq!(ws.close_code().await, 1012);
     let deadline = Instant::now() + Duration::from_secs(20);
     let exit = loop {
-        if let Some(s) = child.try_wait().unwrap() {
+        if let Some(s) = server.child.try_wait().unwrap() {
             break s;
         }
         assert!(Instant::now() < deadline, "did not exit after SIGTERM");
