@@ -195,6 +195,15 @@ message = "Stock low: {{{{ doc.name }}}} has {{{{ doc.quantity_in_stock }}}} lef
             .expect("starts in time")
     }
 
+    /// Replaces the next getMore's answer (an error, a hang-up).
+    fn answer_next_get_more(&self, reply: Reply) {
+        self.world
+            .lock()
+            .unwrap()
+            .getmore_overrides
+            .push_back(reply);
+    }
+
     fn push(&self, event: Document) {
         self.world.lock().unwrap().pending.push_back(event);
     }
@@ -233,6 +242,12 @@ async fn client(running: &Running, email: &str) -> Ws {
     let ready = ws.next().await;
     assert_eq!(ready["type"], "ready", "{ready}");
     ws
+}
+
+/// The gateway's `/metrics` text.
+async fn metrics(running: &Running) -> String {
+    let url = format!("http://{}/metrics", running.local_addr);
+    reqwest::get(url).await.unwrap().text().await.unwrap()
 }
 
 fn order(tok: &str, op: &str, id: &str, business: &str) -> Document {
@@ -390,16 +405,11 @@ async fn history_lost_starts_from_now_and_tells_clients_about_the_gap() {
     let mut u1 = client(&running, "amina@example.com").await;
     setup.push(order("t1", "insert", "o1", "b1"));
     let first = u1.next().await;
-    setup
-        .world
-        .lock()
-        .unwrap()
-        .getmore_overrides
-        .push_back(Reply::error(
-            286,
-            "ChangeStreamHistoryLost",
-            "resume point no longer in the oplog",
-        ));
+    setup.answer_next_get_more(Reply::error(
+        286,
+        "ChangeStreamHistoryLost",
+        "resume point no longer in the oplog",
+    ));
     let n = setup.peer.commands_named("aggregate").len();
     let stage = setup.stream_stage(n + 1).await;
     assert!(
@@ -469,27 +479,17 @@ async fn error_47_missing_pre_image_reopens_from_the_last_token() {
     let mut u1 = client(&running, "amina@example.com").await;
     setup.push(order("t1", "insert", "o1", "b1"));
     assert_eq!(u1.next().await["key"], "o1");
-    setup
-        .world
-        .lock()
-        .unwrap()
-        .getmore_overrides
-        .push_back(Reply::error(
-            47,
-            "NoMatchingDocument",
-            "pre-image not found",
-        ));
+    setup.answer_next_get_more(Reply::error(
+        47,
+        "NoMatchingDocument",
+        "pre-image not found",
+    ));
     let n = setup.peer.commands_named("aggregate").len();
     let stage = setup.stream_stage(n + 1).await;
     assert_eq!(stage.get_document("resumeAfter"), Ok(&token("t1")));
     setup.push(order("t2", "insert", "o2", "b1"));
     assert_eq!(u1.next().await["key"], "o2");
-    let metrics = reqwest::get(format!("http://{}/metrics", running.local_addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&running).await;
     assert!(
         metrics.contains("changecast_source_missing_preimages_total"),
         "{metrics}"
@@ -517,12 +517,7 @@ async fn malformed_events_and_deletes_without_pre_images_are_skipped_not_fatal()
     setup.push(order("t3", "insert", "o3", "b1"));
     assert_eq!(u1.next().await["key"], "o3", "the next good event arrives");
     setup.checkpoint_becomes("t3").await;
-    let metrics: String = reqwest::get(format!("http://{}/metrics", running.local_addr))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics: String = metrics(&running).await;
     assert!(
         metrics.contains("changecast_source_skipped_total{reason=\"malformed\"}"),
         "{metrics}"

@@ -213,7 +213,6 @@ enum Resume {
 
 /// A registered connection; dropping it unsubscribes.
 pub struct Subscription {
-    user: Box<str>,
     position: String,
     resume: Option<Resume>,
     /// Live events, each newer than everything in the opening.
@@ -232,15 +231,17 @@ impl Subscription {
             Resume::Fresh => (false, Vec::new(), None),
             Resume::Replay(r) => (true, r, None),
             Resume::Gap(since) => (false, Vec::new(), Some(since)),
-            Resume::Store { since, after, upto } => match hub.load(&self.user, after, upto).await {
-                Some(r) => (true, r, None),
-                None => (false, Vec::new(), Some(since)),
-            },
+            Resume::Store { since, after, upto } => {
+                match hub.load(&self.registration.user, after, upto).await {
+                    Some(r) => (true, r, None),
+                    None => (false, Vec::new(), Some(since)),
+                }
+            }
         };
         let mut out = Vec::with_capacity(2 + replay.len());
         out.push(Opening::Control(
             ServerEvent::Ready {
-                user: &self.user,
+                user: &self.registration.user,
                 position: &self.position,
                 resumed,
             }
@@ -519,7 +520,6 @@ impl Hub {
         drop(shard);
         metrics::gauge!("changecast_connections").increment(1.0);
         Ok(Subscription {
-            user: user.into(),
             position,
             resume: Some(resume),
             rx,
