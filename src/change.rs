@@ -6,9 +6,18 @@
 //! every source.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+/// A user id as routing hands it on: shared, so the same id reaches the hub, the history
+/// store and every event's recipient list without a copy.
+pub type UserId = Arc<str>;
+
+/// An event's recipients: distinct user ids, sorted. One list can be shared by many events
+/// (every change of a business reaches the same cached list of its users).
+pub type Recipients = Arc<[UserId]>;
 
 /// What happened to the document.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

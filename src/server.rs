@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
-use crate::change::Position;
+use crate::change::{Position, UserId};
 use crate::config::ServerConfig;
 use crate::config::{HistoryConfig, HistoryKind};
 use crate::event::ServerEvent;
@@ -280,6 +280,7 @@ async fn route_changes(
                 let mut sorted = req.to;
                 sorted.sort();
                 sorted.dedup();
+                let sorted = sorted.into_iter().map(UserId::from).collect();
                 if let Some(p) = hub.prepare(sorted, |id| ServerEvent::Message { id, event: &req.event }.to_json()) {
                     let id = p.frame.id.to_string();
                     if !store_and_deliver(&app, &hub, vec![p], None).await {

@@ -31,6 +31,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::change::{Recipients, UserId};
 use crate::event::{CloseReason, ServerEvent};
 use store::HistoryStore;
 
@@ -188,7 +189,7 @@ impl Kick {
 #[derive(Debug)]
 pub struct Prepared {
     pub frame: Arc<Frame>,
-    pub recipients: Vec<String>,
+    pub recipients: Recipients,
 }
 
 /// What a connection starts with, before live events.
@@ -379,7 +380,7 @@ impl Hub {
     /// be delivered in the order they were prepared (the router is the one caller).
     pub fn prepare(
         &self,
-        recipients: Vec<String>,
+        recipients: Recipients,
         encode: impl FnOnce(&str) -> String,
     ) -> Option<Prepared> {
         if recipients.is_empty() {
@@ -401,12 +402,12 @@ impl Hub {
         self.head.store(frame.seq, Ordering::Release);
         let mut delivered = 0u64;
         let mut kicked = 0u64;
-        for user in &event.recipients {
+        for user in event.recipients.iter() {
             let mut shard = self.shard(user);
-            let state = match shard.get_mut(user.as_str()) {
+            let state = match shard.get_mut(&**user) {
                 Some(s) => s,
                 None => shard
-                    .entry(user.as_str().into())
+                    .entry((**user).into())
                     .or_insert_with(|| self.new_user()),
             };
             state.recent.push_back(Arc::clone(frame));
@@ -443,7 +444,10 @@ impl Hub {
         recipients: &[S],
         encode: impl FnOnce(&str) -> String,
     ) -> Option<u64> {
-        let recipients = recipients.iter().map(|s| s.as_ref().to_owned()).collect();
+        let recipients = recipients
+            .iter()
+            .map(|s| UserId::from(s.as_ref()))
+            .collect();
         let event = self.prepare(recipients, encode)?;
         self.deliver(&event);
         Some(event.frame.seq)

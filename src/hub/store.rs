@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::Frame;
-use crate::change::Position;
+use crate::change::{Position, UserId};
 
 /// Replays larger than this are answered with `gap`: refetching state is cheaper.
 pub const MAX_REPLAY: usize = 50_000;
@@ -28,7 +28,7 @@ pub const MAX_REPLAY: usize = 50_000;
 pub struct Record<'a> {
     pub seq: u64,
     pub json: &'a str,
-    pub recipients: &'a [String],
+    pub recipients: &'a [UserId],
 }
 
 /// What [`HistoryStore::prune`] removed.
@@ -149,7 +149,7 @@ impl HistoryStore {
             for r in records {
                 ev.execute(params![r.seq as i64, at, r.json])?;
                 for user in r.recipients {
-                    del.execute(params![user, r.seq as i64])?;
+                    del.execute(params![&**user, r.seq as i64])?;
                 }
             }
             if let Some(last) = records.last() {
@@ -311,8 +311,8 @@ mod tests {
         HistoryStore::open(&dir.join("history.db"), || "e1".into()).unwrap()
     }
 
-    fn users(list: &[&str]) -> Vec<String> {
-        list.iter().map(|s| s.to_string()).collect()
+    fn users(list: &[&str]) -> Vec<UserId> {
+        list.iter().map(|s| UserId::from(*s)).collect()
     }
 
     #[test]

@@ -184,7 +184,7 @@ async fn a_durable_hub_resumes_from_the_store_across_restarts() {
     let mut stored = Vec::new();
     for n in 1..=5 {
         let p = hub
-            .prepare(vec!["u1".into()], |id| {
+            .prepare(Arc::from([UserId::from("u1")]), |id| {
                 format!("{{\"id\":\"{id}\",\"n\":{n}}}")
             })
             .unwrap();
@@ -222,7 +222,9 @@ async fn a_durable_hub_resumes_from_the_store_across_restarts() {
     let mut sub = hub.subscribe("u1", Some(&stored[2])).unwrap();
     let o = opening(&mut sub).await;
     assert_eq!(kinds(&o), vec!["ready", &stored[3], &stored[4]]);
-    let next = hub.prepare(vec!["u1".into()], |id| id.to_owned()).unwrap();
+    let next = hub
+        .prepare(Arc::from([UserId::from("u1")]), |id| id.to_owned())
+        .unwrap();
     assert_eq!(next.frame.seq, 6, "ids continue, never repeat");
 }
 

@@ -19,7 +19,8 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
-use crate::change::Change;
+use super::spec::pick_ids;
+use crate::change::{Change, Recipients};
 use crate::path::{FieldPath, scalar_to_string};
 use crate::source::{Lookup, LookupError, Query};
 
@@ -29,7 +30,7 @@ type QueryKey = String;
 struct CollectionCache {
     hits: metrics::Counter,
     misses: metrics::Counter,
-    answers: HashMap<QueryKey, Arc<Vec<Value>>>,
+    answers: HashMap<QueryKey, Answer>,
     /// (first filter field, canonical value) → answers with that first condition.
     by_condition: HashMap<(FieldPath, String), HashSet<QueryKey>>,
     /// The first-condition fields in use, to read from a changed document.
@@ -57,6 +58,24 @@ impl CollectionCache {
             fields: HashSet::new(),
             by_id: HashMap::new(),
         }
+    }
+}
+
+/// A cached answer, with the user ids rules picked from it, so that routing a change to
+/// the hundreds of users an answer names copies nothing but one pointer.
+struct Answer {
+    docs: Arc<Vec<Value>>,
+    picks: Vec<(FieldPath, Recipients)>,
+}
+
+impl Answer {
+    fn ids(&mut self, pick: &FieldPath) -> Recipients {
+        if let Some((_, ids)) = self.picks.iter().find(|(p, _)| p == pick) {
+            return Arc::clone(ids);
+        }
+        let ids = pick_ids(&self.docs, pick);
+        self.picks.push((pick.clone(), Arc::clone(&ids)));
+        ids
     }
 }
 
@@ -107,21 +126,67 @@ impl CachedLookup {
     /// Answers `query`, from the cache when possible.
     pub async fn find(&self, query: Query) -> Result<Arc<Vec<Value>>, LookupError> {
         let key = query_key(&query);
-        {
-            let mut inner = self.lock();
-            let c = match inner.collections.get_mut(&query.collection) {
-                Some(c) => c,
-                None => inner
-                    .collections
-                    .entry(query.collection.clone())
-                    .or_insert_with(|| CollectionCache::new(&query.collection)),
-            };
-            if let Some(hit) = c.answers.get(&key) {
-                c.hits.increment(1);
-                return Ok(Arc::clone(hit));
-            }
-            c.misses.increment(1);
+        if let Some(docs) = self.hit(&query.collection, &key, |a| Arc::clone(&a.docs)) {
+            return Ok(docs);
         }
+        self.miss(query, key).await
+    }
+
+    /// The distinct user ids at `pick` in the answer to `query`, sorted; from the cache
+    /// when possible, where they are kept with the answer.
+    pub async fn find_ids(
+        &self,
+        query: Query,
+        pick: &FieldPath,
+    ) -> Result<Recipients, LookupError> {
+        let key = query_key(&query);
+        if let Some(ids) = self.hit(&query.collection, &key, |a| a.ids(pick)) {
+            return Ok(ids);
+        }
+        let collection = query.collection.clone();
+        let docs = self.miss(query, key.clone()).await?;
+        let ids = pick_ids(&docs, pick);
+        let mut inner = self.lock();
+        if let Some(answer) = inner
+            .collections
+            .get_mut(&collection)
+            .and_then(|c| c.answers.get_mut(&key))
+            && Arc::ptr_eq(&answer.docs, &docs)
+        {
+            answer.picks.push((pick.clone(), Arc::clone(&ids)));
+        }
+        Ok(ids)
+    }
+
+    /// `read` of the cached answer to `key`, counting the hit or the miss.
+    fn hit<T>(
+        &self,
+        collection: &str,
+        key: &str,
+        read: impl FnOnce(&mut Answer) -> T,
+    ) -> Option<T> {
+        let mut inner = self.lock();
+        let c = match inner.collections.get_mut(collection) {
+            Some(c) => c,
+            None => inner
+                .collections
+                .entry(collection.to_owned())
+                .or_insert_with(|| CollectionCache::new(collection)),
+        };
+        match c.answers.get_mut(key) {
+            Some(answer) => {
+                c.hits.increment(1);
+                Some(read(answer))
+            }
+            None => {
+                c.misses.increment(1);
+                None
+            }
+        }
+    }
+
+    /// Asks the source, and keeps the answer.
+    async fn miss(&self, query: Query, key: QueryKey) -> Result<Arc<Vec<Value>>, LookupError> {
         let collection = query.collection.clone();
         let first = query.filter.first().cloned();
         let answer = Arc::new(self.lookup.find(query).await?);
@@ -151,9 +216,16 @@ impl CachedLookup {
             .collections
             .entry(collection)
             .or_insert_with_key(|k| CollectionCache::new(k));
-        if c.answers.insert(key.clone(), Arc::clone(answer)).is_some() {
+        if c.answers.contains_key(&key) {
             return; // a concurrent miss stored it first
         }
+        c.answers.insert(
+            key.clone(),
+            Answer {
+                docs: Arc::clone(answer),
+                picks: Vec::new(),
+            },
+        );
         if let Some((field, value)) = first {
             c.fields.insert(field.clone());
             c.by_condition
@@ -267,6 +339,42 @@ mod tests {
         ));
         let cache = CachedLookup::new(source.clone(), 100);
         (source, cache)
+    }
+
+    fn ids(list: &Recipients) -> Vec<&str> {
+        list.iter().map(|u| &**u).collect()
+    }
+
+    #[tokio::test]
+    async fn picked_ids_are_kept_with_the_answer_and_dropped_with_it() {
+        let (source, cache) = setup();
+        source
+            .1
+            .lock()
+            .unwrap()
+            .push(json!({"_id": "b3", "owner": {"_id": "u1"}, "tag": "x"}));
+        source.1.lock().unwrap()[0]["tag"] = json!("x");
+        let by_tag = || Query {
+            collection: "businesses".into(),
+            filter: vec![(FieldPath::parse("tag").unwrap(), json!("x"))],
+            limit: None,
+        };
+        let owner = FieldPath::parse("owner._id").unwrap();
+        let first = cache.find_ids(by_tag(), &owner).await.unwrap();
+        assert_eq!(ids(&first), ["u1"], "distinct: two businesses, one owner");
+        let again = cache.find_ids(by_tag(), &owner).await.unwrap();
+        assert!(Arc::ptr_eq(&first, &again), "the same list, not a copy");
+        assert_eq!(source.0.load(Ordering::SeqCst), 1);
+
+        // b2 joins the tag with another owner: the answer and its picked ids are dropped.
+        let b2 = json!({"_id": "b2", "owner": {"_id": "u2"}});
+        let mut tagged = b2.clone();
+        tagged["tag"] = json!("x");
+        source.1.lock().unwrap()[1] = tagged.clone();
+        cache.invalidate(&change("b2", Some(b2), Some(tagged)));
+        let after = cache.find_ids(by_tag(), &owner).await.unwrap();
+        assert_eq!(ids(&after), ["u1", "u2"]);
+        assert_eq!(source.0.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

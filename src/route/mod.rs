@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::change::{Change, Op};
+use crate::change::{Change, Op, Recipients};
 use crate::config::{ConfigError, RouteConfig};
 use crate::event::ServerEvent;
 use crate::path::FieldPath;
@@ -34,8 +34,8 @@ use alert::{Alert, AlertEngine};
 use cache::CachedLookup;
 use expr::Condition;
 pub use spec::{
-    LookupSpec, Operand, RecipientSpec, RouteError, check_lookup_names, compile_lookup,
-    compile_operand, project, recipients_of, toml_to_json,
+    LookupSpec, Operand, RecipientSet, RecipientSpec, RouteError, check_lookup_names,
+    compile_lookup, compile_operand, project, recipients_of, toml_to_json,
 };
 use spec::{check_rule_names, compile_fields, compile_ops, compile_to, spec_reads};
 
@@ -110,8 +110,8 @@ pub enum DeliveryKind<'r> {
 #[derive(Debug)]
 pub struct Delivery<'r> {
     pub kind: DeliveryKind<'r>,
-    /// Distinct user ids, sorted.
-    pub recipients: Vec<String>,
+    /// Distinct user ids, sorted; often a list shared with other deliveries.
+    pub recipients: Recipients,
     /// The document to send when the rule projects it; `None` sends the change's own
     /// document as it is (no copy).
     pub projected: Option<Value>,
@@ -243,7 +243,7 @@ impl Router {
                 }
             }
         }
-        let mut recipients = BTreeSet::new();
+        let mut recipients = RecipientSet::default();
         self.resolve("route", name, &route.to, doc, &change.key, &mut recipients)
             .await;
         // An update may have moved the document to other owners: tell the old ones too.
@@ -293,7 +293,7 @@ impl Router {
                 return None;
             }
         };
-        let mut recipients = BTreeSet::new();
+        let mut recipients = RecipientSet::default();
         self.resolve("alert", name, &alert.to, doc, &change.key, &mut recipients)
             .await;
         metrics::counter!("changecast_alerts_fired_total", "alert" => name.to_string())
@@ -314,7 +314,7 @@ impl Router {
         to: &[RecipientSpec],
         doc: &Value,
         key: &str,
-        out: &mut BTreeSet<String>,
+        out: &mut RecipientSet,
     ) {
         for spec in to {
             if let Err(e) = recipients_of(spec, doc, &self.lookup, out).await {
@@ -327,7 +327,7 @@ impl Router {
 fn finish<'r>(
     rule: &'static str,
     name: &str,
-    recipients: BTreeSet<String>,
+    recipients: RecipientSet,
     kind: DeliveryKind<'r>,
     projected: Option<Value>,
 ) -> Option<Delivery<'r>> {
@@ -339,7 +339,7 @@ fn finish<'r>(
     }
     Some(Delivery {
         kind,
-        recipients: recipients.into_iter().collect(),
+        recipients: recipients.finish(),
         projected,
     })
 }

@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use serde_json::{Map, Value};
 
 use super::cache::CachedLookup;
+use crate::change::{Recipients, UserId};
 use crate::config::ConfigError;
 use crate::path::{FieldPath, scalar_to_string};
 use crate::source::{Catalog, Query};
@@ -282,12 +283,73 @@ impl RouteError {
     }
 }
 
+/// User ids gathered from one or more specs for one delivery.
+///
+/// A lookup's ids come as a shared, sorted, distinct list (cached with the lookup's
+/// answer): when that is all there is, [`RecipientSet::finish`] hands the same list on
+/// without copying it — the common case of a change reaching every user of an account.
+/// Anything more is merged, sorted and made distinct once, at the end.
+#[derive(Debug, Default)]
+pub struct RecipientSet {
+    shared: Option<Recipients>,
+    loose: Vec<UserId>,
+}
+
+impl RecipientSet {
+    /// Adds a sorted list of distinct ids.
+    pub fn add_list(&mut self, ids: Recipients) {
+        if ids.is_empty() {
+            return;
+        }
+        if self.shared.is_none() && self.loose.is_empty() {
+            self.shared = Some(ids);
+        } else {
+            self.loose.extend(ids.iter().cloned());
+        }
+    }
+
+    pub fn add(&mut self, id: UserId) {
+        self.loose.push(id);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.shared.is_none() && self.loose.is_empty()
+    }
+
+    /// The distinct ids, sorted.
+    pub fn finish(self) -> Recipients {
+        match self.shared {
+            Some(shared) if self.loose.is_empty() => shared,
+            shared => {
+                let mut all = self.loose;
+                all.extend(shared.iter().flat_map(|s| s.iter().cloned()));
+                all.sort_unstable();
+                all.dedup();
+                all.into()
+            }
+        }
+    }
+}
+
+/// The distinct ids at `pick` in `docs`, sorted. A document without the picked field
+/// yields nobody, like a missing document does.
+pub fn pick_ids(docs: &[Value], pick: &FieldPath) -> Recipients {
+    let mut set = RecipientSet::default();
+    for d in docs {
+        let _ = collect_ids(pick, d, &mut set);
+    }
+    let mut all = set.loose;
+    all.sort_unstable();
+    all.dedup();
+    all.into()
+}
+
 /// Adds the user ids that `spec` yields for `doc` to `out`.
 pub async fn recipients_of(
     spec: &RecipientSpec,
     doc: &Value,
     lookup: &CachedLookup,
-    out: &mut BTreeSet<String>,
+    out: &mut RecipientSet,
 ) -> Result<(), RouteError> {
     match spec {
         RecipientSpec::Field(path) => collect_ids(path, doc, out),
@@ -304,35 +366,31 @@ pub async fn recipients_of(
                 };
                 filter.push((target.clone(), value));
             }
-            let found = lookup
-                .find(Query {
-                    collection: l.collection.clone(),
-                    filter,
-                    limit: if l.many { None } else { Some(1) },
-                })
+            let ids = lookup
+                .find_ids(
+                    Query {
+                        collection: l.collection.clone(),
+                        filter,
+                        limit: if l.many { None } else { Some(1) },
+                    },
+                    &l.pick,
+                )
                 .await?;
-            for d in found.iter() {
-                // A found document without the picked field yields nobody, like a missing
-                // document does.
-                let _ = collect_ids(&l.pick, d, out);
-            }
+            out.add_list(ids);
             Ok(())
         }
     }
 }
 
-fn collect_ids(
-    path: &FieldPath,
-    doc: &Value,
-    out: &mut BTreeSet<String>,
-) -> Result<(), RouteError> {
+fn collect_ids(path: &FieldPath, doc: &Value, out: &mut RecipientSet) -> Result<(), RouteError> {
     let mut values = Vec::new();
     path.collect(doc, &mut values);
     if values.is_empty() {
         return Err(RouteError::MissingField(path.to_string()));
     }
     for v in values {
-        out.insert(scalar_to_string(v).ok_or_else(|| RouteError::NotAnId(path.to_string()))?);
+        let id = scalar_to_string(v).ok_or_else(|| RouteError::NotAnId(path.to_string()))?;
+        out.add(id.into());
     }
     Ok(())
 }

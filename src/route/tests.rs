@@ -1,4 +1,10 @@
 use super::*;
+use crate::change::UserId;
+
+/// A delivery's recipients as plain strings, for comparing.
+fn ids<'a>(d: &'a Delivery) -> Vec<&'a str> {
+    d.recipients.iter().map(|u| &**u).collect()
+}
 use crate::change::Position;
 use crate::config::AlertConfig;
 use crate::source::LookupError;
@@ -138,7 +144,7 @@ async fn lookup_routes_to_the_owner() {
     );
     let d = router.route(&c).await;
     assert_eq!(d.len(), 1);
-    assert_eq!(d[0].recipients, vec!["u1"]);
+    assert_eq!(ids(&d[0]), vec!["u1"]);
     assert_eq!(
         d[0].projected, None,
         "no projection: the change's document is sent as is"
@@ -156,7 +162,7 @@ async fn delete_routes_by_the_pre_image() {
         None,
     );
     let d = router.route(&c).await;
-    assert_eq!(d[0].recipients, vec!["u2"]);
+    assert_eq!(ids(&d[0]), vec!["u2"]);
 }
 
 #[tokio::test]
@@ -168,14 +174,14 @@ async fn moving_a_document_reaches_old_and_new_owners_and_only_when_needed() {
         Some(json!({"_id": "o1", "creator_id": "b1", "status": "new"})),
         Some(json!({"_id": "o1", "creator_id": "b2", "status": "new"})),
     );
-    assert_eq!(router.route(&moved).await[0].recipients, vec!["u1", "u2"]);
+    assert_eq!(ids(&router.route(&moved).await[0]), vec!["u1", "u2"]);
     docs.queries.lock().unwrap().clear();
     let paid = change(
         Op::Update,
         Some(json!({"_id": "o1", "creator_id": "b1", "status": "new"})),
         Some(json!({"_id": "o1", "creator_id": "b1", "status": "paid"})),
     );
-    assert_eq!(router.route(&paid).await[0].recipients, vec!["u1"]);
+    assert_eq!(ids(&router.route(&paid).await[0]), vec!["u1"]);
     // The owner field did not change, so the pre-image was not looked up again.
     assert_eq!(docs.queries.lock().unwrap().len(), 1);
 }
@@ -190,7 +196,7 @@ async fn many_reaches_every_matching_document_and_lists_union() {
         Some(json!({"_id": "o1", "creator_id": "b1", "watcher": "u1"})),
     );
     // u1 is both a user of b1 and the watcher: delivered once.
-    assert_eq!(router.route(&c).await[0].recipients, vec!["u1", "u3"]);
+    assert_eq!(ids(&router.route(&c).await[0]), vec!["u1", "u3"]);
 }
 
 #[tokio::test]
@@ -228,7 +234,7 @@ async fn ops_filter_and_projection_apply() {
         None,
     );
     let d = router.route(&del).await;
-    assert_eq!(d[0].recipients, vec!["u9"]);
+    assert_eq!(ids(&d[0]), vec!["u9"]);
     assert_eq!(
         d[0].projected.clone().unwrap(),
         json!({"_id": "o1", "status": "x", "meta": {"a": 1}})
@@ -389,7 +395,7 @@ async fn alerts_for(router: &Router, levels: &[Option<i64>]) -> Vec<String> {
             .await
         {
             if let DeliveryKind::Alert { message, .. } = &d.kind {
-                assert_eq!(d.recipients, vec!["u1"]);
+                assert_eq!(ids(&d), vec!["u1"]);
                 out.push(message.clone());
             }
         }
@@ -510,7 +516,7 @@ async fn one_failing_rule_does_not_stop_the_others() {
         ))
         .await;
     assert_eq!(d.len(), 1);
-    assert_eq!(d[0].recipients, vec!["u1"]);
+    assert_eq!(ids(&d[0]), vec!["u1"]);
 }
 
 #[tokio::test]
@@ -523,7 +529,7 @@ async fn a_burst_for_one_business_costs_one_lookup() {
             None,
             Some(json!({"_id": format!("o{i}"), "creator_id": "b1"})),
         );
-        assert_eq!(router.route(&c).await[0].recipients, vec!["u1"]);
+        assert_eq!(ids(&router.route(&c).await[0]), vec!["u1"]);
     }
     assert_eq!(docs.queries.lock().unwrap().len(), 1);
 }
@@ -579,4 +585,26 @@ message = "low"
         );
         assert!(errors.iter().any(|e| e.path == path), "{path}: {errors:?}");
     }
+}
+
+#[test]
+fn a_single_list_of_recipients_is_passed_on_without_a_copy_and_several_are_merged() {
+    let list: Recipients = vec![UserId::from("u1"), UserId::from("u2")].into();
+    let mut one = RecipientSet::default();
+    one.add_list(Arc::clone(&list));
+    one.add_list(Vec::<UserId>::new().into());
+    assert!(Arc::ptr_eq(&one.finish(), &list));
+
+    let mut many = RecipientSet::default();
+    many.add(UserId::from("u3"));
+    many.add_list(Arc::clone(&list));
+    many.add(UserId::from("u1"));
+    let merged = many.finish();
+    assert_eq!(
+        merged.iter().map(|u| &**u).collect::<Vec<_>>(),
+        ["u1", "u2", "u3"]
+    );
+
+    assert!(RecipientSet::default().is_empty());
+    assert!(RecipientSet::default().finish().is_empty());
 }
