@@ -63,6 +63,13 @@ pub struct ServerConfig {
     pub send_queue: usize,
     /// Bytes a connection may have queued before it is disconnected with 4008.
     pub send_queue_bytes: usize,
+    /// The kernel's send buffer (`SO_SNDBUF`) of each client socket, in bytes; 0 leaves it
+    /// to the OS, which on Linux grows it up to 4 MiB per connection. A client that stops
+    /// reading first fills this (Linux doubles the value), then `send_queue`: kept small,
+    /// so the queue limits bound a stalled client's memory, kernel included, and it is cut
+    /// off (4008) while the others are unaffected. 128 KiB in flight still moves over
+    /// 1 MB/s per connection at 100 ms of round trip, far beyond an event feed's needs.
+    pub socket_send_buffer: usize,
     /// How long a WebSocket client has to send its `auth` frame when it did not bring a
     /// token in the URL or header.
     #[serde(deserialize_with = "duration")]
@@ -86,6 +93,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             send_queue: 256,
             send_queue_bytes: 256 * 1024,
+            socket_send_buffer: 64 * 1024,
             auth_timeout: Duration::from_secs(5),
             keepalive: Duration::from_secs(15),
             max_client_frame: 16 * 1024,

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -217,6 +218,14 @@ pub async fn start(
         None => http,
     };
     let serve_shutdown = shutdown.clone();
+    let send_buffer = plan.server.socket_send_buffer;
+    let listener = listener.tap_io(move |tcp: &mut tokio::net::TcpStream| {
+        if send_buffer > 0
+            && let Err(e) = socket2::SockRef::from(&*tcp).set_send_buffer_size(send_buffer)
+        {
+            tracing::debug!("SO_SNDBUF not set: {e}");
+        }
+    });
     let http_task = tokio::spawn(async move {
         axum::serve(listener, http)
             .with_graceful_shutdown(async move { serve_shutdown.cancelled().await })

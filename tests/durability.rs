@@ -211,6 +211,80 @@ async fn a_stalled_client_is_cut_off_with_4008_others_keep_receiving_and_it_resu
     gw.stop().await;
 }
 
+/// A reader with full buffers that is kicked leaves the hub at once (its queue freed) while
+/// its socket waits, for a bounded time, to hand over the 4008 close frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kicked_reader_leaves_the_hub_at_once_and_still_gets_its_4008() {
+    let db = Db::new();
+    let gw = Gateway::start(&db.config("send_queue = 64\nsend_queue_bytes = 1048576", 5000)).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(gw.addr).await.unwrap();
+    let url = gw.ws_url(&format!("token={}", token_for("u1")));
+    let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+    let (socket, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+    let mut stalled = Ws { socket };
+    assert_eq!(stalled.next().await["type"], "ready");
+    let (other, _) = Ws::user(&gw, "u2", None).await;
+    let hub = std::sync::Arc::clone(&gw.running.app.hub);
+    assert_eq!(hub.connection_count(), 2);
+
+    // ~8 MB for u1: more than the kernel buffers between the two ends take, so the
+    // server's write blocks and then its queue (1 MB) fills.
+    let n = 400;
+    let theirs: Vec<String> = (0..n)
+        .filter(|i| i % 8 == 7)
+        .map(|i| format!("o{i}"))
+        .collect();
+    let other = tokio::spawn(keys(other, theirs.len()));
+    let payload = "p".repeat(20_000);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(50) {
+        let mut sql = String::from("BEGIN;");
+        for i in chunk {
+            let b = if i % 8 == 7 { "b2" } else { "b1" };
+            sql.push_str(&format!(
+                "INSERT INTO orders VALUES ('o{i}', '{b}', 'i1', 1, '{payload}');"
+            ));
+        }
+        sql.push_str("COMMIT;");
+        db.exec(&sql);
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        other.await.unwrap(),
+        theirs,
+        "the other user gets everything"
+    );
+
+    // The stalled reader has read nothing since `ready`, and is out of the hub already
+    // (the other user's connection closed when its reader finished).
+    let mut left = false;
+    for _ in 0..250 {
+        if hub.connection_count() == 0 {
+            left = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        left,
+        "the kicked connection left the hub before its peer read again"
+    );
+
+    // When it reads again, it gets what was already on its way, then the 4008 close.
+    let mut got = 0;
+    let code = loop {
+        match stalled.next_or_end().await {
+            Ok(_) => got += 1,
+            Err(WsEnd::Closed(code, _)) => break code,
+            Err(WsEnd::Dropped) => panic!("dropped without a close frame after {got} events"),
+        }
+    };
+    assert_eq!(code, 4008);
+    assert!(got < n - theirs.len(), "it was cut off: {got} events");
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expiring_token_is_warned_and_refreshed_without_a_reconnect() {
     let db = Db::new();

@@ -25,7 +25,7 @@ use tokio::time::{Instant, sleep_until};
 use super::{StreamParams, bearer, close_text};
 use crate::auth::{AuthError, Identity, now_secs};
 use crate::event::{CloseReason, ServerEvent};
-use crate::hub::Opening;
+use crate::hub::{Frame, Kick, Opening, Subscription};
 use crate::server::App;
 
 /// Frames a client may send.
@@ -51,6 +51,8 @@ const READ_BUFFER: usize = 1024;
 const WRITE_BUFFER: usize = 16 * 1024;
 /// Most queued events written per flush, so one busy connection yields to others.
 const MAX_BATCH: usize = 64;
+/// How long a closing connection waits for the peer's side of the close handshake.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 pub async fn handler(
     State(app): State<Arc<App>>,
@@ -78,7 +80,7 @@ async fn session(
         Some(t) => (t, client_id),
         None => match auth_frame(&mut socket, app.server.auth_timeout).await {
             Ok((t, c)) => (t, c.or(client_id)),
-            Err(e) => return close(socket, e.close_reason(), &e.to_string()).await,
+            Err(e) => return close(socket, e.close_reason(), &e.to_string(), CLOSE_WAIT).await,
         },
     };
     let mut identity = match app.auth.identify(&token, client_id.as_deref()).await {
@@ -86,26 +88,35 @@ async fn session(
         Err(e) => {
             metrics::counter!("changecast_auth_failures_total", "reason" => e.close_reason().label())
                 .increment(1);
-            return close(socket, e.close_reason(), &e.to_string()).await;
+            return close(socket, e.close_reason(), &e.to_string(), CLOSE_WAIT).await;
         }
     };
 
     let mut sub = match app.hub.subscribe(&identity.user, since.as_deref()) {
         Ok(sub) => sub,
-        Err(reason) => return close(socket, reason, reason.text()).await,
+        Err(reason) => return close(socket, reason, reason.text(), CLOSE_WAIT).await,
     };
-    for item in sub.opening().await {
-        let text = match item {
-            Opening::Control(json) => Utf8Bytes::from(json),
-            Opening::Event(frame) => frame.json.clone(),
-        };
-        if socket.send(Message::Text(text)).await.is_err() {
-            return;
+    let kick = Arc::clone(&sub.kick);
+    let keepalive = app.server.keepalive;
+    // A write that has not finished after this long is to a peer that stopped reading.
+    let patience = keepalive * 2;
+    let opening = sub.opening().await;
+    let write = async {
+        for item in opening {
+            let text = match item {
+                Opening::Control(json) => Utf8Bytes::from(json),
+                Opening::Event(frame) => frame.json.clone(),
+            };
+            socket.feed(Message::Text(text)).await?;
         }
+        socket.flush().await
+    };
+    match guarded(write, &kick, &app, patience).await {
+        Ok(()) => {}
+        Err(Abandoned::Kicked(reason)) => return end(app, socket, sub, reason, patience).await,
+        Err(gone) => return gone.record(),
     }
 
-    let kick = std::sync::Arc::clone(&sub.kick);
-    let keepalive = app.server.keepalive;
     let mut next_ping = Instant::now() + keepalive;
     let mut last_heard = Instant::now();
     // The expiry a warning was sent for: a refresh moves the expiry, and a new warning is due.
@@ -124,25 +135,20 @@ async fn session(
                 warned_for = identity.expires_at;
                 let left = identity.expires_at.saturating_sub(now_secs());
                 let warning = ServerEvent::Expiring { expires_in: left }.to_json();
-                if socket.send(Message::Text(warning.into())).await.is_err() {
-                    return;
+                let write = socket.send(Message::Text(warning.into()));
+                match guarded(write, &kick, &app, patience).await {
+                    Ok(()) => {}
+                    Err(Abandoned::Kicked(reason)) => break reason,
+                    Err(gone) => return gone.record(),
                 }
             }
             frame = sub.recv() => match frame {
                 Some(frame) => {
-                    let mut next = Some(frame);
-                    let mut written = 0;
-                    while let Some(frame) = next.take() {
-                        if socket.feed(Message::Text(frame.json.clone())).await.is_err() {
-                            return;
-                        }
-                        written += 1;
-                        if written < MAX_BATCH {
-                            next = sub.try_recv();
-                        }
-                    }
-                    if socket.flush().await.is_err() {
-                        return;
+                    let write = write_batch(&mut socket, &mut sub, frame);
+                    match guarded(write, &kick, &app, patience).await {
+                        Ok(()) => {}
+                        Err(Abandoned::Kicked(reason)) => break reason,
+                        Err(gone) => return gone.record(),
                     }
                 }
                 // The hub dropped this connection; the kick arm says why on the next turn.
@@ -155,8 +161,11 @@ async fn session(
                     Some(Ok(Message::Text(text))) => {
                         match client_frame(&app, &mut identity, text.as_str()).await {
                             Ok(Some(reply)) => {
-                                if socket.send(Message::Text(reply.into())).await.is_err() {
-                                    return;
+                                let write = socket.send(Message::Text(reply.into()));
+                                match guarded(write, &kick, &app, patience).await {
+                                    Ok(()) => {}
+                                    Err(Abandoned::Kicked(reason)) => break reason,
+                                    Err(gone) => return gone.record(),
                                 }
                             }
                             Ok(None) => {}
@@ -172,16 +181,101 @@ async fn session(
                     metrics::counter!("changecast_dead_peers_total").increment(1);
                     return;
                 }
-                if socket.send(Message::Ping(Default::default())).await.is_err() {
-                    return;
+                let write = socket.send(Message::Ping(Default::default()));
+                match guarded(write, &kick, &app, patience).await {
+                    Ok(()) => {}
+                    Err(Abandoned::Kicked(reason)) => break reason,
+                    Err(gone) => return gone.record(),
                 }
                 next_ping = Instant::now() + keepalive;
             }
         }
     };
+    end(app, socket, sub, reason, patience).await
+}
+
+/// Ends a subscribed connection: leaves the hub at once (its queue is freed and nothing
+/// more is sent), then closes the socket with `reason`. A peer that stopped reading has
+/// `patience` to take the close frame (after what its buffers already hold) before the
+/// connection is dropped; on shutdown only a moment.
+async fn end(
+    app: Arc<App>,
+    socket: WebSocket,
+    sub: Subscription,
+    reason: CloseReason,
+    patience: Duration,
+) {
     metrics::counter!("changecast_disconnects_total", "reason" => reason.label()).increment(1);
     drop(sub);
-    close(socket, reason, reason.text()).await;
+    let within = if app.shutdown.is_cancelled() {
+        CLOSE_WAIT
+    } else {
+        patience
+    };
+    close(socket, reason, reason.text(), within).await;
+}
+
+/// Writes `first` and every event already queued after it (up to [`MAX_BATCH`]) with one
+/// flush.
+async fn write_batch(
+    socket: &mut WebSocket,
+    sub: &mut Subscription,
+    first: Arc<Frame>,
+) -> Result<(), axum::Error> {
+    let mut next = Some(first);
+    let mut written = 0;
+    while let Some(frame) = next.take() {
+        socket.feed(Message::Text(frame.json.clone())).await?;
+        written += 1;
+        if written < MAX_BATCH {
+            next = sub.try_recv();
+        }
+    }
+    socket.flush().await
+}
+
+/// Why a write to the client was given up on.
+enum Abandoned {
+    /// The socket failed: the peer is gone.
+    Failed,
+    /// Kicked while the write waited (4008 for a full queue, 4001, …).
+    Kicked(CloseReason),
+    /// The peer took none of it for two keepalive periods: it stopped reading.
+    Stalled,
+}
+
+impl Abandoned {
+    fn record(self) {
+        match self {
+            Abandoned::Failed => {}
+            Abandoned::Kicked(reason) => {
+                metrics::counter!("changecast_disconnects_total", "reason" => reason.label())
+                    .increment(1);
+            }
+            Abandoned::Stalled => metrics::counter!("changecast_dead_peers_total").increment(1),
+        }
+    }
+}
+
+/// Runs a write unless the connection ends first: a kick, shutdown, or a peer that has not
+/// taken the bytes within `patience`. A socket whose peer stopped reading blocks the write
+/// once the kernel's buffers are full; without this the task would wait on it for as long
+/// as the TCP connection lives, deaf to its kick. A write given up on may have left half a
+/// frame on the wire, so the caller drops the connection with no close frame; the client
+/// sees it end and resumes with `since`.
+async fn guarded(
+    write: impl Future<Output = Result<(), axum::Error>>,
+    kick: &Kick,
+    app: &App,
+    patience: Duration,
+) -> Result<(), Abandoned> {
+    tokio::select! {
+        biased;
+        written = write => written.map_err(|_| Abandoned::Failed),
+        reason = kick.kicked() => Err(Abandoned::Kicked(reason)),
+        _ = app.shutdown.cancelled() => Err(Abandoned::Kicked(CloseReason::Restarting)),
+        _ = tokio::time::sleep(patience) => Err(Abandoned::Stalled),
+    }
 }
 
 /// Handles one client text frame; returns a reply to send, or an error that ends the
@@ -243,14 +337,18 @@ fn expiry_instant(identity: &Identity) -> Instant {
     Instant::now() + Duration::from_secs(left)
 }
 
-async fn close(mut socket: WebSocket, reason: CloseReason, text: &str) {
+/// Sends a close frame (the peer has `within` to take it), then gives the peer a moment
+/// to answer the close handshake, without waiting on a dead one.
+async fn close(mut socket: WebSocket, reason: CloseReason, text: &str, within: Duration) {
     let frame = CloseFrame {
         code: reason.code(),
         reason: close_text(text).into(),
     };
-    let _ = socket.send(Message::Close(Some(frame))).await;
-    // Give the peer a moment to answer the close handshake, without waiting on a dead one.
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+    let sent = tokio::time::timeout(within, socket.send(Message::Close(Some(frame)))).await;
+    if !matches!(sent, Ok(Ok(()))) {
+        return;
+    }
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
         while let Some(Ok(msg)) = socket.recv().await {
             if matches!(msg, Message::Close(_)) {
                 break;
