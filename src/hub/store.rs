@@ -6,12 +6,19 @@
 //! Out: a user's events after an id ([`HistoryStore::replay`]), the epoch, the floor below
 //! which history is incomplete, and the checkpoint to resume the source from.
 //!
+//! Each event is stored once with its *audience*: the set of its recipients, stored once
+//! per distinct set (`audiences`, and `members` to find a user's). An account-wide change
+//! to 500 users is one row, not 500, and the next change to the same business reuses the
+//! audience (the writer keeps the ids it has seen).
+//!
 //! Retention ([`HistoryStore::prune`]): by age, and by count per user. What is pruned
 //! raises a floor (global for age, per user for count), so a client asking for pruned
-//! history gets `gap` rather than a silent hole.
+//! history gets `gap` rather than a silent hole. An event is deleted once it is too old,
+//! or below the floor of every member of its audience.
 //!
 //! Called from blocking threads only (`spawn_blocking`): SQLite calls block.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -31,19 +38,92 @@ pub struct Record<'a> {
     pub recipients: &'a [UserId],
 }
 
-/// What [`HistoryStore::prune`] removed.
+/// What [`HistoryStore::prune`] did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Pruned {
+    /// Events deleted.
     pub events: u64,
-    pub deliveries: u64,
+    /// Users whose floor rose because they had more than `max_per_user` events.
+    pub floors_raised: u64,
 }
 
 /// The history file.
 pub struct HistoryStore {
     path: PathBuf,
-    /// The one writer connection; readers open their own.
-    writer: Mutex<Connection>,
+    writer: Mutex<Writer>,
     readers: Mutex<Vec<Connection>>,
+}
+
+/// The one writer connection (readers open their own), and the audience ids it has
+/// stored, by [`audience_key`].
+struct Writer {
+    conn: Connection,
+    audiences: HashMap<Box<str>, i64>,
+}
+
+/// Audience ids kept in memory; past this the map starts over (and refills from the file).
+const AUDIENCE_CACHE: usize = 4096;
+
+/// The text an audience is stored under: its sorted, distinct ids as a JSON array, which
+/// cannot be ambiguous whatever characters ids contain.
+fn audience_key(users: &[UserId]) -> String {
+    serde_json::to_string(&users.iter().map(|u| &**u).collect::<Vec<&str>>()).unwrap_or_default()
+}
+
+const SCHEMA: &str = "
+    CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
+    CREATE TABLE IF NOT EXISTS events (
+        seq INTEGER PRIMARY KEY, at INTEGER NOT NULL, json TEXT NOT NULL,
+        audience INTEGER NOT NULL);
+    CREATE INDEX IF NOT EXISTS events_by_audience ON events (audience, seq);
+    CREATE TABLE IF NOT EXISTS audiences (id INTEGER PRIMARY KEY, users TEXT NOT NULL UNIQUE);
+    CREATE TABLE IF NOT EXISTS members (
+        user TEXT NOT NULL, audience INTEGER NOT NULL, PRIMARY KEY (user, audience)) WITHOUT ROWID;
+    CREATE INDEX IF NOT EXISTS members_by_audience ON members (audience);
+    CREATE TABLE IF NOT EXISTS user_floors (user TEXT PRIMARY KEY, floor INTEGER NOT NULL) WITHOUT ROWID;";
+
+fn meta_u64(conn: &Connection, key: &str) -> rusqlite::Result<Option<u64>> {
+    Ok(conn
+        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| {
+            r.get::<_, Vec<u8>>(0)
+        })
+        .optional()?
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| s.parse().ok()))
+}
+
+fn set_meta_u64(conn: &Connection, key: &str, value: u64) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO meta VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        params![key, value.to_string().as_bytes()],
+    )?;
+    Ok(())
+}
+
+/// A history file from before audiences kept a row per recipient (`deliveries`). Its
+/// events are dropped and the floor is raised to its head: clients resuming from before
+/// get `gap`, while the epoch, the sequence and the source checkpoint carry on.
+fn migrate_from_deliveries(conn: &mut Connection) -> rusqlite::Result<()> {
+    let old: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'deliveries')",
+        [],
+        |r| r.get(0),
+    )?;
+    if !old {
+        return Ok(());
+    }
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let last: i64 = tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?;
+    let head = (last as u64).max(meta_u64(&tx, "head")?.unwrap_or(0));
+    set_meta_u64(&tx, "head", head)?;
+    set_meta_u64(&tx, "floor", head.max(meta_u64(&tx, "floor")?.unwrap_or(0)))?;
+    tx.execute_batch("DROP TABLE deliveries; DROP TABLE events;")?;
+    tx.commit()?;
+    tracing::warn!(
+        head,
+        "history: converted a history file of an older changecast; events up to {head} were dropped (clients resuming from before get `gap`)"
+    );
+    Ok(())
 }
 
 fn now_secs() -> i64 {
@@ -77,19 +157,15 @@ impl HistoryStore {
         {
             let _ = std::fs::create_dir_all(dir);
         }
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // NORMAL in WAL mode: a commit survives a process crash (kill -9); only a power
         // loss can take the last commits, and then the source checkpoint goes with them.
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
-             CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, at INTEGER NOT NULL, json TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS deliveries (
-                 user TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (user, seq)) WITHOUT ROWID;
-             CREATE TABLE IF NOT EXISTS user_floors (user TEXT PRIMARY KEY, floor INTEGER NOT NULL) WITHOUT ROWID;",
-        )?;
+        conn.execute_batch("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);")?;
+        migrate_from_deliveries(&mut conn)?;
+        conn.execute_batch(SCHEMA)?;
         let get = |key: &str| -> rusqlite::Result<Option<Vec<u8>>> {
             conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
                 .optional()
@@ -102,24 +178,19 @@ impl HistoryStore {
                 e
             }
         };
-        let floor = get("floor")?
-            .and_then(|b| String::from_utf8(b).ok())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
+        let floor = meta_u64(&conn, "floor")?.unwrap_or(0);
         let checkpoint = get("checkpoint")?.map(Position);
         let head: u64 = conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| {
             r.get::<_, i64>(0)
         })? as u64;
         // The floor and head may come from meta alone when every event has been pruned.
-        let head = head.max(
-            get("head")?
-                .and_then(|b| String::from_utf8(b).ok())
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0),
-        );
+        let head = head.max(meta_u64(&conn, "head")?.unwrap_or(0));
         let store = HistoryStore {
             path: path.to_owned(),
-            writer: Mutex::new(conn),
+            writer: Mutex::new(Writer {
+                conn,
+                audiences: HashMap::new(),
+            }),
             readers: Mutex::new(Vec::new()),
         };
         Ok(Opened {
@@ -138,43 +209,19 @@ impl HistoryStore {
         records: &[Record<'_>],
         checkpoint: Option<&Position>,
     ) -> rusqlite::Result<()> {
-        let mut conn = lock(&self.writer);
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        {
-            let at = now_secs();
-            let mut ev =
-                tx.prepare_cached("INSERT INTO events (seq, at, json) VALUES (?1, ?2, ?3)")?;
-            let mut del =
-                tx.prepare_cached("INSERT INTO deliveries (user, seq) VALUES (?1, ?2)")?;
-            for r in records {
-                ev.execute(params![r.seq as i64, at, r.json])?;
-                for user in r.recipients {
-                    del.execute(params![&**user, r.seq as i64])?;
-                }
-            }
-            if let Some(last) = records.last() {
-                tx.execute(
-                    "INSERT INTO meta VALUES ('head', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                    [last.seq.to_string().as_bytes()],
-                )?;
-            }
-            if let Some(checkpoint) = checkpoint {
-                tx.execute(
-                    "INSERT INTO meta VALUES ('checkpoint', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                    [&checkpoint.0],
-                )?;
-            }
+        let mut writer = lock(&self.writer);
+        let Writer { conn, audiences } = &mut *writer;
+        let result = append(conn, audiences, records, checkpoint);
+        if result.is_err() {
+            // Ids of audiences inserted by the rolled-back transaction do not exist.
+            audiences.clear();
         }
-        tx.commit()
+        result
     }
 
     /// Records that resuming from before `floor` is incomplete (the source lost history).
     pub fn set_floor(&self, floor: u64) -> rusqlite::Result<()> {
-        lock(&self.writer).execute(
-            "INSERT INTO meta VALUES ('floor', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            [floor.to_string().as_bytes()],
-        )?;
-        Ok(())
+        set_meta_u64(&lock(&self.writer).conn, "floor", floor)
     }
 
     fn reader(&self) -> rusqlite::Result<Connection> {
@@ -212,8 +259,9 @@ impl HistoryStore {
                 return Ok(None);
             }
             let mut stmt = conn.prepare_cached(
-                "SELECT e.seq, e.json FROM deliveries d JOIN events e ON e.seq = d.seq \
-                 WHERE d.user = ?1 AND d.seq > ?2 AND d.seq <= ?3 ORDER BY d.seq LIMIT ?4",
+                "SELECT seq, json FROM events \
+                 WHERE audience IN (SELECT audience FROM members WHERE user = ?1) \
+                 AND seq > ?2 AND seq <= ?3 ORDER BY seq LIMIT ?4",
             )?;
             let rows = stmt.query_map(
                 params![user, after as i64, upto as i64, (MAX_REPLAY + 1) as i64],
@@ -233,10 +281,12 @@ impl HistoryStore {
         result
     }
 
-    /// Drops events older than `max_age` and, per user, all but the newest `max_per_user`
-    /// deliveries; raises the floors accordingly.
+    /// Drops events older than `max_age`; raises the floor of every user with more than
+    /// `max_per_user` events to their oldest one kept; drops events below the floors of
+    /// all their recipients, and audiences without events.
     pub fn prune(&self, max_age: Duration, max_per_user: usize) -> rusqlite::Result<Pruned> {
-        let mut conn = lock(&self.writer);
+        let mut writer = lock(&self.writer);
+        let Writer { conn, audiences } = &mut *writer;
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut pruned = Pruned::default();
         let cutoff = now_secs() - max_age.as_secs() as i64;
@@ -245,62 +295,137 @@ impl HistoryStore {
                 r.get(0)
             })?;
         if let Some(x) = old {
-            pruned.deliveries += tx.execute("DELETE FROM deliveries WHERE seq <= ?1", [x])? as u64;
             pruned.events += tx.execute("DELETE FROM events WHERE seq <= ?1", [x])? as u64;
             // A client that saw event x has everything after it.
-            let floor: u64 = tx
-                .query_row("SELECT value FROM meta WHERE key = 'floor'", [], |r| {
-                    r.get::<_, Vec<u8>>(0)
-                })
-                .optional()?
-                .and_then(|b| String::from_utf8(b).ok())
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
-            if (x as u64) > floor {
-                tx.execute(
-                    "INSERT INTO meta VALUES ('floor', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                    [x.to_string().as_bytes()],
-                )?;
+            if (x as u64) > meta_u64(&tx, "floor")?.unwrap_or(0) {
+                set_meta_u64(&tx, "floor", x as u64)?;
             }
         }
         let crowded: Vec<String> = tx
-            .prepare("SELECT user FROM deliveries GROUP BY user HAVING COUNT(*) > ?1")?
+            .prepare(
+                "SELECT m.user FROM members m JOIN events e ON e.audience = m.audience \
+                 GROUP BY m.user HAVING COUNT(*) > ?1",
+            )?
             .query_map([max_per_user as i64], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
         for user in crowded {
             let cut: i64 = tx.query_row(
-                "SELECT seq FROM deliveries WHERE user = ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?2",
+                "SELECT seq FROM events \
+                 WHERE audience IN (SELECT audience FROM members WHERE user = ?1) \
+                 ORDER BY seq DESC LIMIT 1 OFFSET ?2",
                 params![user, max_per_user as i64],
                 |r| r.get(0),
             )?;
-            pruned.deliveries += tx.execute(
-                "DELETE FROM deliveries WHERE user = ?1 AND seq <= ?2",
+            pruned.floors_raised += tx.execute(
+                "INSERT INTO user_floors VALUES (?1, ?2) \
+                 ON CONFLICT(user) DO UPDATE SET floor = excluded.floor WHERE excluded.floor > floor",
                 params![user, cut],
             )? as u64;
+        }
+        // Events none of their recipients can replay any more.
+        let dead: Vec<(i64, i64)> = tx
+            .prepare(
+                "SELECT m.audience, MIN(COALESCE(f.floor, 0)) AS below FROM members m \
+                 LEFT JOIN user_floors f ON f.user = m.user GROUP BY m.audience HAVING below > 0",
+            )?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        for (audience, below) in dead {
+            pruned.events += tx.execute(
+                "DELETE FROM events WHERE audience = ?1 AND seq <= ?2",
+                params![audience, below],
+            )? as u64;
+        }
+        let emptied = tx.execute(
+            "DELETE FROM audiences WHERE id NOT IN (SELECT DISTINCT audience FROM events)",
+            [],
+        )?;
+        if emptied > 0 {
             tx.execute(
-                "INSERT INTO user_floors VALUES (?1, ?2) ON CONFLICT(user) DO UPDATE SET floor = max(floor, excluded.floor)",
-                params![user, cut],
+                "DELETE FROM members WHERE audience NOT IN (SELECT id FROM audiences)",
+                [],
             )?;
         }
-        // Events nobody can replay any more.
-        pruned.events += tx.execute(
-            "DELETE FROM events WHERE seq < (SELECT COALESCE(MIN(seq), 9223372036854775807) FROM deliveries)",
-            [],
-        )? as u64;
         tx.commit()?;
+        if emptied > 0 {
+            audiences.clear();
+        }
         Ok(pruned)
     }
 
     /// Events stored (for metrics).
     pub fn len(&self) -> rusqlite::Result<u64> {
-        let conn = lock(&self.writer);
-        conn.query_row("SELECT COUNT(*) FROM events", [], |r| r.get::<_, i64>(0))
+        let writer = lock(&self.writer);
+        writer
+            .conn
+            .query_row("SELECT COUNT(*) FROM events", [], |r| r.get::<_, i64>(0))
             .map(|n| n as u64)
     }
 
     pub fn is_empty(&self) -> rusqlite::Result<bool> {
         self.len().map(|n| n == 0)
     }
+}
+
+/// [`HistoryStore::append`]'s transaction.
+fn append(
+    conn: &mut Connection,
+    audiences: &mut HashMap<Box<str>, i64>,
+    records: &[Record<'_>],
+    checkpoint: Option<&Position>,
+) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    {
+        let at = now_secs();
+        let mut ev = tx.prepare_cached(
+            "INSERT INTO events (seq, at, json, audience) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        for r in records {
+            let key = audience_key(r.recipients);
+            let audience = match audiences.get(key.as_str()) {
+                Some(&id) => id,
+                None => {
+                    let id = audience_id(&tx, &key, r.recipients)?;
+                    if audiences.len() >= AUDIENCE_CACHE {
+                        audiences.clear();
+                    }
+                    audiences.insert(key.into_boxed_str(), id);
+                    id
+                }
+            };
+            ev.execute(params![r.seq as i64, at, r.json, audience])?;
+        }
+        if let Some(last) = records.last() {
+            set_meta_u64(&tx, "head", last.seq)?;
+        }
+        if let Some(checkpoint) = checkpoint {
+            tx.execute(
+                "INSERT INTO meta VALUES ('checkpoint', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                [&checkpoint.0],
+            )?;
+        }
+    }
+    tx.commit()
+}
+
+/// The id of the audience `users` (stored under `key`), adding it when new.
+fn audience_id(conn: &Connection, key: &str, users: &[UserId]) -> rusqlite::Result<i64> {
+    let found = conn
+        .prepare_cached("SELECT id FROM audiences WHERE users = ?1")?
+        .query_row([key], |r| r.get(0))
+        .optional()?;
+    if let Some(id) = found {
+        return Ok(id);
+    }
+    conn.prepare_cached("INSERT INTO audiences (users) VALUES (?1)")?
+        .execute([key])?;
+    let id = conn.last_insert_rowid();
+    let mut member =
+        conn.prepare_cached("INSERT OR IGNORE INTO members (user, audience) VALUES (?1, ?2)")?;
+    for user in users {
+        member.execute(params![&**user, id])?;
+    }
+    Ok(id)
 }
 
 #[cfg(test)]
@@ -381,7 +506,14 @@ mod tests {
             .append(&records, Some(&Position::from_seq(5)))
             .unwrap();
         let p = h.store.prune(Duration::from_secs(3600), 2).unwrap();
-        assert_eq!(p.deliveries, 3);
+        assert_eq!(
+            p,
+            Pruned {
+                events: 3,
+                floors_raised: 1
+            },
+            "u1's floor is seq 3, and nobody else can replay 1..=3"
+        );
         assert!(
             h.store.replay("u1", 2, 5, 0, "e1").unwrap().is_none(),
             "seq 3 is gone"
@@ -413,7 +545,7 @@ mod tests {
             p,
             Pruned {
                 events: 1,
-                deliveries: 1
+                floors_raised: 0
             }
         );
         drop(h);
@@ -423,6 +555,120 @@ mod tests {
             "a client that saw seq 1 is complete; older is not"
         );
         assert_eq!(again.head, 1, "the head survives pruning: ids never repeat");
+    }
+
+    fn count(dir: &Path, table: &str) -> i64 {
+        Connection::open(dir.join("history.db"))
+            .unwrap()
+            .query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn an_audience_is_stored_once_and_events_stay_while_one_member_can_replay_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = open(dir.path());
+        let team = users(&["u1", "u2", "u3"]);
+        let u1 = users(&["u1"]);
+        // u1 hears about everything; u2 and u3 only about the team's events 3..=5.
+        let records: Vec<Record> = (1..=7)
+            .map(|seq| Record {
+                seq,
+                json: "{}",
+                recipients: if (3..=5).contains(&seq) { &team } else { &u1 },
+            })
+            .collect();
+        h.store.append(&records, None).unwrap();
+        assert_eq!(count(dir.path(), "audiences"), 2);
+        assert_eq!(count(dir.path(), "members"), 4);
+        let seqs = |user, after| -> Option<Vec<u64>> {
+            h.store
+                .replay(user, after, 10, 0, "e1")
+                .unwrap()
+                .map(|r| r.iter().map(|f| f.seq).collect())
+        };
+        assert_eq!(seqs("u1", 0), Some(vec![1, 2, 3, 4, 5, 6, 7]));
+        assert_eq!(seqs("u2", 0), Some(vec![3, 4, 5]));
+
+        // u1 keeps 3: its floor rises to 4; its own 1 and 2 go, while u2 and u3 can still
+        // replay the team's 3..=5.
+        let p = h.store.prune(Duration::from_secs(3600), 3).unwrap();
+        assert_eq!(
+            p,
+            Pruned {
+                events: 2,
+                floors_raised: 1
+            }
+        );
+        assert_eq!(seqs("u1", 3), None, "u1 gets gap below its floor");
+        assert_eq!(seqs("u1", 4), Some(vec![5, 6, 7]));
+        assert_eq!(seqs("u3", 0), Some(vec![3, 4, 5]));
+
+        // Everyone keeps 0: every event is below all its recipients' floors, and the
+        // audiences go with them.
+        h.store.prune(Duration::from_secs(3600), 0).unwrap();
+        assert_eq!(count(dir.path(), "events"), 0);
+        assert_eq!(count(dir.path(), "audiences"), 0);
+        assert_eq!(count(dir.path(), "members"), 0);
+        // A new event for the team stores the audience again; u2 resumes after its floor.
+        h.store
+            .append(
+                &[Record {
+                    seq: 8,
+                    json: "{}",
+                    recipients: &team,
+                }],
+                None,
+            )
+            .unwrap();
+        assert_eq!(count(dir.path(), "audiences"), 1);
+        assert_eq!(seqs("u2", 4), None);
+        assert_eq!(seqs("u2", 5), Some(vec![8]));
+    }
+
+    #[test]
+    fn a_history_file_with_a_row_per_delivery_is_converted_keeping_the_epoch_and_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join("history.db")).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB);
+                 CREATE TABLE events (seq INTEGER PRIMARY KEY, at INTEGER NOT NULL, json TEXT NOT NULL);
+                 CREATE TABLE deliveries (user TEXT NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY (user, seq)) WITHOUT ROWID;
+                 CREATE TABLE user_floors (user TEXT PRIMARY KEY, floor INTEGER NOT NULL) WITHOUT ROWID;
+                 INSERT INTO meta VALUES ('epoch', CAST('old' AS BLOB)), ('checkpoint', x'0102');
+                 INSERT INTO events VALUES (1, 0, '{}'), (2, 0, '{}');
+                 INSERT INTO deliveries VALUES ('u1', 1), ('u1', 2);",
+            )
+            .unwrap();
+        }
+        let h = HistoryStore::open(&dir.path().join("history.db"), || panic!("kept")).unwrap();
+        assert_eq!(h.epoch, "old");
+        assert_eq!(
+            (h.head, h.floor),
+            (2, 2),
+            "older ids get gap, new ones follow"
+        );
+        assert_eq!(h.checkpoint, Some(Position(vec![1, 2])));
+        assert!(
+            h.store
+                .replay("u1", 0, 2, h.floor, "old")
+                .unwrap()
+                .is_none()
+        );
+        let u1 = users(&["u1"]);
+        h.store
+            .append(
+                &[Record {
+                    seq: 3,
+                    json: "{}",
+                    recipients: &u1,
+                }],
+                None,
+            )
+            .unwrap();
+        let r = h.store.replay("u1", 2, 3, h.floor, "old").unwrap().unwrap();
+        assert_eq!(r.len(), 1);
     }
 
     #[test]
