@@ -11,6 +11,7 @@
 //! credentials are reported with a close frame after the upgrade, because a browser cannot
 //! read the status of a refused upgrade.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ use tokio::time::{Instant, sleep_until};
 use super::{StreamParams, bearer, close_text};
 use crate::auth::{AuthError, Identity, now_secs};
 use crate::event::{CloseReason, ServerEvent};
-use crate::hub::{Frame, Kick, Opening, Subscription};
+use crate::hub::{Frame, Opening, Subscription};
 use crate::server::App;
 
 /// Frames a client may send.
@@ -100,6 +101,15 @@ async fn session(
     let keepalive = app.server.keepalive;
     // A write that has not finished after this long is to a peer that stopped reading.
     let patience = keepalive * 2;
+    // The loop's futures live as long as the connection: made and registered once, not
+    // once per wake-up (a busy connection wakes for every batch of events).
+    let kicked = kick.kicked();
+    let stopping = app.shutdown.cancelled();
+    let (expires, warn_at) = deadlines(&app, &identity);
+    let expiry = sleep_until(expires);
+    let warning = sleep_until(warn_at);
+    let ping = sleep_until(Instant::now() + keepalive);
+    tokio::pin!(kicked, stopping, expiry, warning, ping);
     let opening = sub.opening().await;
     let write = async {
         for item in opening {
@@ -111,32 +121,27 @@ async fn session(
         }
         socket.flush().await
     };
-    match guarded(write, &kick, &app, patience).await {
+    match guarded(write, kicked.as_mut(), stopping.as_mut(), patience).await {
         Ok(()) => {}
-        Err(Abandoned::Kicked(reason)) => return end(app, socket, sub, reason, patience).await,
+        Err(Abandoned::Kicked(reason)) => return end(&app, socket, sub, reason, patience).await,
         Err(gone) => return gone.record(),
     }
 
-    let mut next_ping = Instant::now() + keepalive;
     let mut last_heard = Instant::now();
     // The expiry a warning was sent for: a refresh moves the expiry, and a new warning is due.
     let mut warned_for = 0;
     let reason = loop {
-        let expires = expiry_instant(&identity);
-        let warn_at = expires
-            .checked_sub(app.expiry_warning)
-            .unwrap_or_else(Instant::now);
         tokio::select! {
             biased;
-            reason = kick.kicked() => break reason,
-            _ = app.shutdown.cancelled() => break CloseReason::Restarting,
-            _ = sleep_until(expires) => break CloseReason::TokenExpired,
-            _ = sleep_until(warn_at), if warned_for != identity.expires_at => {
+            reason = &mut kicked => break reason,
+            _ = &mut stopping => break CloseReason::Restarting,
+            _ = &mut expiry => break CloseReason::TokenExpired,
+            _ = &mut warning, if warned_for != identity.expires_at => {
                 warned_for = identity.expires_at;
                 let left = identity.expires_at.saturating_sub(now_secs());
                 let warning = ServerEvent::Expiring { expires_in: left }.to_json();
                 let write = socket.send(Message::Text(warning.into()));
-                match guarded(write, &kick, &app, patience).await {
+                match guarded(write, kicked.as_mut(), stopping.as_mut(), patience).await {
                     Ok(()) => {}
                     Err(Abandoned::Kicked(reason)) => break reason,
                     Err(gone) => return gone.record(),
@@ -145,24 +150,32 @@ async fn session(
             frame = sub.recv() => match frame {
                 Some(frame) => {
                     let write = write_batch(&mut socket, &mut sub, frame);
-                    match guarded(write, &kick, &app, patience).await {
+                    match guarded(write, kicked.as_mut(), stopping.as_mut(), patience).await {
                         Ok(()) => {}
                         Err(Abandoned::Kicked(reason)) => break reason,
                         Err(gone) => return gone.record(),
                     }
                 }
-                // The hub dropped this connection; the kick arm says why on the next turn.
-                None => break kick.kicked().await,
+                // The hub dropped this connection; the kick says why.
+                None => break (&mut kicked).await,
             },
             msg = socket.recv() => {
                 last_heard = Instant::now();
                 match msg {
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
                     Some(Ok(Message::Text(text))) => {
-                        match client_frame(&app, &mut identity, text.as_str()).await {
+                        let before = identity.expires_at;
+                        let handled = client_frame(&app, &mut identity, text.as_str()).await;
+                        if identity.expires_at != before {
+                            // A refresh: new deadlines, and a new warning before the new expiry.
+                            let (expires, warn_at) = deadlines(&app, &identity);
+                            expiry.as_mut().reset(expires);
+                            warning.as_mut().reset(warn_at);
+                        }
+                        match handled {
                             Ok(Some(reply)) => {
                                 let write = socket.send(Message::Text(reply.into()));
-                                match guarded(write, &kick, &app, patience).await {
+                                match guarded(write, kicked.as_mut(), stopping.as_mut(), patience).await {
                                     Ok(()) => {}
                                     Err(Abandoned::Kicked(reason)) => break reason,
                                     Err(gone) => return gone.record(),
@@ -176,22 +189,22 @@ async fn session(
                     Some(Ok(_)) => {}
                 }
             }
-            _ = sleep_until(next_ping) => {
+            _ = &mut ping => {
                 if last_heard.elapsed() > keepalive * 2 {
                     metrics::counter!("changecast_dead_peers_total").increment(1);
                     return;
                 }
                 let write = socket.send(Message::Ping(Default::default()));
-                match guarded(write, &kick, &app, patience).await {
+                match guarded(write, kicked.as_mut(), stopping.as_mut(), patience).await {
                     Ok(()) => {}
                     Err(Abandoned::Kicked(reason)) => break reason,
                     Err(gone) => return gone.record(),
                 }
-                next_ping = Instant::now() + keepalive;
+                ping.as_mut().reset(Instant::now() + keepalive);
             }
         }
     };
-    end(app, socket, sub, reason, patience).await
+    end(&app, socket, sub, reason, patience).await
 }
 
 /// Ends a subscribed connection: leaves the hub at once (its queue is freed and nothing
@@ -199,7 +212,7 @@ async fn session(
 /// `patience` to take the close frame (after what its buffers already hold) before the
 /// connection is dropped; on shutdown only a moment.
 async fn end(
-    app: Arc<App>,
+    app: &App,
     socket: WebSocket,
     sub: Subscription,
     reason: CloseReason,
@@ -265,15 +278,15 @@ impl Abandoned {
 /// sees it end and resumes with `since`.
 async fn guarded(
     write: impl Future<Output = Result<(), axum::Error>>,
-    kick: &Kick,
-    app: &App,
+    kicked: Pin<&mut impl Future<Output = CloseReason>>,
+    stopping: Pin<&mut impl Future<Output = ()>>,
     patience: Duration,
 ) -> Result<(), Abandoned> {
     tokio::select! {
         biased;
         written = write => written.map_err(|_| Abandoned::Failed),
-        reason = kick.kicked() => Err(Abandoned::Kicked(reason)),
-        _ = app.shutdown.cancelled() => Err(Abandoned::Kicked(CloseReason::Restarting)),
+        reason = kicked => Err(Abandoned::Kicked(reason)),
+        _ = stopping => Err(Abandoned::Kicked(CloseReason::Restarting)),
         _ = tokio::time::sleep(patience) => Err(Abandoned::Stalled),
     }
 }
@@ -332,9 +345,14 @@ async fn auth_frame(
     }
 }
 
-fn expiry_instant(identity: &Identity) -> Instant {
+/// When the token expires, and when to warn about it.
+fn deadlines(app: &App, identity: &Identity) -> (Instant, Instant) {
     let left = identity.expires_at.saturating_sub(now_secs());
-    Instant::now() + Duration::from_secs(left)
+    let expires = Instant::now() + Duration::from_secs(left);
+    let warn_at = expires
+        .checked_sub(app.expiry_warning)
+        .unwrap_or_else(Instant::now);
+    (expires, warn_at)
 }
 
 /// Sends a close frame (the peer has `within` to take it), then gives the peer a moment
