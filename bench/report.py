@@ -29,7 +29,7 @@ for r in rows:
 out = []
 for wl, title in [("a", "(a) per-user events: each change to one user, 1–3 connections per user"),
                   ("b", "(b) account-wide events: each change to every user of a business"),
-                  ("e", "(e) 1% of clients stop reading (per-user workload)")]:
+                  ("bmax", "(b) account-wide events at 1M deliveries/s offered: capacity")]:
     present = [s for s in servers if (wl, s) in by]
     if not present: continue
     ex = by[(wl, present[0])][0]
@@ -49,13 +49,25 @@ for wl, title in [("a", "(a) per-user events: each change to one user, 1–3 con
                    f"{fmt(med(rs, lambda r: r.get('p50_ms')), 2)} | {fmt(p99, 2)}{ratio(p99, base['p99'])} | {fmt(med(rs, lambda r: r.get('p999_ms')), 2)} | "
                    f"{fmt(med(rs, lambda r: r.get('max_ms')), 1)} | {fmt(med(rs, lambda r: r.get('lost')), 0)} | {fmt(med(rs, lambda r: r.get('errors')), 0)} | "
                    f"{fmt(med(rs, lambda r: r.get('server_cpu_s')), 2)} | {fmt(med(rs, lambda r: r['received'] / r['server_cpu_s'] if r.get('server_cpu_s') else None), 0)} | {fmt(med(rs, lambda r: r.get('rss_max_kb', 0) / 1024), 1)} |")
-    if wl == "e":
-        for s in present:
-            rs = by[(wl, s)]
-            out.append(f"\n{s}: stalled connections {fmt(med(rs, lambda r: r.get('stalled')), 0)}, closed with 4008 (median) "
-                       f"{fmt(med(rs, lambda r: r.get('stalled_closed_4008')), 0)}; server RSS at start "
-                       f"{fmt(med(rs, lambda r: r.get('rss0_kb', 0) / 1024), 1)} MiB, max {fmt(med(rs, lambda r: r.get('rss_max_kb', 0) / 1024), 1)} MiB, "
-                       f"end {fmt(med(rs, lambda r: r.get('rss_end_kb', 0) / 1024), 1)} MiB.")
+
+present = [s for s in servers if ("e", s) in by]
+if present:
+    ex = by[("e", present[0])][0]
+    out.append("\n### (e) 1% of clients stop reading: the others' latency and the server's memory\n")
+    out.append(f"{ex.get('requested')} connections, account-wide, writer {ex.get('writer', {}).get('rows_per_s', 0):.0f} orders/s, "
+               f"the same run without (e0) and with {ex.get('stalled')} connections that never read after `ready` (e); medians; "
+               "latency and losses are the reading connections'.\n")
+    out.append("| server | runs | p99 ms without | p99 ms with | p99.9 ms with | lost | errors | stalled cut off by the server | RSS max MiB without | RSS max MiB with | RSS end MiB with |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for s in present:
+        rs, r0 = by[("e", s)], by.get(("e0", s), [])
+        cut = lambda r: sum(v for k, v in r.get("stalled_close_codes", {}).items() if k != "none")
+        out.append(f"| {s} | {len([r for r in rs if not r.get('failed')])}/{len(rs)} | {fmt(med(r0, lambda r: r.get('p99_ms')), 2)} | "
+                   f"{fmt(med(rs, lambda r: r.get('p99_ms')), 2)} | {fmt(med(rs, lambda r: r.get('p999_ms')), 2)} | "
+                   f"{fmt(med(rs, lambda r: r.get('lost')), 0)} | {fmt(med(rs, lambda r: r.get('errors')), 0)} | "
+                   f"{fmt(med(rs, cut), 0)} of {fmt(med(rs, lambda r: r.get('stalled')), 0)} (codes: {rs[-1].get('stalled_close_codes', {})}) | "
+                   f"{fmt(med(r0, lambda r: r.get('rss_max_kb', 0) / 1024), 1)} | {fmt(med(rs, lambda r: r.get('rss_max_kb', 0) / 1024), 1)} | "
+                   f"{fmt(med(rs, lambda r: r.get('rss_end_kb', 0) / 1024), 1)} |")
 
 present = [s for s in servers if ("c", s) in by]
 if present:

@@ -5,7 +5,8 @@
 //! - `init`: creates the benchmark database (the demo's `businesses`, `users`, `orders`
 //!   schema), with users `u0..u{M-1}`; user `uJ` belongs to business `b{J % B}`.
 //! - `write`: inserts orders at a given rate for a given duration (the writer on its own).
-//! - `run`: opens N authenticated WebSocket connections, waits for every `ready`, then writes
+//! - `run`: opens N authenticated WebSocket connections, waits for every `ready` (or every
+//!   101 with `--ready-on-open`, for servers that send no `ready`), then writes
 //!   orders from a thread of its own (the same writer as `write`) and measures every event.
 //!   `--idle` only holds the connections (memory and connection-count measurements).
 //!
@@ -121,6 +122,11 @@ struct RunArgs {
     /// Touch this file once every connection is ready (idle mode: while holding).
     #[arg(long)]
     ready_file: Option<String>,
+    /// Count a connection as ready once its HTTP 101 handshake completes, without waiting for
+    /// a `ready` event: for servers that send none (nginx + nchan), which must have
+    /// subscribed the connection by the time they answer 101.
+    #[arg(long)]
+    ready_on_open: bool,
     /// Fraction of connections that never read after `ready` (slow consumers).
     #[arg(long, default_value_t = 0.0)]
     stall_fraction: f64,
@@ -136,6 +142,9 @@ struct RunArgs {
     #[arg(long, default_value = "")]
     label: String,
 }
+
+/// SO_RCVBUF of the stalled connections (`--stall-fraction`).
+const STALLED_RCVBUF: u32 = 4096;
 
 fn now_us() -> u64 {
     SystemTime::now()
@@ -388,6 +397,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         .write_buffer_size(0)
         .max_write_buffer_size(64 * 1024);
     let idle = a.idle;
+    let ready_on_open = a.ready_on_open;
     let multi_bind = a.bind.len() > 1 || a.bind[0] != IpAddr::from([127, 0, 0, 1]);
 
     let t_connect = Instant::now();
@@ -441,6 +451,12 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                     return r;
                 }
             }
+            // A client that stops reading with a small receive window, as a frozen tab on a
+            // real network has: on loopback the kernel would otherwise absorb megabytes per
+            // socket before the server's own queue sees any of it.
+            if stalled {
+                let _ = sock.set_recv_buffer_size(STALLED_RCVBUF);
+            }
             let stream = match sock.connect(target).await {
                 Ok(s) => s,
                 Err(_) => {
@@ -456,19 +472,21 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                     return r;
                 }
             };
-            // Wait for `ready`.
-            loop {
-                match ws.next().await {
-                    Some(Ok(Message::Text(t))) if t.as_str().starts_with("{\"type\":\"ready\"") => break,
-                    Some(Ok(Message::Text(_))) | Some(Ok(Message::Ping(_))) | Some(Ok(Message::Pong(_))) => {}
-                    Some(Ok(Message::Close(f))) => {
-                        r.close_code = f.map(|f| u16::from(f.code));
-                        shared.handshake_errors.fetch_add(1, Relaxed);
-                        return r;
-                    }
-                    _ => {
-                        shared.handshake_errors.fetch_add(1, Relaxed);
-                        return r;
+            // Wait for `ready` (unless the 101 is the signal).
+            if !ready_on_open {
+                loop {
+                    match ws.next().await {
+                        Some(Ok(Message::Text(t))) if t.as_str().starts_with("{\"type\":\"ready\"") => break,
+                        Some(Ok(Message::Text(_))) | Some(Ok(Message::Ping(_))) | Some(Ok(Message::Pong(_))) => {}
+                        Some(Ok(Message::Close(f))) => {
+                            r.close_code = f.map(|f| u16::from(f.code));
+                            shared.handshake_errors.fetch_add(1, Relaxed);
+                            return r;
+                        }
+                        _ => {
+                            shared.handshake_errors.fetch_add(1, Relaxed);
+                            return r;
+                        }
                     }
                 }
             }
@@ -587,6 +605,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         println!(
             "{}",
             json!({"label": a.label, "mode": "idle", "requested": a.conns, "connections": held,
+                   "ready_on_open": a.ready_on_open,
                    "connect_errors": shared.connect_errors.load(Relaxed),
                    "handshake_errors": shared.handshake_errors.load(Relaxed),
                    "connect_seconds": connect_secs})
@@ -688,6 +707,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         "{}",
         json!({
             "label": a.label, "mode": "run", "connections": ready, "requested": a.conns,
+            "ready_on_open": a.ready_on_open,
             "users": users, "keys": keys.len(), "measured_connections": measured,
             "connect_seconds": connect_secs,
             "writer": write_json,
