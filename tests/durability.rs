@@ -371,6 +371,52 @@ async fn metrics_count_what_happened_and_readyz_explains_itself() {
     running.stop().await.unwrap();
 }
 
+/// An SSE reader that stops reading, with full buffers, is cut off when its queue
+/// overflows and leaves the hub, though the server's writes to it are blocked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sse_reader_that_stops_reading_leaves_the_hub() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = Db::new();
+    let gw = Gateway::start(&db.config("", 5000)).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut raw = socket.connect(gw.addr).await.unwrap();
+    let request = format!(
+        "GET /v1/sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        token_for("u1")
+    );
+    raw.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 256];
+    let n = raw.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let hub = std::sync::Arc::clone(&gw.running.app.hub);
+    assert_eq!(hub.connection_count(), 1);
+
+    // ~4 MB of events that the reader never takes.
+    let payload = "p".repeat(20_000);
+    for chunk in (0..200).collect::<Vec<_>>().chunks(50) {
+        let mut sql = String::from("BEGIN;");
+        for i in chunk {
+            sql.push_str(&format!(
+                "INSERT INTO orders VALUES ('o{i}', 'b1', 'i1', 1, '{payload}');"
+            ));
+        }
+        sql.push_str("COMMIT;");
+        db.exec(&sql);
+    }
+    let mut dropped = false;
+    for _ in 0..250 {
+        if hub.connection_count() == 0 {
+            dropped = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(dropped, "the stalled SSE stream left the hub");
+    drop(raw);
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_peers_are_dropped_and_sse_streams_get_keepalive_comments() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
