@@ -1,4 +1,7 @@
-// Bun peer: Bun.serve's built-in WebSocket server (uWebSockets) with a user -> Set<socket> map.
+// Bun peer: Bun.serve's built-in WebSocket server (uWebSockets). Per-user events go through a
+// user -> Set<socket> map; account-wide events use Bun's own pub/sub, the way a Bun app fans
+// out to a group: each socket subscribes to its business's topic and one server.publish()
+// reaches them all (uWebSockets' topic tree, with its own batching per socket).
 import { Database } from "bun:sqlite";
 const { verify, changeEvent, readyEvent, router } = require("./common.js");
 
@@ -6,8 +9,12 @@ const { PORT = "8091", DB, SECRET, MODE = "user" } = process.env;
 const db = new Database(DB, { readonly: true });
 const route = router(MODE, db);
 const sockets = new Map();
+const businessOf = new Map();
+if (MODE === "business") {
+  for (const u of db.query("SELECT _id, business_id FROM users").all()) businessOf.set(u._id, u.business_id);
+}
 
-Bun.serve({
+const server = Bun.serve({
   port: Number(PORT),
   hostname: "127.0.0.1",
   fetch(req, server) {
@@ -23,8 +30,13 @@ Bun.serve({
     perMessageDeflate: false,
     open(ws) {
       const u = ws.data.user;
-      if (!sockets.has(u)) sockets.set(u, new Set());
-      sockets.get(u).add(ws);
+      if (MODE === "business") {
+        const b = businessOf.get(u);
+        if (b != null) ws.subscribe("business." + b);
+      } else {
+        if (!sockets.has(u)) sockets.set(u, new Set());
+        sockets.get(u).add(ws);
+      }
       ws.send(readyEvent(u));
     },
     message() {},
@@ -43,6 +55,10 @@ function poll() {
     for (const row of rows) {
       last = row.r;
       const json = changeEvent(row);
+      if (MODE === "business") {
+        server.publish("business." + row.creator_id, json);
+        continue;
+      }
       for (const user of route(row)) {
         const s = sockets.get(user);
         if (s) for (const ws of s) ws.send(json);
