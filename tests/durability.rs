@@ -141,23 +141,66 @@ async fn keys(mut ws: Ws, n: usize) -> Vec<String> {
     out
 }
 
+/// A WebSocket client of `user` that will not read, with a 4 KiB receive buffer so that
+/// its stall reaches the server quickly; returned after its `ready`.
+async fn stalled_reader(gw: &Gateway, user: &str) -> Ws {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(gw.addr).await.unwrap();
+    let url = gw.ws_url(&format!("token={}", token_for(user)));
+    let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+    let (socket, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
+    let mut ws = Ws { socket };
+    assert_eq!(ws.next().await["type"], "ready");
+    ws
+}
+
+/// Pause between transactions of [`write_large_orders`]: an application's steady stream.
+const PACE: std::time::Duration = std::time::Duration::from_millis(25);
+
+/// Inserts orders `o0..o{n-1}` of 20 KB each into the business `business(i)`, 50 per
+/// transaction, `pace` apart.
+async fn write_large_orders(
+    db: &Db,
+    n: usize,
+    business: impl Fn(usize) -> &'static str,
+    pace: std::time::Duration,
+) {
+    let payload = "p".repeat(20_000);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(50) {
+        let mut sql = String::from("BEGIN;");
+        for &i in chunk {
+            let b = business(i);
+            sql.push_str(&format!(
+                "INSERT INTO orders VALUES ('o{i}', '{b}', 'i1', 1, '{payload}');"
+            ));
+        }
+        sql.push_str("COMMIT;");
+        db.exec(&sql);
+        tokio::time::sleep(pace).await;
+    }
+}
+
+/// Waits up to 5 s for the hub to hold `n` connections.
+async fn connections_reach(hub: &changecast::hub::Hub, n: usize) -> bool {
+    for _ in 0..250 {
+        if hub.connection_count() == n {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    false
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_client_is_cut_off_with_4008_others_keep_receiving_and_it_resumes_without_loss() {
     let db = Db::new();
     let gw = Gateway::start(&db.config("send_queue = 64\nsend_queue_bytes = 1048576", 5000)).await;
-    // A reader that never reads, with a small receive buffer so the stall shows quickly.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(gw.addr).await.unwrap();
-    let url = gw.ws_url(&format!("token={}", token_for("u1")));
-    let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
-    let (socket, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
-    let mut stalled = Ws { socket };
-    assert_eq!(stalled.next().await["type"], "ready");
+    let mut stalled = stalled_reader(&gw, "u1").await;
     let (sibling, _) = Ws::user(&gw, "u1", None).await;
     let (other, _) = Ws::user(&gw, "u2", None).await;
 
-    // Large events, written in paced transactions (an application's steady stream).
+    // Large events, written in paced transactions.
     let n = 1000;
     let mine: Vec<String> = (0..n)
         .filter(|i| i % 4 != 3)
@@ -169,19 +212,7 @@ async fn a_stalled_client_is_cut_off_with_4008_others_keep_receiving_and_it_resu
         .collect();
     let sibling = tokio::spawn(keys(sibling, mine.len()));
     let other = tokio::spawn(keys(other, theirs.len()));
-    let payload = "p".repeat(20_000);
-    for chunk in (0..n).collect::<Vec<_>>().chunks(50) {
-        let mut sql = String::from("BEGIN;");
-        for i in chunk {
-            let b = if i % 4 == 3 { "b2" } else { "b1" };
-            sql.push_str(&format!(
-                "INSERT INTO orders VALUES ('o{i}', '{b}', 'i1', 1, '{payload}');"
-            ));
-        }
-        sql.push_str("COMMIT;");
-        db.exec(&sql);
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
+    write_large_orders(&db, n, |i| if i % 4 == 3 { "b2" } else { "b1" }, PACE).await;
     // The others get everything, in order, while the stalled one is not reading.
     assert_eq!(sibling.await.unwrap(), mine);
     assert_eq!(other.await.unwrap(), theirs);
@@ -217,14 +248,7 @@ async fn a_stalled_client_is_cut_off_with_4008_others_keep_receiving_and_it_resu
 async fn a_kicked_reader_leaves_the_hub_at_once_and_still_gets_its_4008() {
     let db = Db::new();
     let gw = Gateway::start(&db.config("send_queue = 64\nsend_queue_bytes = 1048576", 5000)).await;
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(gw.addr).await.unwrap();
-    let url = gw.ws_url(&format!("token={}", token_for("u1")));
-    let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
-    let (socket, _) = tokio_tungstenite::client_async(url, stream).await.unwrap();
-    let mut stalled = Ws { socket };
-    assert_eq!(stalled.next().await["type"], "ready");
+    let mut stalled = stalled_reader(&gw, "u1").await;
     let (other, _) = Ws::user(&gw, "u2", None).await;
     let hub = std::sync::Arc::clone(&gw.running.app.hub);
     assert_eq!(hub.connection_count(), 2);
@@ -237,19 +261,7 @@ async fn a_kicked_reader_leaves_the_hub_at_once_and_still_gets_its_4008() {
         .map(|i| format!("o{i}"))
         .collect();
     let other = tokio::spawn(keys(other, theirs.len()));
-    let payload = "p".repeat(20_000);
-    for chunk in (0..n).collect::<Vec<_>>().chunks(50) {
-        let mut sql = String::from("BEGIN;");
-        for i in chunk {
-            let b = if i % 8 == 7 { "b2" } else { "b1" };
-            sql.push_str(&format!(
-                "INSERT INTO orders VALUES ('o{i}', '{b}', 'i1', 1, '{payload}');"
-            ));
-        }
-        sql.push_str("COMMIT;");
-        db.exec(&sql);
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
+    write_large_orders(&db, n, |i| if i % 8 == 7 { "b2" } else { "b1" }, PACE).await;
     assert_eq!(
         other.await.unwrap(),
         theirs,
@@ -258,16 +270,8 @@ async fn a_kicked_reader_leaves_the_hub_at_once_and_still_gets_its_4008() {
 
     // The stalled reader has read nothing since `ready`, and is out of the hub already
     // (the other user's connection closed when its reader finished).
-    let mut left = false;
-    for _ in 0..250 {
-        if hub.connection_count() == 0 {
-            left = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
     assert!(
-        left,
+        connections_reach(&hub, 0).await,
         "the kicked connection left the hub before its peer read again"
     );
 
@@ -393,26 +397,11 @@ async fn an_sse_reader_that_stops_reading_leaves_the_hub() {
     assert_eq!(hub.connection_count(), 1);
 
     // ~4 MB of events that the reader never takes.
-    let payload = "p".repeat(20_000);
-    for chunk in (0..200).collect::<Vec<_>>().chunks(50) {
-        let mut sql = String::from("BEGIN;");
-        for i in chunk {
-            sql.push_str(&format!(
-                "INSERT INTO orders VALUES ('o{i}', 'b1', 'i1', 1, '{payload}');"
-            ));
-        }
-        sql.push_str("COMMIT;");
-        db.exec(&sql);
-    }
-    let mut dropped = false;
-    for _ in 0..250 {
-        if hub.connection_count() == 0 {
-            dropped = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert!(dropped, "the stalled SSE stream left the hub");
+    write_large_orders(&db, 200, |_| "b1", std::time::Duration::ZERO).await;
+    assert!(
+        connections_reach(&hub, 0).await,
+        "the stalled SSE stream left the hub"
+    );
     drop(raw);
     gw.stop().await;
 }
