@@ -7,7 +7,9 @@
 //!
 //! One task per connection runs one `select!` loop: it writes queued frames (the hub's
 //! shared bytes, no copy), answers client frames (`ping`, `refresh`), sends keepalive
-//! pings and closes on a kick (4008), token expiry (4001) or shutdown (1012). Bad
+//! pings and closes on a kick (4008), token expiry (4001) or shutdown (1012). Every write
+//! races the kick, shutdown and two keepalive periods, so a peer that stopped reading can
+//! delay none of them. Bad
 //! credentials are reported with a close frame after the upgrade, because a browser cannot
 //! read the status of a refused upgrade.
 
