@@ -19,6 +19,7 @@
 //! Called from blocking threads only (`spawn_blocking`): SQLite calls block.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -301,26 +302,49 @@ impl HistoryStore {
                 set_meta_u64(&tx, "floor", x as u64)?;
             }
         }
+        // Users with more than `max_per_user` events: each audience's events are counted
+        // once, not once per member.
         let crowded: Vec<String> = tx
             .prepare(
-                "SELECT m.user FROM members m JOIN events e ON e.audience = m.audience \
-                 GROUP BY m.user HAVING COUNT(*) > ?1",
+                "SELECT m.user FROM members m JOIN \
+                 (SELECT audience, COUNT(*) AS n FROM events GROUP BY audience) c \
+                 ON c.audience = m.audience GROUP BY m.user HAVING SUM(c.n) > ?1",
             )?
             .query_map([max_per_user as i64], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
-        for user in crowded {
-            let cut: i64 = tx.query_row(
-                "SELECT seq FROM events \
-                 WHERE audience IN (SELECT audience FROM members WHERE user = ?1) \
-                 ORDER BY seq DESC LIMIT 1 OFFSET ?2",
-                params![user, max_per_user as i64],
-                |r| r.get(0),
-            )?;
-            pruned.floors_raised += tx.execute(
-                "INSERT INTO user_floors VALUES (?1, ?2) \
-                 ON CONFLICT(user) DO UPDATE SET floor = excluded.floor WHERE excluded.floor > floor",
-                params![user, cut],
-            )? as u64;
+        // A user's floor is their (max_per_user + 1)-th newest event: it is among the newest
+        // max_per_user + 1 of one of their audiences, which are read once per audience.
+        {
+            let mut newest: HashMap<i64, Vec<i64>> = HashMap::new();
+            let mut audiences_of = tx.prepare("SELECT audience FROM members WHERE user = ?1")?;
+            let mut newest_of = tx
+                .prepare("SELECT seq FROM events WHERE audience = ?1 ORDER BY seq DESC LIMIT ?2")?;
+            for user in crowded {
+                let mut seqs = Vec::new();
+                for audience in audiences_of.query_map([&user], |r| r.get::<_, i64>(0))? {
+                    let audience = audience?;
+                    let top = match newest.entry(audience) {
+                        Entry::Occupied(e) => e.into_mut(),
+                        Entry::Vacant(e) => e.insert(
+                            newest_of
+                                .query_map(params![audience, max_per_user as i64 + 1], |r| {
+                                    r.get(0)
+                                })?
+                                .collect::<Result<Vec<i64>, _>>()?,
+                        ),
+                    };
+                    seqs.extend_from_slice(top);
+                }
+                seqs.sort_unstable_by(|a, b| b.cmp(a));
+                let Some(&cut) = seqs.get(max_per_user) else {
+                    continue; // counted above, so not reached
+                };
+                pruned.floors_raised += tx.execute(
+                    "INSERT INTO user_floors VALUES (?1, ?2) \
+                     ON CONFLICT(user) DO UPDATE SET floor = excluded.floor WHERE excluded.floor > floor",
+                    params![user, cut],
+                )? as u64;
+            }
         }
         // Events none of their recipients can replay any more.
         let dead: Vec<(i64, i64)> = tx
