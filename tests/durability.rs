@@ -155,10 +155,12 @@ async fn stalled_reader(gw: &Gateway, user: &str) -> Ws {
     ws
 }
 
-/// Pause between transactions of [`write_large_orders`]: an application's steady stream.
-const PACE: std::time::Duration = std::time::Duration::from_millis(25);
+/// Pause between transactions of [`write_large_orders`]: an application's steady stream
+/// (500 orders/s of 20 KB), not bursts of megabytes; a reading client's queue (64 events)
+/// then covers a pause of 100 ms or more in its reads on a busy machine.
+const PACE: std::time::Duration = std::time::Duration::from_millis(20);
 
-/// Inserts orders `o0..o{n-1}` of 20 KB each into the business `business(i)`, 50 per
+/// Inserts orders `o0..o{n-1}` of 20 KB each into the business `business(i)`, 10 per
 /// transaction, `pace` apart.
 async fn write_large_orders(
     db: &Db,
@@ -167,7 +169,7 @@ async fn write_large_orders(
     pace: std::time::Duration,
 ) {
     let payload = "p".repeat(20_000);
-    for chunk in (0..n).collect::<Vec<_>>().chunks(50) {
+    for chunk in (0..n).collect::<Vec<_>>().chunks(10) {
         let mut sql = String::from("BEGIN;");
         for &i in chunk {
             let b = business(i);
