@@ -145,17 +145,16 @@ impl CachedLookup {
         }
         let collection = query.collection.clone();
         let docs = self.miss(query, key.clone()).await?;
-        let ids = pick_ids(&docs, pick);
+        // Picked once, and kept with the answer just stored (unless caching is off).
         let mut inner = self.lock();
-        if let Some(answer) = inner
+        match inner
             .collections
             .get_mut(&collection)
             .and_then(|c| c.answers.get_mut(&key))
-            && Arc::ptr_eq(&answer.docs, &docs)
         {
-            answer.picks.push((pick.clone(), Arc::clone(&ids)));
+            Some(answer) if Arc::ptr_eq(&answer.docs, &docs) => Ok(answer.ids(pick)),
+            _ => Ok(pick_ids(&docs, pick)),
         }
-        Ok(ids)
     }
 
     /// `read` of the cached answer to `key`, counting the hit or the miss.

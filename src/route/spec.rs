@@ -338,10 +338,7 @@ pub fn pick_ids(docs: &[Value], pick: &FieldPath) -> Recipients {
     for d in docs {
         let _ = collect_ids(pick, d, &mut set);
     }
-    let mut all = set.loose;
-    all.sort_unstable();
-    all.dedup();
-    all.into()
+    set.finish()
 }
 
 /// Adds the user ids that `spec` yields for `doc` to `out`.

@@ -123,48 +123,38 @@ async fn session(
         }
         socket.flush().await
     };
-    match guarded(write, kicked.as_mut(), stopping.as_mut(), patience).await {
-        Ok(()) => {}
-        Err(Abandoned::Kicked(reason)) => return end(&app, socket, sub, reason, patience).await,
-        Err(gone) => return gone.record(),
+    if let Err(ended) = guarded(write, kicked.as_mut(), stopping.as_mut(), patience).await {
+        return finish(&app, socket, sub, ended, patience).await;
     }
 
     let mut last_heard = Instant::now();
     // The expiry a warning was sent for: a refresh moves the expiry, and a new warning is due.
     let mut warned_for = 0;
-    let reason = loop {
-        tokio::select! {
+    let ended = loop {
+        let step = tokio::select! {
             biased;
-            reason = &mut kicked => break reason,
-            _ = &mut stopping => break CloseReason::Restarting,
-            _ = &mut expiry => break CloseReason::TokenExpired,
+            reason = &mut kicked => Err(Ended::Close(reason)),
+            _ = &mut stopping => Err(Ended::Close(CloseReason::Restarting)),
+            _ = &mut expiry => Err(Ended::Close(CloseReason::TokenExpired)),
             _ = &mut warning, if warned_for != identity.expires_at => {
                 warned_for = identity.expires_at;
                 let left = identity.expires_at.saturating_sub(now_secs());
                 let warning = ServerEvent::Expiring { expires_in: left }.to_json();
                 let write = socket.send(Message::Text(warning.into()));
-                match guarded(write, kicked.as_mut(), stopping.as_mut(), patience).await {
-                    Ok(()) => {}
-                    Err(Abandoned::Kicked(reason)) => break reason,
-                    Err(gone) => return gone.record(),
-                }
+                guarded(write, kicked.as_mut(), stopping.as_mut(), patience).await
             }
             frame = sub.recv() => match frame {
                 Some(frame) => {
                     let write = write_batch(&mut socket, &mut sub, frame);
-                    match guarded(write, kicked.as_mut(), stopping.as_mut(), patience).await {
-                        Ok(()) => {}
-                        Err(Abandoned::Kicked(reason)) => break reason,
-                        Err(gone) => return gone.record(),
-                    }
+                    guarded(write, kicked.as_mut(), stopping.as_mut(), patience).await
                 }
                 // The hub dropped this connection; the kick says why.
-                None => break (&mut kicked).await,
+                None => Err(Ended::Close((&mut kicked).await)),
             },
             msg = socket.recv() => {
                 last_heard = Instant::now();
                 match msg {
-                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => Err(Ended::Gone),
                     Some(Ok(Message::Text(text))) => {
                         let before = identity.expires_at;
                         let handled = client_frame(&app, &mut identity, text.as_str()).await;
@@ -177,36 +167,41 @@ async fn session(
                         match handled {
                             Ok(Some(reply)) => {
                                 let write = socket.send(Message::Text(reply.into()));
-                                match guarded(write, kicked.as_mut(), stopping.as_mut(), patience).await {
-                                    Ok(()) => {}
-                                    Err(Abandoned::Kicked(reason)) => break reason,
-                                    Err(gone) => return gone.record(),
-                                }
+                                guarded(write, kicked.as_mut(), stopping.as_mut(), patience).await
                             }
-                            Ok(None) => {}
-                            Err(e) => break e.close_reason(),
+                            Ok(None) => Ok(()),
+                            Err(e) => Err(Ended::Close(e.close_reason())),
                         }
                     }
                     // Pings are answered by the protocol layer; pongs only prove liveness.
-                    Some(Ok(_)) => {}
+                    Some(Ok(_)) => Ok(()),
                 }
             }
             _ = &mut ping => {
-                if last_heard.elapsed() > keepalive * 2 {
-                    metrics::counter!("changecast_dead_peers_total").increment(1);
-                    return;
+                if last_heard.elapsed() > patience {
+                    Err(Ended::Dead)
+                } else {
+                    ping.as_mut().reset(Instant::now() + keepalive);
+                    let write = socket.send(Message::Ping(Default::default()));
+                    guarded(write, kicked.as_mut(), stopping.as_mut(), patience).await
                 }
-                let write = socket.send(Message::Ping(Default::default()));
-                match guarded(write, kicked.as_mut(), stopping.as_mut(), patience).await {
-                    Ok(()) => {}
-                    Err(Abandoned::Kicked(reason)) => break reason,
-                    Err(gone) => return gone.record(),
-                }
-                ping.as_mut().reset(Instant::now() + keepalive);
             }
+        };
+        if let Err(ended) = step {
+            break ended;
         }
     };
-    end(&app, socket, sub, reason, patience).await
+    finish(&app, socket, sub, ended, patience).await
+}
+
+/// Ends the session as `ended` says: with a close frame, or, for a peer that is gone or
+/// dead, by dropping the connection (counted).
+async fn finish(app: &App, socket: WebSocket, sub: Subscription, ended: Ended, patience: Duration) {
+    match ended {
+        Ended::Close(reason) => end(app, socket, sub, reason, patience).await,
+        Ended::Gone => {}
+        Ended::Dead => metrics::counter!("changecast_dead_peers_total").increment(1),
+    }
 }
 
 /// Ends a subscribed connection: leaves the hub at once (its queue is freed and nothing
@@ -249,47 +244,35 @@ async fn write_batch(
     socket.flush().await
 }
 
-/// Why a write to the client was given up on.
-enum Abandoned {
-    /// The socket failed: the peer is gone.
-    Failed,
-    /// Kicked while the write waited (4008 for a full queue, 4001, …).
-    Kicked(CloseReason),
-    /// The peer took none of it for two keepalive periods: it stopped reading.
-    Stalled,
-}
-
-impl Abandoned {
-    fn record(self) {
-        match self {
-            Abandoned::Failed => {}
-            Abandoned::Kicked(reason) => {
-                metrics::counter!("changecast_disconnects_total", "reason" => reason.label())
-                    .increment(1);
-            }
-            Abandoned::Stalled => metrics::counter!("changecast_dead_peers_total").increment(1),
-        }
-    }
+/// Why a session ends.
+enum Ended {
+    /// Close with this reason: a kick (4008, …), shutdown, token expiry, a bad client frame.
+    Close(CloseReason),
+    /// The peer is gone (a socket error, or its close frame): nothing left to send.
+    Gone,
+    /// The peer missed two keepalive periods, or took none of a write for that long: it
+    /// stopped reading or is unreachable.
+    Dead,
 }
 
 /// Runs a write unless the connection ends first: a kick, shutdown, or a peer that has not
 /// taken the bytes within `patience`. A socket whose peer stopped reading blocks the write
 /// once the kernel's buffers are full; without this the task would wait on it for as long
-/// as the TCP connection lives, deaf to its kick. A write given up on may have left half a
-/// frame on the wire, so the caller drops the connection with no close frame; the client
-/// sees it end and resumes with `since`.
+/// as the TCP connection lives, deaf to its kick. A write given up on leaves whole frames in
+/// the socket's buffer (the sink takes a frame whole or not at all), so a close frame can
+/// still follow them.
 async fn guarded(
     write: impl Future<Output = Result<(), axum::Error>>,
     kicked: Pin<&mut impl Future<Output = CloseReason>>,
     stopping: Pin<&mut impl Future<Output = ()>>,
     patience: Duration,
-) -> Result<(), Abandoned> {
+) -> Result<(), Ended> {
     tokio::select! {
         biased;
-        written = write => written.map_err(|_| Abandoned::Failed),
-        reason = kicked => Err(Abandoned::Kicked(reason)),
-        _ = stopping => Err(Abandoned::Kicked(CloseReason::Restarting)),
-        _ = tokio::time::sleep(patience) => Err(Abandoned::Stalled),
+        written = write => written.map_err(|_| Ended::Gone),
+        reason = kicked => Err(Ended::Close(reason)),
+        _ = stopping => Err(Ended::Close(CloseReason::Restarting)),
+        _ = tokio::time::sleep(patience) => Err(Ended::Dead),
     }
 }
 
