@@ -5,7 +5,11 @@
 //! — or an [`AuthError`] that maps to one close code / HTTP status.
 //!
 //! Tokens must carry `exp`, and the one configured algorithm is pinned: a token whose
-//! header names another algorithm, or `none`, is refused before its claims are read. HS256
+//! header names another algorithm, or `none`, is refused before its claims are read.
+//! `exp` and `nbf` (when present) are checked with `[auth] leeway`; an `exp` more than
+//! [`MAX_TOKEN_LIFETIME`] ahead is refused (no timer can honour it, and such a token is
+//! a mistake), and a fractional `exp` is read as the verifier reads it (rounded), so a
+//! connection expires exactly when its token does. HS256
 //! takes a shared secret; RS256, ES256 and EdDSA take exactly one public key source — a PEM
 //! file, a JWKS file or a JWKS URL (`keys.rs`). When `audience` / `issuer` are set, `aud` /
 //! `iss` must be present and one of them. The user is the value of a claim, or — as in the
@@ -30,6 +34,10 @@ use crate::source::{Lookup, Query};
 mod keys;
 
 use keys::{KeyMiss, KeySet, RemoteKeys, algorithm_name, pem_key};
+
+/// Tokens whose `exp` is further ahead than this are refused: ten years is beyond any
+/// sane session, and it keeps every deadline computed from `exp` far from overflow.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// Who a connection belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -283,6 +291,8 @@ impl AuthPlan {
         let mut validation = Validation::new(self.algorithm);
         let mut required = vec!["exp"];
         validation.leeway = self.leeway;
+        // Present `nbf` claims are checked (jsonwebtoken skips them by default).
+        validation.validate_nbf = true;
         validation.validate_aud = false;
         if let Some(aud) = &self.audience {
             validation.set_audience(aud);
@@ -505,7 +515,7 @@ impl Authenticator {
                 .map(|data| data.claims)
                 .map_err(invalid)
         };
-        match &self.keys {
+        let claims = match &self.keys {
             Keys::One(key) => decode(key),
             Keys::Set(set) => decode(set.get(kid).map_err(miss)?),
             Keys::Remote(remote) => {
@@ -520,7 +530,9 @@ impl Authenticator {
                     }
                 }
             }
-        }
+        }?;
+        expiry(&claims)?;
+        Ok(claims)
     }
 
     /// Checks the client id against the allow-list (when there is one).
@@ -545,7 +557,7 @@ impl Authenticator {
     /// Verifies `token` and resolves its user, without the client-id check.
     pub async fn identify_token(&self, token: &str) -> Result<Identity, AuthError> {
         let claims = self.verify(token)?;
-        let expires_at = claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
+        let expires_at = expiry(&claims)?;
         let user = self.resolve_user(&claims).await?;
         Ok(Identity { user, expires_at })
     }
@@ -597,6 +609,34 @@ impl Authenticator {
             }
         }
     }
+}
+
+/// The `exp` of verified claims, refused beyond [`MAX_TOKEN_LIFETIME`] from now.
+fn expiry(claims: &Map<String, Value>) -> Result<u64, AuthError> {
+    // The verifier required `exp` and parsed it the same way; this cannot miss.
+    let exp = claims
+        .get("exp")
+        .and_then(numeric_date)
+        .ok_or_else(|| AuthError::Invalid("`exp` is not a NumericDate".into()))?;
+    let horizon = now_secs().saturating_add(MAX_TOKEN_LIFETIME.as_secs());
+    if exp > horizon {
+        return Err(AuthError::Invalid(format!(
+            "`exp` is more than {} ahead",
+            humantime::format_duration(MAX_TOKEN_LIFETIME)
+        )));
+    }
+    Ok(exp)
+}
+
+/// A NumericDate (`exp`, `nbf`) exactly as jsonwebtoken's verifier reads it: a
+/// non-negative integer, or a finite non-negative number below 2^64, rounded.
+fn numeric_date(v: &Value) -> Option<u64> {
+    if let Some(n) = v.as_u64() {
+        return Some(n);
+    }
+    let f = v.as_f64().filter(|_| v.is_f64())?;
+    // `as` saturates; the bounds keep it exact where it matters.
+    (f.is_finite() && f >= 0.0 && f < u64::MAX as f64).then(|| f.round() as u64)
 }
 
 fn miss(e: KeyMiss) -> AuthError {

@@ -853,3 +853,91 @@ async fn the_refresh_stops_when_the_authenticator_is_dropped() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(server.hits(), after_drop);
 }
+
+/// An HS256 token with these claims, signed with the test secret.
+fn signed(claims: Value) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(SECRET),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn nbf_in_the_future_is_refused_and_in_the_past_accepted() {
+    let a = by_sub().await;
+    let now = now_secs();
+    let later = signed(json!({"sub": "u1", "exp": now + 600, "nbf": now + 300}));
+    let err = a.identify(&later, None).await.unwrap_err();
+    assert!(matches!(err, AuthError::Invalid(_)), "{err:?}");
+    let earlier = signed(json!({"sub": "u1", "exp": now + 600, "nbf": now - 10}));
+    assert_eq!(a.identify(&earlier, None).await.unwrap().user, "u1");
+    let bad = signed(json!({"sub": "u1", "exp": now + 600, "nbf": "tomorrow"}));
+    assert!(matches!(
+        a.identify(&bad, None).await,
+        Err(AuthError::Invalid(_))
+    ));
+}
+
+#[tokio::test]
+async fn an_exp_beyond_the_horizon_is_refused_without_overflow() {
+    let a = by_sub().await;
+    let now = now_secs();
+    for exp in [
+        json!(u64::MAX),
+        json!(u64::MAX - 1),
+        json!(1.8e19),
+        json!(now + MAX_TOKEN_LIFETIME.as_secs() + 60),
+    ] {
+        let token = signed(json!({"sub": "u1", "exp": exp}));
+        let err = a.identify(&token, None).await.unwrap_err();
+        assert!(
+            matches!(&err, AuthError::Invalid(m) if m.contains("exp")),
+            "{exp}: {err:?}"
+        );
+    }
+    // Just inside the horizon: accepted, and the connection's expiry is the token's.
+    let exp = now + MAX_TOKEN_LIFETIME.as_secs() - 60;
+    let id = a
+        .identify(&signed(json!({"sub": "u1", "exp": exp})), None)
+        .await
+        .unwrap();
+    assert_eq!(id.expires_at, exp);
+}
+
+#[tokio::test]
+async fn a_fractional_exp_expires_when_the_verifier_says() {
+    let a = by_sub().await;
+    let now = now_secs();
+    // jsonwebtoken rounds a fractional NumericDate; the connection's expiry must match.
+    for (exp, want) in [
+        (now as f64 + 120.4, now + 120),
+        (now as f64 + 120.6, now + 121),
+    ] {
+        let id = a
+            .identify(&signed(json!({"sub": "u1", "exp": exp})), None)
+            .await
+            .unwrap();
+        assert_eq!(id.expires_at, want, "exp {exp}");
+    }
+    for exp in [json!(-5), json!(f64::MIN), json!("soon"), json!(true)] {
+        let token = signed(json!({"sub": "u1", "exp": exp}));
+        assert!(
+            matches!(a.identify(&token, None).await, Err(AuthError::Invalid(_))),
+            "{exp}"
+        );
+    }
+}
+
+#[test]
+fn numeric_dates_are_read_as_the_verifier_reads_them() {
+    assert_eq!(numeric_date(&json!(10)), Some(10));
+    assert_eq!(numeric_date(&json!(10.49)), Some(10));
+    assert_eq!(numeric_date(&json!(10.5)), Some(11));
+    assert_eq!(numeric_date(&json!(u64::MAX)), Some(u64::MAX));
+    assert_eq!(numeric_date(&json!(-1)), None);
+    assert_eq!(numeric_date(&json!(-0.4)), None);
+    assert_eq!(numeric_date(&json!(2e19)), None);
+    assert_eq!(numeric_date(&json!("10")), None);
+}
