@@ -468,6 +468,153 @@ impl Config {
     }
 }
 
+/// The range a duration key accepts.
+struct DurationRange {
+    min: Duration,
+    max: Duration,
+}
+
+/// The range a size or count key accepts.
+struct SizeRange {
+    min: usize,
+    max: usize,
+}
+
+const fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+const HOUR: u64 = 3600;
+const DAY: u64 = 24 * HOUR;
+const MIB: usize = 1024 * 1024;
+
+/// Most changes read per SQLite batch: one batch is routed and stored in one transaction.
+pub const MAX_BATCH_SIZE: usize = 100_000;
+
+impl Config {
+    /// Checks that every duration and size key is in a range the server can honour: no
+    /// zero where zero would stop a task or refuse everyone, nothing so large that the
+    /// arithmetic on it overflows (timers, `now - max_age`) or that a bounded queue turns
+    /// into an allocation nobody can make. Each error names the key's config path.
+    /// [`crate::plan::Plan::compile`] runs this, so `check`, `serve` and `demo` agree.
+    pub fn check_ranges(&self, errors: &mut Vec<ConfigError>) {
+        let ms = Duration::from_millis;
+        let mut duration = |path: &str, value: Duration, range: DurationRange| {
+            let fmt = humantime::format_duration;
+            if value < range.min {
+                let message = if range.min == ms(1) {
+                    "must be greater than zero".to_string()
+                } else {
+                    format!("must be at least {}", fmt(range.min))
+                };
+                errors.push(ConfigError::new(path, message));
+            } else if value > range.max {
+                errors.push(ConfigError::new(
+                    path,
+                    format!("must be at most {} (got {})", fmt(range.max), fmt(value)),
+                ));
+            }
+        };
+        let s = &self.server;
+        let a = &self.auth;
+        let h = &self.history;
+        let r = |min, max| DurationRange { min, max };
+        duration("server.auth_timeout", s.auth_timeout, r(ms(1), secs(HOUR)));
+        duration("server.keepalive", s.keepalive, r(ms(1), secs(HOUR)));
+        duration("auth.leeway", a.leeway, r(Duration::ZERO, secs(HOUR)));
+        // Zero is refused with the other `jwks_url` checks (AuthPlan::compile).
+        if a.jwks_url.is_some() && !a.jwks_refresh.is_zero() {
+            duration("auth.jwks_refresh", a.jwks_refresh, r(secs(1), secs(DAY)));
+        }
+        duration(
+            "auth.expiry_warning",
+            a.expiry_warning,
+            r(Duration::ZERO, secs(DAY)),
+        );
+        duration("history.max_age", h.max_age, r(secs(1), secs(3650 * DAY)));
+        duration(
+            "history.prune_interval",
+            h.prune_interval,
+            r(secs(1), secs(DAY)),
+        );
+        match &self.source {
+            SourceConfig::Sqlite(q) => {
+                duration("source.poll_interval", q.poll_interval, r(ms(1), secs(60)))
+            }
+            SourceConfig::Mongodb(m) => duration(
+                "source.max_await_time",
+                m.max_await_time,
+                r(ms(1), secs(HOUR)),
+            ),
+        }
+        for (i, alert) in self.alerts.iter().enumerate() {
+            // Zero is refused where alerts are compiled ("or left out").
+            if let Some(c) = alert.cooldown.filter(|c| !c.is_zero()) {
+                duration(
+                    &format!("alert[{i}].cooldown"),
+                    c,
+                    r(ms(1), secs(365 * DAY)),
+                );
+            }
+        }
+
+        let mut size = |path: &str, value: usize, range: SizeRange| {
+            if value < range.min {
+                errors.push(ConfigError::new(
+                    path,
+                    format!("must be at least {}", range.min),
+                ));
+            } else if value > range.max {
+                errors.push(ConfigError::new(
+                    path,
+                    format!("must be at most {} (got {value})", range.max),
+                ));
+            }
+        };
+        let n = |min, max| SizeRange { min, max };
+        size("server.send_queue", s.send_queue, n(1, 1_000_000));
+        size(
+            "server.send_queue_bytes",
+            s.send_queue_bytes,
+            n(1024, 1024 * MIB),
+        );
+        size(
+            "server.socket_send_buffer",
+            s.socket_send_buffer,
+            n(0, 64 * MIB),
+        );
+        size(
+            "server.max_client_frame",
+            s.max_client_frame,
+            n(256, 16 * MIB),
+        );
+        size(
+            "server.max_connections",
+            s.max_connections,
+            n(1, 10_000_000),
+        );
+        size(
+            "server.max_connections_per_user",
+            s.max_connections_per_user,
+            n(1, 1_000_000),
+        );
+        size("history.max_per_user", h.max_per_user, n(1, 10_000_000));
+        size(
+            "history.memory_per_user",
+            h.memory_per_user,
+            n(0, 1_000_000),
+        );
+        size(
+            "lookups.cache_entries",
+            self.lookups.cache_entries,
+            n(0, 100_000_000),
+        );
+        if let SourceConfig::Sqlite(q) = &self.source {
+            size("source.batch_size", q.batch_size, n(1, MAX_BATCH_SIZE));
+        }
+    }
+}
+
 fn toml_error(text: &str, path: &str, e: &toml::de::Error) -> ConfigErrors {
     let line = e
         .span()
@@ -534,6 +681,103 @@ mod tests {
         let err = Config::parse(&text).unwrap_err();
         assert_eq!(err.0[0].path, "server.auth_timeout");
         assert!(err.0[0].message.contains("soon"), "{err}");
+    }
+
+    /// `MINIMAL` with `line` added to the `[section]` it names.
+    fn with(section: &str, line: &str) -> Config {
+        let text = if section == "source" {
+            MINIMAL.replace("path = \"app.db\"", &format!("path = \"app.db\"\n{line}"))
+        } else if section == "auth" {
+            MINIMAL.replace("[auth]", &format!("[auth]\n{line}"))
+        } else {
+            format!("[{section}]\n{line}\n{MINIMAL}")
+        };
+        Config::parse(&text).unwrap_or_else(|e| panic!("{line}: {e}"))
+    }
+
+    fn range_errors(config: &Config) -> Vec<String> {
+        let mut errors = Vec::new();
+        config.check_ranges(&mut errors);
+        errors.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn defaults_and_ordinary_values_are_in_range() {
+        assert_eq!(
+            range_errors(&Config::parse(MINIMAL).unwrap()),
+            Vec::<String>::new()
+        );
+        for (section, line) in [
+            ("server", "keepalive = \"1h\""),
+            ("server", "socket_send_buffer = 0"),
+            ("history", "prune_interval = \"1s\""),
+            ("history", "memory_per_user = 0"),
+            ("auth", "leeway = \"0s\""),
+            ("lookups", "cache_entries = 0"),
+            ("source", "poll_interval = \"1ms\""),
+        ] {
+            assert_eq!(
+                range_errors(&with(section, line)),
+                Vec::<String>::new(),
+                "{line}"
+            );
+        }
+    }
+
+    #[test]
+    fn out_of_range_values_are_named_by_their_path() {
+        let cases = [
+            (
+                "history",
+                "prune_interval = \"0s\"",
+                "history.prune_interval: must be at least 1s",
+            ),
+            (
+                "server",
+                "keepalive = \"300000000000y\"",
+                "server.keepalive: must be at most 1h",
+            ),
+            (
+                "server",
+                "auth_timeout = \"300000000000y\"",
+                "server.auth_timeout: must be at most 1h",
+            ),
+            (
+                "server",
+                "send_queue = 4611686018427387904",
+                "server.send_queue: must be at most 1000000",
+            ),
+            (
+                "auth",
+                "leeway = \"100y\"",
+                "auth.leeway: must be at most 1h",
+            ),
+            (
+                "history",
+                "max_age = \"0s\"",
+                "history.max_age: must be at least 1s",
+            ),
+            (
+                "source",
+                "batch_size = 0",
+                "source.batch_size: must be at least 1",
+            ),
+            (
+                "source",
+                "poll_interval = \"0s\"",
+                "source.poll_interval: must be greater than zero",
+            ),
+            (
+                "server",
+                "max_connections = 0",
+                "server.max_connections: must be at least 1",
+            ),
+        ];
+        for (section, line, expected) in cases {
+            let errors = range_errors(&with(section, line));
+            assert_eq!(errors.len(), 1, "{line}: {errors:?}");
+            assert!(errors[0].starts_with(expected), "{line}: {errors:?}");
+        }
     }
 
     #[test]

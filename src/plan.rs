@@ -48,18 +48,7 @@ impl Plan {
     pub fn compile(config: &Config) -> Result<Plan, ConfigErrors> {
         let mut errors = Vec::new();
         let source = match &config.source {
-            SourceConfig::Sqlite(s) => {
-                if s.poll_interval.is_zero() {
-                    errors.push(ConfigError::new(
-                        "source.poll_interval",
-                        "must be greater than zero",
-                    ));
-                }
-                if s.batch_size == 0 {
-                    errors.push(ConfigError::new("source.batch_size", "must be at least 1"));
-                }
-                Some(SourcePlan::Sqlite(s.clone()))
-            }
+            SourceConfig::Sqlite(s) => Some(SourcePlan::Sqlite(s.clone())),
             SourceConfig::Mongodb(m) => {
                 if !(m.uri.starts_with("mongodb://") || m.uri.starts_with("mongodb+srv://")) {
                     errors.push(ConfigError::new(
@@ -69,12 +58,6 @@ impl Plan {
                 }
                 if m.database.is_empty() {
                     errors.push(ConfigError::new("source.database", "must not be empty"));
-                }
-                if m.max_await_time.is_zero() {
-                    errors.push(ConfigError::new(
-                        "source.max_await_time",
-                        "must be greater than zero",
-                    ));
                 }
                 Some(SourcePlan::Mongodb(m.clone()))
             }
@@ -100,21 +83,8 @@ impl Plan {
         };
         let catalog = catalog.as_ref().map(|c| c as &dyn Catalog);
 
-        if config.server.send_queue == 0 {
-            errors.push(ConfigError::new("server.send_queue", "must be at least 1"));
-        }
-        if config.server.max_client_frame < 256 {
-            errors.push(ConfigError::new(
-                "server.max_client_frame",
-                "must be at least 256 bytes",
-            ));
-        }
-        if config.server.keepalive.is_zero() {
-            errors.push(ConfigError::new(
-                "server.keepalive",
-                "must be greater than zero",
-            ));
-        }
+        // Every duration and size key: zero, too large, overflow.
+        config.check_ranges(&mut errors);
 
         let auth = AuthPlan::compile(&config.auth, &mut errors);
         if let (Some(auth), Some(catalog)) = (&auth, catalog)

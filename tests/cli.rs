@@ -219,3 +219,219 @@ fn check_prints_the_mongodb_change_stream_request() {
     assert!(stdout.contains("\"$project\""), "{stdout}");
     assert!(stdout.contains("collMod"), "{stdout}");
 }
+
+/// Every duration and size key with a value the server cannot honour (zero where zero
+/// stops a task or refuses everyone, too large, overflowing): `(key, TOML line, error)`.
+/// `key` says where the line goes: `server`, `history`, `auth`, `source`, `alert`.
+const OUT_OF_RANGE: &[(&str, &str, &str)] = &[
+    (
+        "server",
+        "keepalive = \"0s\"",
+        "server.keepalive: must be greater than zero",
+    ),
+    (
+        "server",
+        "keepalive = \"300000000000y\"",
+        "server.keepalive: must be at most 1h",
+    ),
+    (
+        "server",
+        "keepalive = \"99999999999999999999999y\"",
+        "server.keepalive: ",
+    ),
+    (
+        "server",
+        "auth_timeout = \"0s\"",
+        "server.auth_timeout: must be greater than zero",
+    ),
+    (
+        "server",
+        "auth_timeout = \"300000000000y\"",
+        "server.auth_timeout: must be at most 1h",
+    ),
+    (
+        "server",
+        "send_queue = 0",
+        "server.send_queue: must be at least 1",
+    ),
+    (
+        "server",
+        "send_queue = 4611686018427387904",
+        "server.send_queue: must be at most",
+    ),
+    (
+        "server",
+        "send_queue_bytes = 0",
+        "server.send_queue_bytes: must be at least 1024",
+    ),
+    (
+        "server",
+        "send_queue_bytes = 4611686018427387904",
+        "server.send_queue_bytes: must be at most",
+    ),
+    (
+        "server",
+        "socket_send_buffer = 4611686018427387904",
+        "server.socket_send_buffer: must be at most",
+    ),
+    (
+        "server",
+        "max_client_frame = 100",
+        "server.max_client_frame: must be at least 256",
+    ),
+    (
+        "server",
+        "max_client_frame = 4611686018427387904",
+        "server.max_client_frame: must be at most",
+    ),
+    (
+        "server",
+        "max_connections = 0",
+        "server.max_connections: must be at least 1",
+    ),
+    (
+        "server",
+        "max_connections_per_user = 0",
+        "server.max_connections_per_user: must be at least 1",
+    ),
+    (
+        "history",
+        "prune_interval = \"0s\"",
+        "history.prune_interval: must be at least 1s",
+    ),
+    (
+        "history",
+        "prune_interval = \"100y\"",
+        "history.prune_interval: must be at most 1day",
+    ),
+    (
+        "history",
+        "max_age = \"0s\"",
+        "history.max_age: must be at least 1s",
+    ),
+    (
+        "history",
+        "max_age = \"300000000000y\"",
+        "history.max_age: must be at most",
+    ),
+    (
+        "history",
+        "memory_per_user = 4611686018427387904",
+        "history.memory_per_user: must be at most",
+    ),
+    (
+        "history-max",
+        "max_per_user = 0",
+        "history.max_per_user: must be at least 1",
+    ),
+    (
+        "auth",
+        "leeway = \"100y\"",
+        "auth.leeway: must be at most 1h",
+    ),
+    (
+        "auth",
+        "expiry_warning = \"100y\"",
+        "auth.expiry_warning: must be at most 1day",
+    ),
+    (
+        "source",
+        "poll_interval = \"0s\"",
+        "source.poll_interval: must be greater than zero",
+    ),
+    (
+        "source",
+        "poll_interval = \"100y\"",
+        "source.poll_interval: must be at most 1m",
+    ),
+    (
+        "source",
+        "batch_size = 0",
+        "source.batch_size: must be at least 1",
+    ),
+    (
+        "source",
+        "batch_size = 4611686018427387904",
+        "source.batch_size: must be at most",
+    ),
+    (
+        "lookups",
+        "cache_entries = 4611686018427387904",
+        "lookups.cache_entries: must be at most",
+    ),
+    (
+        "alert",
+        "cooldown = \"300000000000y\"",
+        "alert[0].cooldown: must be at most",
+    ),
+];
+
+/// The harness config with `line` put where `key` says.
+fn with_line(db: &Db, key: &str, line: &str) -> String {
+    let good = db.config("", 100);
+    let (anchor, replacement) = match key {
+        "server" => ("[server]\n", format!("[server]\n{line}\n")),
+        "history" => ("[history]\n", format!("[history]\n{line}\n")),
+        "history-max" => ("max_per_user = 100\n", format!("{line}\n")),
+        "auth" => ("[auth]\n", format!("[auth]\n{line}\n")),
+        "source" => ("poll_interval = \"2ms\"\n", format!("{line}\n")),
+        "lookups" => ("[[route]]\n", format!("[lookups]\n{line}\n\n[[route]]\n")),
+        "alert" => (
+            "name = \"stock_low\"\n",
+            format!("name = \"stock_low\"\n{line}\n"),
+        ),
+        other => panic!("no anchor for {other}"),
+    };
+    assert!(
+        good.contains(anchor),
+        "{anchor:?} not in the harness config"
+    );
+    good.replacen(anchor, &replacement, 1)
+}
+
+#[test]
+fn check_refuses_every_out_of_range_duration_and_size_naming_its_key() {
+    let db = Db::new();
+    let mut failures = Vec::new();
+    for (key, line, expected) in OUT_OF_RANGE {
+        let (code, _, stderr) = check(&db, &with_line(&db, key, line));
+        if code == 0 || !stderr.contains(expected) {
+            failures.push(format!(
+                "{line}: exit {code}, expected {expected:?} in:\n{stderr}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn serve_refuses_an_out_of_range_value_as_check_does() {
+    let db = Db::new();
+    let file = db.dir.path().join("serve.toml");
+    std::fs::write(&file, with_line(&db, "history", "prune_interval = \"0s\"")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_changecast"))
+        .args(["serve", "--config", file.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    // Bounded: a serve that started anyway would run until killed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("serve started with prune_interval = \"0s\"");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains("history.prune_interval: must be at least 1s"),
+        "{stderr}"
+    );
+}
