@@ -9,15 +9,24 @@
 //! connection is one task (see `transport`). Shutdown is one [`CancellationToken`]: the
 //! source stops reading, the router drains what was read, the source writes its last
 //! checkpoint, every client gets 1012, and the listener closes.
+//!
+//! Supervision: every long-running task (source, router, pruning, HTTP, the JWKS refresh)
+//! runs under a [`Supervisor`]. One that ends before shutdown — a panic, an error or a
+//! plain return — is logged, counted (`changecast_task_failures_total{task}`) and makes
+//! `/readyz` answer 503 with its reason until the process restarts; it never vanishes. The
+//! source and the router are the pipeline: when either ends the gateway stops.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context;
 
 use axum::serve::ListenerExt;
+use futures_util::FutureExt;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -61,6 +70,95 @@ pub struct App {
     /// How long before a token expires its connection is warned.
     pub expiry_warning: Duration,
     pub metrics: PrometheusHandle,
+    /// The background tasks' account: a task that died is a `/readyz` reason.
+    pub tasks: Arc<Supervisor>,
+}
+
+/// Watches the tasks that must run until shutdown. Written only when a task ends.
+pub struct Supervisor {
+    shutdown: CancellationToken,
+    /// Why each task that ended early did, in order.
+    died: Mutex<Vec<String>>,
+}
+
+impl Supervisor {
+    pub fn new(shutdown: CancellationToken) -> Arc<Supervisor> {
+        Arc::new(Supervisor {
+            shutdown,
+            died: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Spawns `fut` as the task `name`; its end is reported (see [`Supervisor::ended`]).
+    /// The handle gives the outcome: `Err` with the reason when it failed or panicked.
+    pub fn spawn<F, E>(
+        self: &Arc<Self>,
+        name: &'static str,
+        fut: F,
+    ) -> JoinHandle<Result<(), String>>
+    where
+        F: Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let outcome = match AssertUnwindSafe(fut).catch_unwind().await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(format!("failed: {e}")),
+                Err(panic) => Err(format!("panicked: {}", panic_text(&*panic))),
+            };
+            this.ended(name, &outcome);
+            outcome
+        })
+    }
+
+    /// Watches a task spawned elsewhere (the JWKS refresh lives in `auth`); the returned
+    /// watcher ends when it has reported.
+    pub fn watch(self: &Arc<Self>, name: &'static str, task: JoinHandle<()>) -> JoinHandle<()> {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let outcome = match task.await {
+                Ok(()) => Ok(()),
+                // Aborted: its owner was dropped, which happens on shutdown.
+                Err(e) if e.is_cancelled() => Ok(()),
+                Err(e) => Err(format!("panicked: {}", panic_text(&*e.into_panic()))),
+            };
+            this.ended(name, &outcome);
+        })
+    }
+
+    /// Records how a task ended: a failure always, a plain return when it came before
+    /// shutdown (these tasks run until then).
+    pub fn ended(&self, name: &'static str, outcome: &Result<(), String>) {
+        let why = match outcome {
+            Ok(()) if self.shutdown.is_cancelled() => return,
+            Ok(()) => "ended unexpectedly".to_string(),
+            Err(why) => why.clone(),
+        };
+        tracing::error!(task = name, "{name} task {why}");
+        metrics::counter!("changecast_task_failures_total", "task" => name).increment(1);
+        self.died
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(format!("{name} task {why}"));
+    }
+
+    /// `None` while every task runs; otherwise why they ended, `; `-separated.
+    pub fn problem(&self) -> Option<String> {
+        let died = self.died.lock().unwrap_or_else(PoisonError::into_inner);
+        (!died.is_empty()).then(|| died.join("; "))
+    }
+}
+
+/// The message of a panic payload.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".to_string()
+    }
 }
 
 /// The process-wide Prometheus recorder (the `metrics` facade has one global recorder).
@@ -171,6 +269,7 @@ pub async fn start(
         None => Hub::new(hub_config),
     });
     let shutdown = CancellationToken::new();
+    let tasks = Supervisor::new(shutdown.clone());
     // Publishing waits for the router; a small queue bounds how many wait.
     let (publish_tx, publish_rx) = mpsc::channel(64);
     let publish_keys = plan.publish_keys.clone();
@@ -179,6 +278,10 @@ pub async fn start(
         .build(Arc::clone(&lookup))
         .await
         .map_err(anyhow::Error::msg)?;
+    if let Some(refresh) = auth.take_refresh_task() {
+        // The watcher ends with the task; nothing waits for it.
+        drop(tasks.watch("jwks refresh", refresh));
+    }
     let app = Arc::new(App {
         hub: Arc::clone(&hub),
         auth,
@@ -190,26 +293,34 @@ pub async fn start(
         publish: publish_tx,
         publish_keys,
         expiry_warning: plan.expiry_warning,
+        tasks: Arc::clone(&tasks),
     });
     let router = Router::new(plan.routes, plan.alerts, lookup, plan.lookups.cache_entries);
 
     let (batch_tx, batch_rx) = mpsc::channel(BATCH_QUEUE);
     let (ack_tx, ack_rx) = watch::channel(None);
-    let source_task = tokio::spawn(source.run(batch_tx, ack_rx, health, shutdown.clone()));
-    let router_task = tokio::spawn(route_changes(
-        batch_rx,
-        publish_rx,
-        router,
-        Arc::clone(&hub),
-        ack_tx,
-        Arc::clone(&app),
-    ));
-    if hub.store().is_some() {
-        tokio::spawn(prune(
+    let source_task = tasks.spawn(
+        "source",
+        source.run(batch_tx, ack_rx, health, shutdown.clone()),
+    );
+    let router_task = tasks.spawn(
+        "router",
+        route_changes(
+            batch_rx,
+            publish_rx,
+            router,
             Arc::clone(&hub),
-            plan.history.clone(),
-            shutdown.clone(),
-        ));
+            ack_tx,
+            Arc::clone(&app),
+        )
+        .map(Ok::<(), std::convert::Infallible>),
+    );
+    if hub.store().is_some() {
+        tasks.spawn(
+            "pruning",
+            prune(Arc::clone(&hub), plan.history.clone(), shutdown.clone())
+                .map(Ok::<(), std::convert::Infallible>),
+        );
     }
 
     let http = crate::transport::router(Arc::clone(&app));
@@ -226,34 +337,51 @@ pub async fn start(
             tracing::debug!("SO_SNDBUF not set: {e}");
         }
     });
-    let http_task = tokio::spawn(async move {
+    let http_task = tasks.spawn("http", async move {
         axum::serve(listener, http)
             .with_graceful_shutdown(async move { serve_shutdown.cancelled().await })
             .await
     });
 
     let app2 = Arc::clone(&app);
-    let tasks = tokio::spawn(async move {
-        // The source ends on shutdown, or by itself on a fatal error: then stop everything.
-        let source_result = source_task.await;
+    let joined = tokio::spawn(async move {
+        // The pipeline is the source and the router: when either ends (on shutdown, or by
+        // itself after a fatal error or a panic, already logged), stop everything.
+        let (mut source_task, mut router_task) = (source_task, router_task);
+        let mut router_result = None;
+        let source_result = tokio::select! {
+            r = &mut source_task => r,
+            r = &mut router_task => {
+                // Nothing can be delivered any more: the source stops reading.
+                app2.shutdown.cancel();
+                router_result = Some(r);
+                source_task.await
+            }
+        };
         app2.source_stopped.store(true, Ordering::Release);
         let source_result: anyhow::Result<()> = match source_result {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(anyhow::anyhow!("source failed: {e}")),
+            Ok(Err(e)) => Err(anyhow::anyhow!("source task {e}")),
             Err(e) => Err(anyhow::anyhow!("source task failed: {e}")),
         };
-        if let Err(e) = &source_result {
-            tracing::error!("{e:#}; stopping");
+        if source_result.is_err() {
+            tracing::error!("the source stopped; stopping");
         }
         app2.shutdown.cancel();
-        router_task.await?;
-        http_task.await??;
+        let router_result = match router_result {
+            Some(r) => r,
+            None => router_task.await,
+        };
+        router_result?.map_err(|e| anyhow::anyhow!("router task {e}"))?;
+        http_task
+            .await?
+            .map_err(|e| anyhow::anyhow!("http task {e}"))?;
         source_result
     });
     Ok(Running {
         local_addr,
         app,
-        tasks,
+        tasks: joined,
     })
 }
 
@@ -428,5 +556,85 @@ async fn prune(hub: Arc<Hub>, config: HistoryConfig, shutdown: CancellationToken
             Ok(Err(e)) => tracing::warn!(error = %e, "history: pruning failed"),
             Err(e) => tracing::warn!(error = %e, "history: pruning task failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn outcome(task: JoinHandle<Result<(), String>>) -> Result<(), String> {
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the task ends")
+            .expect("the supervisor itself never panics")
+    }
+
+    #[tokio::test]
+    async fn a_task_that_panics_errs_or_returns_early_is_reported() {
+        let shutdown = CancellationToken::new();
+        let tasks = Supervisor::new(shutdown.clone());
+        assert_eq!(tasks.problem(), None);
+
+        let panicked = tasks.spawn("pruning", async {
+            if std::hint::black_box(true) {
+                panic!("`period` must be non-zero.");
+            }
+            Ok::<(), String>(())
+        });
+        let why = outcome(panicked).await.unwrap_err();
+        assert_eq!(why, "panicked: `period` must be non-zero.");
+        let problem = tasks.problem().unwrap();
+        assert_eq!(problem, "pruning task panicked: `period` must be non-zero.");
+
+        let failed = tasks.spawn("router", async { Err::<(), _>("disk full") });
+        assert_eq!(outcome(failed).await, Err("failed: disk full".to_string()));
+        let returned = tasks.spawn("jwks refresh", async { Ok::<(), String>(()) });
+        assert_eq!(outcome(returned).await, Ok(()));
+        let problem = tasks.problem().unwrap();
+        assert!(
+            problem
+                .ends_with("; router task failed: disk full; jwks refresh task ended unexpectedly"),
+            "{problem}"
+        );
+    }
+
+    #[tokio::test]
+    async fn tasks_that_end_on_shutdown_are_not_failures() {
+        let shutdown = CancellationToken::new();
+        let tasks = Supervisor::new(shutdown.clone());
+        let s = shutdown.clone();
+        let runs = tasks.spawn("http", async move {
+            s.cancelled().await;
+            Ok::<(), String>(())
+        });
+        let watched = tokio::spawn(std::future::pending::<()>());
+        let abort = watched.abort_handle();
+        let watcher = tasks.watch("jwks refresh", watched);
+        shutdown.cancel();
+        abort.abort();
+        assert_eq!(outcome(runs).await, Ok(()));
+        tokio::time::timeout(Duration::from_secs(5), watcher)
+            .await
+            .expect("the watcher sees the abort")
+            .unwrap();
+        assert_eq!(tasks.problem(), None);
+    }
+
+    #[tokio::test]
+    async fn a_watched_task_that_panics_is_reported() {
+        let tasks = Supervisor::new(CancellationToken::new());
+        let watcher = tasks.watch(
+            "jwks refresh",
+            tokio::spawn(async { panic!("refresh loop broke") }),
+        );
+        tokio::time::timeout(Duration::from_secs(5), watcher)
+            .await
+            .expect("the watcher sees the panic")
+            .unwrap();
+        assert_eq!(
+            tasks.problem().unwrap(),
+            "jwks refresh task panicked: refresh loop broke"
+        );
     }
 }

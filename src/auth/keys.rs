@@ -18,7 +18,7 @@ use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, P
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde_json::Value;
 use tokio::sync::Notify;
-use tokio::task::AbortHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 
 /// Largest JWKS document accepted from a URL.
 const MAX_JWKS_BYTES: usize = 1024 * 1024;
@@ -208,6 +208,8 @@ pub(super) struct RemoteKeys {
     /// When the last early fetch was asked for.
     last_early: Mutex<Option<Instant>>,
     task: OnceLock<AbortHandle>,
+    /// The refresh task, until the server takes it to watch (a panic must not go unseen).
+    handle: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Drop for RemoteKeys {
@@ -240,6 +242,7 @@ impl RemoteKeys {
             wake: Arc::new(Notify::new()),
             last_early: Mutex::new(None),
             task: OnceLock::new(),
+            handle: Mutex::new(None),
         });
         let task = tokio::spawn(refresh_loop(
             Arc::downgrade(&remote),
@@ -250,7 +253,16 @@ impl RemoteKeys {
             alg,
         ));
         let _ = remote.task.set(task.abort_handle());
+        *remote.handle.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
         Ok(remote)
+    }
+
+    /// The refresh task's handle, once, for the server to watch.
+    pub(super) fn take_task(&self) -> Option<JoinHandle<()>> {
+        self.handle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
     }
 
     /// The set as last fetched.

@@ -535,6 +535,14 @@ impl Authenticator {
         Ok(claims)
     }
 
+    /// The JWKS URL's background refresh task, once, for the server to supervise.
+    pub fn take_refresh_task(&self) -> Option<tokio::task::JoinHandle<()>> {
+        match &self.keys {
+            Keys::Remote(remote) => remote.take_task(),
+            Keys::One(_) | Keys::Set(_) => None,
+        }
+    }
+
     /// Checks the client id against the allow-list (when there is one).
     pub fn check_client(&self, client_id: Option<&str>) -> Result<(), AuthError> {
         match (&self.client_ids, client_id) {

@@ -61,14 +61,17 @@ pub fn bearer(headers: &HeaderMap) -> Option<String> {
 }
 
 async fn readyz(State(app): State<Arc<App>>) -> Response {
-    if app.shutdown.is_cancelled() {
+    // A task that died says why, even while the gateway stops because of it.
+    if app.shutdown.is_cancelled() && app.tasks.problem().is_none() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"ready": false, "reason": "shutting down"})),
         )
             .into_response();
     }
-    let problem = if app.source_stopped.load(Ordering::Acquire) {
+    let problem = if let Some(died) = app.tasks.problem() {
+        Some(died)
+    } else if app.source_stopped.load(Ordering::Acquire) {
         Some("source stopped".to_string())
     } else {
         app.health.problem()
