@@ -603,3 +603,191 @@ async fn file_checkpoints_survive_restarts() {
     );
     stop(running).await;
 }
+
+/// `event` as the server splits it with `$changeStreamSplitLargeEvent`: fragment 1 holds
+/// everything but the pre-image, fragment 2 the pre-image; each has its own token.
+fn split_in_two(event: &Document, first_token: &str, last_token: &str) -> (Document, Document) {
+    let mut first = doc! {
+        "_id": token(first_token),
+        "splitEvent": {"fragment": 1, "of": 2},
+    };
+    let mut last = doc! {
+        "_id": token(last_token),
+        "splitEvent": {"fragment": 2, "of": 2},
+    };
+    for (k, v) in event {
+        match k.as_str() {
+            "_id" => {}
+            "fullDocumentBeforeChange" => {
+                last.insert(k, v.clone());
+            }
+            _ => {
+                first.insert(k, v.clone());
+            }
+        }
+    }
+    (first, last)
+}
+
+/// The value of the exactly named series in `/metrics` text (0 when absent).
+fn series(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' '))
+        .filter_map(|v| v.trim().parse::<f64>().ok())
+        .sum()
+}
+
+/// The last stage of an `aggregate`'s pipeline.
+fn last_stage(aggregate: &Document) -> Document {
+    let pipeline = aggregate.get_array("pipeline").unwrap();
+    pipeline.last().unwrap().as_document().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_large_event_is_reassembled_and_checkpointed_at_its_last_fragment() {
+    let setup = Setup::new(World::mercury()).await;
+    let running = setup.start("").await.unwrap();
+    let aggs = setup.peer.wait_for("aggregate", 1, WAIT).await;
+    assert!(
+        last_stage(&aggs[0]).contains_key("$changeStreamSplitLargeEvent"),
+        "the split stage is last: {}",
+        aggs[0]
+    );
+    let mut u1 = client(&running, "amina@example.com").await;
+
+    let mut big = order("unused", "update", "o-big", "b1");
+    big.get_document_mut("fullDocument")
+        .unwrap()
+        .insert("notes", "n".repeat(4096));
+    let (first, last) = split_in_two(&big, "big-1", "big-2");
+    // Fragment 1 alone, then at least one empty getMore whose post-batch token is big-1
+    // (mid-event: it must not be checkpointed), then fragment 2.
+    setup.push(first);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !setup.world.lock().unwrap().pending.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "fragment 1 never read"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let n = setup.peer.commands_named("getMore").len();
+    setup.peer.wait_for("getMore", n + 2, WAIT).await;
+    setup.push(last);
+
+    let ev = u1.change().await;
+    assert_eq!(
+        (ev["op"].as_str(), ev["key"].as_str()),
+        (Some("update"), Some("o-big")),
+        "{ev}"
+    );
+    assert_eq!(
+        ev["doc"]["notes"].as_str().map(str::len),
+        Some(4096),
+        "{ev}"
+    );
+    setup.checkpoint_becomes("big-2").await;
+    let checkpointed: Vec<Document> = setup
+        .peer
+        .commands_named("update")
+        .iter()
+        .filter_map(|u| {
+            let u = u.get_array("updates").ok()?[0].as_document()?;
+            u.get_document("u")
+                .ok()?
+                .get_document("$set")
+                .ok()?
+                .get_document("token")
+                .ok()
+                .cloned()
+        })
+        .collect();
+    assert!(
+        !checkpointed.contains(&token("big-1")),
+        "never a token from inside a split event: {checkpointed:?}"
+    );
+
+    setup.push(order("t3", "insert", "o3", "b1"));
+    assert_eq!(u1.change().await["key"], "o3");
+    assert_eq!(
+        setup.peer.commands_named("aggregate").len(),
+        1,
+        "one stream throughout"
+    );
+    stop(running).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_event_on_a_server_without_split_is_skipped_with_a_gap_never_a_loop() {
+    let setup = Setup::new(World::mercury()).await;
+    // A server before 6.0.9 / 7.0 refuses the stage: the stream is opened without it.
+    setup
+        .world
+        .lock()
+        .unwrap()
+        .aggregate_overrides
+        .push_back(Reply::error(
+            40324,
+            "Location40324",
+            "Unrecognized pipeline stage name: '$changeStreamSplitLargeEvent'",
+        ));
+    let skipped = "changecast_source_skipped_total{reason=\"too_large\"}";
+    let before = series(&changecast::server::metrics_handle().render(), skipped);
+    let running = setup.start("").await.unwrap();
+    let aggs = setup.peer.wait_for("aggregate", 2, WAIT).await;
+    assert!(last_stage(&aggs[0]).contains_key("$changeStreamSplitLargeEvent"));
+    assert!(
+        !last_stage(&aggs[1]).contains_key("$changeStreamSplitLargeEvent"),
+        "opened again without the stage: {}",
+        aggs[1]
+    );
+    let mut u1 = client(&running, "amina@example.com").await;
+    setup.push(order("t1", "insert", "o1", "b1"));
+    assert_eq!(u1.change().await["key"], "o1");
+
+    // The next event is over 16 MB: the getMore fails with 10334. The identifying stream
+    // (no images) shows it small, with its token.
+    let n = setup.peer.commands_named("aggregate").len();
+    {
+        let mut w = setup.world.lock().unwrap();
+        let mut slim = order("big", "update", "o-big", "b1");
+        slim.remove("fullDocument");
+        slim.remove("fullDocumentBeforeChange");
+        slim.remove("updateDescription");
+        w.aggregate_overrides.push_back(Reply::Ok(first_batch(
+            77,
+            CURSOR_NS,
+            vec![slim],
+            Some(token("big")),
+        )));
+        w.getmore_overrides.push_back(Reply::error(
+            10334,
+            "BSONObjectTooLarge",
+            "BSONObj size: 17825792 (0x1100000) is invalid. Size must be between 0 and 16793600(16MB)",
+        ));
+    }
+    let gap = u1.next().await;
+    assert_eq!(gap["type"], "gap", "{gap}");
+    let aggs = setup.peer.wait_for("aggregate", n + 2, WAIT).await;
+    let identify = &aggs[n];
+    let stage = change_stream_stage(identify).unwrap();
+    assert_eq!(stage.get_document("resumeAfter"), Ok(&token("t1")));
+    assert!(!stage.contains_key("fullDocumentBeforeChange"), "{stage}");
+    let project = identify.get_array("pipeline").unwrap()[2]
+        .as_document()
+        .unwrap()
+        .get_document("$project")
+        .unwrap();
+    assert!(!project.contains_key("fullDocument"), "{project}");
+    let reopened = change_stream_stage(&aggs[n + 1]).unwrap();
+    assert_eq!(reopened.get_document("resumeAfter"), Ok(&token("big")));
+
+    // Later events flow, and no further stream was opened: no loop.
+    setup.push(order("t3", "insert", "o3", "b1"));
+    assert_eq!(u1.change().await["key"], "o3");
+    setup.checkpoint_becomes("t3").await;
+    assert_eq!(setup.peer.commands_named("aggregate").len(), n + 2);
+    let after = series(&metrics(&running).await, skipped);
+    assert_eq!(after - before, 1.0);
+    stop(running).await;
+}

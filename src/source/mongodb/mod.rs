@@ -17,13 +17,22 @@
 //!   never a retry of the dead token. `invalidate` (after drop/rename/dropDatabase) →
 //!   reopened with `startAfter`. Not a replica set (40573) → a startup error that says how to
 //!   start one.
+//! - Events over 16 MB: the pipeline ends with `$changeStreamSplitLargeEvent`, and the
+//!   fragments are reassembled ([`split`]); the checkpointed token is the last fragment's.
+//!   A server that does not know the stage (before 6.0.9 / 7.0) refuses the `aggregate`,
+//!   and the stream is opened without it. There an oversized event fails the read with
+//!   10334 (`BSONObjectTooLarge`): the same stream is read once more, projected to what
+//!   identifies the event, to learn its token; the event is skipped (counted, logged) and
+//!   every client is told `gap` — never a retry of the same read.
 
 pub mod decode;
 pub mod lookup;
 pub mod pipeline;
+pub mod split;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -41,7 +50,8 @@ use crate::change::{Op, Position};
 use crate::config::{CheckpointStore, Images, MongoSourceConfig};
 use decode::{Decoded, decode, token_bytes};
 pub use lookup::MongoLookup;
-use pipeline::StreamSpec;
+use pipeline::{SPLIT_STAGE, StreamSpec};
+use split::{Fragments, Piece};
 
 /// Checkpoints are written at most this often (and on shutdown).
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
@@ -69,6 +79,8 @@ enum Failure {
     HistoryLost,
     /// Network and other passing errors: reopen from the last token after a backoff.
     Transient,
+    /// The next event is over 16 MB and the server cannot send it (10334): pass it.
+    TooLarge,
 }
 
 fn code(e: &mongodb::error::Error) -> Option<i32> {
@@ -85,6 +97,7 @@ fn classify(e: &mongodb::error::Error, uri: &str) -> Failure {
              --replSet rs0 and run rs.initiate() once in mongosh (see the README's MongoDB section)"
         )),
         Some(286 | 136 | 260) => Failure::HistoryLost,
+        Some(10334) => Failure::TooLarge,
         Some(c @ (13 | 18 | 8000)) => Failure::Fatal(format!(
             "not authorised to watch the database (code {c}): {e}"
         )),
@@ -97,6 +110,17 @@ fn classify(e: &mongodb::error::Error, uri: &str) -> Failure {
             }
             _ => Failure::Transient,
         },
+    }
+}
+
+/// Whether an `aggregate` failed because the server does not know
+/// `$changeStreamSplitLargeEvent` (40324: unrecognized pipeline stage).
+fn split_unsupported(e: &mongodb::error::Error) -> bool {
+    match &*e.kind {
+        ErrorKind::Command(c) => {
+            c.code == 40324 || (c.code != 280 && c.message.contains(SPLIT_STAGE))
+        }
+        _ => false,
     }
 }
 
@@ -183,6 +207,9 @@ pub struct MongoSource {
     first: std::sync::Mutex<Option<ChangeStream<Document>>>,
     /// The last checkpointed token.
     checkpointed: Option<Vec<u8>>,
+    /// Whether the pipeline ends with `$changeStreamSplitLargeEvent`: until the server
+    /// refuses the stage.
+    split: AtomicBool,
 }
 
 impl MongoSource {
@@ -215,6 +242,7 @@ impl MongoSource {
             start: Start::Now,
             first: std::sync::Mutex::new(None),
             checkpointed: None,
+            split: AtomicBool::new(true),
         };
         let saved = match resume_from {
             Some(bytes) => Ok(Some(bytes)),
@@ -245,7 +273,8 @@ impl MongoSource {
                     );
                     source.start = Start::Now;
                 }
-                Failure::Transient => {
+                // `run` opens it again and passes the oversized event there.
+                Failure::Transient | Failure::TooLarge => {
                     tracing::warn!(error = %e, "mongodb: cannot open the change stream yet; retrying")
                 }
             },
@@ -282,20 +311,71 @@ impl MongoSource {
         Ok(())
     }
 
+    /// Opens the stream from `start`; with `$changeStreamSplitLargeEvent` unless the server
+    /// refused it once (then without, from then on).
     async fn open(&self, start: &Start) -> mongodb::error::Result<ChangeStream<Document>> {
+        if self.split.load(Ordering::Relaxed) {
+            match self.open_with(start, self.spec.pipeline(), true).await {
+                Err(e) if split_unsupported(&e) => {
+                    tracing::warn!(
+                        error = %e,
+                        "mongodb: the server does not know {SPLIT_STAGE} (MongoDB before 6.0.9 / \
+                         7.0); an event over 16 MB will be skipped and clients told `gap`"
+                    );
+                    self.split.store(false, Ordering::Relaxed);
+                }
+                r => return r,
+            }
+        }
+        self.open_with(start, self.spec.pipeline_without_split(), true)
+            .await
+    }
+
+    /// Opens a stream with `pipeline`; `images` asks for the pre- and post-images.
+    async fn open_with(
+        &self,
+        start: &Start,
+        pipeline: Vec<Document>,
+        images: bool,
+    ) -> mongodb::error::Result<ChangeStream<Document>> {
         let mut watch = self
             .db
             .watch()
-            .pipeline(self.spec.pipeline())
-            .full_document(self.spec.full_document())
-            .full_document_before_change(self.spec.full_document_before_change())
+            .pipeline(pipeline)
             .max_await_time(self.config.max_await_time);
+        if images {
+            watch = watch
+                .full_document(self.spec.full_document())
+                .full_document_before_change(self.spec.full_document_before_change());
+        }
         watch = match start {
             Start::Now => watch,
             Start::After(t) => watch.resume_after(t.clone()),
             Start::AfterInvalidate(t) => watch.start_after(t.clone()),
         };
         Ok(watch.await?.with_type::<Document>())
+    }
+
+    /// The event after `start` that the server cannot send whole (10334), as a small
+    /// document that identifies it: the same `$match` (so the same next event) without the
+    /// images. `None` when nothing arrived within `limit`.
+    async fn identify_too_large(
+        &self,
+        start: &Start,
+        limit: Duration,
+    ) -> mongodb::error::Result<Option<Document>> {
+        let split = self.split.load(Ordering::Relaxed);
+        let pipeline = self.spec.identify_pipeline(split);
+        let mut s = self.open_with(start, pipeline, false).await?;
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match tokio::time::timeout_at(deadline, s.next_if_any()).await {
+                Ok(Ok(Some(event))) => return Ok(Some(event)),
+                Ok(Ok(None)) => continue,
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(None),
+            }
+        }
     }
 
     async fn tail(
@@ -316,6 +396,8 @@ impl MongoSource {
         let mut last_sent: Option<Vec<u8>> = self.checkpointed.clone();
 
         'streams: while !shutdown.is_cancelled() {
+            // A new stream from `start` sends a split event's fragments from the first.
+            let mut fragments = Fragments::default();
             let mut s = match stream.take() {
                 Some(s) => s,
                 None => match self.open(&start).await {
@@ -327,6 +409,21 @@ impl MongoSource {
                         Failure::Fatal(msg) => return Err(fatal(&health, msg)),
                         Failure::HistoryLost => {
                             self.history_lost(&mut start, &mut lost_history);
+                            continue;
+                        }
+                        Failure::TooLarge => {
+                            // The resumed stream's first batch held the oversized event.
+                            tokio::select! {
+                                _ = shutdown.cancelled() => break 'streams,
+                                r = self.pass_too_large(&mut start, &mut last_sent, &out, &health, read_limit) => r?,
+                            }
+                            if health.problem().is_some() {
+                                let wait = delays.next().unwrap_or(Duration::from_secs(30));
+                                tokio::select! {
+                                    _ = shutdown.cancelled() => break 'streams,
+                                    _ = tokio::time::sleep(wait) => {}
+                                }
+                            }
                             continue;
                         }
                         Failure::Transient => {
@@ -355,6 +452,13 @@ impl MongoSource {
                 };
                 hand_over(&out, batch).await?;
             }
+            if matches!(start, Start::Now)
+                && let Some(token) = s.resume_token()
+            {
+                // Reopen from here rather than from a later "now": nothing in between is
+                // skipped (an oversized next event included).
+                start = Start::After(token);
+            }
 
             loop {
                 self.checkpoint(&mut acks, &mut last_checkpoint, false)
@@ -377,6 +481,34 @@ impl MongoSource {
                 };
                 match next {
                     Ok(Some(event)) => {
+                        let (piece, dropped) = fragments.add(event);
+                        if let Some(why) = dropped {
+                            // Part of an event is lost: clients refetch (gap).
+                            skipped("split_event", &why);
+                            lost_history = true;
+                        }
+                        let event = match piece {
+                            Piece::Whole(event) => event,
+                            // No token advances until the last fragment.
+                            Piece::Pending | Piece::Stray => continue,
+                            Piece::LostEnd(token) => {
+                                // The end of an event whose start was lost: pass it, with
+                                // the gap set above.
+                                let Ok(token) = token_bytes(&doc! {"_id": token}) else {
+                                    continue;
+                                };
+                                start =
+                                    Start::After(token_from(&token).map_err(SourceError::Mongo)?);
+                                let batch = Batch {
+                                    changes: Vec::new(),
+                                    end: Position(token.clone()),
+                                    lost_history: std::mem::take(&mut lost_history),
+                                };
+                                last_sent = Some(token);
+                                hand_over(&out, batch).await?;
+                                continue;
+                            }
+                        };
                         let token = match token_bytes(&event) {
                             Ok(t) => t,
                             Err(why) => {
@@ -424,7 +556,8 @@ impl MongoSource {
                     }
                     Ok(None) => {
                         // Quiet: hand over the post-batch token so it gets checkpointed.
-                        if let Some(bytes) = s.resume_token().as_ref().and_then(bytes_of)
+                        if !fragments.pending()
+                            && let Some(bytes) = s.resume_token().as_ref().and_then(bytes_of)
                             && last_sent.as_ref() != Some(&bytes)
                         {
                             start = Start::After(token_from(&bytes).map_err(SourceError::Mongo)?);
@@ -442,6 +575,21 @@ impl MongoSource {
                         Failure::HistoryLost => {
                             self.history_lost(&mut start, &mut lost_history);
                             break;
+                        }
+                        Failure::TooLarge => {
+                            drop(s);
+                            tokio::select! {
+                                _ = shutdown.cancelled() => break 'streams,
+                                r = self.pass_too_large(&mut start, &mut last_sent, &out, &health, read_limit) => r?,
+                            }
+                            if health.problem().is_some() {
+                                let wait = delays.next().unwrap_or(Duration::from_secs(30));
+                                tokio::select! {
+                                    _ = shutdown.cancelled() => break 'streams,
+                                    _ = tokio::time::sleep(wait) => {}
+                                }
+                            }
+                            continue 'streams;
                         }
                         Failure::Transient => {
                             if code(&e) == Some(47) {
@@ -465,6 +613,64 @@ impl MongoSource {
         drop(out);
         while acks.changed().await.is_ok() {}
         self.checkpoint(&mut acks, &mut last_checkpoint, true).await
+    }
+
+    /// Passes the event after `start` that the server cannot send (10334): learns its
+    /// token from a stream without images, then hands over an empty batch at that token
+    /// with a gap for every client (its audience is unknown without the document). On
+    /// failure `health` is set down and `start` is unchanged: the caller backs off and
+    /// reopens, which reaches this again; a failure is never retried without a wait.
+    async fn pass_too_large(
+        &self,
+        start: &mut Start,
+        last_sent: &mut Option<Vec<u8>>,
+        out: &mpsc::Sender<Batch>,
+        health: &Health,
+        limit: Duration,
+    ) -> Result<(), SourceError> {
+        let event = match self.identify_too_large(start, limit).await {
+            Ok(Some(event)) => event,
+            Ok(None) => {
+                health.down("mongodb: an event over 16 MB could not be identified yet");
+                tracing::warn!(
+                    "mongodb: the event over 16 MB did not arrive on the identifying stream; retrying"
+                );
+                return Ok(());
+            }
+            Err(e) => {
+                health.down(format!(
+                    "mongodb: an event over 16 MB could not be identified: {e}"
+                ));
+                tracing::warn!(error = %e, "mongodb: cannot identify the event over 16 MB; retrying");
+                return Ok(());
+            }
+        };
+        let token = match token_bytes(&event) {
+            Ok(t) => t,
+            Err(why) => {
+                health.down(format!("mongodb: an event over 16 MB has no token: {why}"));
+                return Ok(());
+            }
+        };
+        let ns = event.get_document("ns").ok();
+        tracing::error!(
+            db = ns.and_then(|n| n.get_str("db").ok()).unwrap_or(""),
+            collection = ns.and_then(|n| n.get_str("coll").ok()).unwrap_or(""),
+            key = %event.get("documentKey").map(ToString::to_string).unwrap_or_default(),
+            operation = event.get_str("operationType").unwrap_or(""),
+            "mongodb: an event over 16 MB cannot be sent by this server \
+             (no {SPLIT_STAGE}); skipping it and telling clients (gap)"
+        );
+        metrics::counter!("changecast_source_skipped_total", "reason" => "too_large").increment(1);
+        *start = Start::After(token_from(&token).map_err(SourceError::Mongo)?);
+        *last_sent = Some(token.clone());
+        health.up();
+        let batch = Batch {
+            changes: Vec::new(),
+            end: Position(token),
+            lost_history: true,
+        };
+        hand_over(out, batch).await
     }
 
     fn history_lost(&self, start: &mut Start, lost_history: &mut bool) {

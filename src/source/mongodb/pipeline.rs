@@ -36,6 +36,9 @@ const EVENT_FIELDS: [&str; 7] = [
     "wallTime",
 ];
 
+/// The stage that splits events over 16 MB into fragments (MongoDB 6.0.9+, 7.0+).
+pub const SPLIT_STAGE: &str = "$changeStreamSplitLargeEvent";
+
 impl StreamSpec {
     pub fn full_document(&self) -> FullDocumentType {
         match self.images {
@@ -54,8 +57,38 @@ impl StreamSpec {
         }
     }
 
-    /// The aggregation stages after `$changeStream`.
+    /// The aggregation stages after `$changeStream`, ending with
+    /// `$changeStreamSplitLargeEvent` (it must be last): events over 16 MB then arrive as
+    /// fragments the source reassembles, instead of failing the stream.
     pub fn pipeline(&self) -> Vec<Document> {
+        self.stages(true)
+    }
+
+    /// The stages for a server without `$changeStreamSplitLargeEvent` (before 6.0.9 / 7.0).
+    pub fn pipeline_without_split(&self) -> Vec<Document> {
+        self.stages(false)
+    }
+
+    /// The stages that read past an event too large to send (10334): the same `$match`, so
+    /// the same events in the same order, projected to what identifies the event; the
+    /// images, which made it too large, are left out.
+    pub fn identify_pipeline(&self, split: bool) -> Vec<Document> {
+        let mut stages = self.stages(split);
+        let mut project = Document::new();
+        for f in [
+            "operationType",
+            "ns",
+            "documentKey",
+            "clusterTime",
+            "wallTime",
+        ] {
+            project.insert(f, 1);
+        }
+        stages[1] = doc! {"$project": project};
+        stages
+    }
+
+    fn stages(&self, split: bool) -> Vec<Document> {
         let mut clauses: Vec<Bson> = self
             .watched
             .iter()
@@ -94,10 +127,14 @@ impl StreamSpec {
                 }
             }
         }
-        vec![
+        let mut stages = vec![
             doc! {"$match": {"$or": clauses}},
             doc! {"$project": project},
-        ]
+        ];
+        if split {
+            stages.push(doc! {SPLIT_STAGE: {}});
+        }
+        stages
     }
 
     /// For `check`: the pipeline and options as the server will receive them.
@@ -119,7 +156,7 @@ impl StreamSpec {
             _ => "off",
         };
         format!(
-            "  change stream options: fullDocument: {full}, fullDocumentBeforeChange: {before}\n  pipeline:\n    {}\n",
+            "  change stream options: fullDocument: {full}, fullDocumentBeforeChange: {before}\n  pipeline:\n    {}\n  (the last stage is left out on servers that do not know it: before 6.0.9 / 7.0)\n",
             stages.join("\n    ")
         )
     }
@@ -181,6 +218,26 @@ mod tests {
                 .unwrap()
                 .contains_key("fullDocument")
         );
+    }
+
+    #[test]
+    fn the_split_stage_is_last_and_the_identifying_pipeline_drops_the_images() {
+        let spec = spec(Reads::Whole, Images::Ensure);
+        let p = spec.pipeline();
+        assert_eq!(p.len(), 3);
+        assert!(p[2].contains_key(SPLIT_STAGE), "{:?}", p[2]);
+        let without = spec.pipeline_without_split();
+        assert_eq!(without.len(), 2);
+        assert!(without.iter().all(|s| !s.contains_key(SPLIT_STAGE)));
+        for split in [true, false] {
+            let ident = spec.identify_pipeline(split);
+            assert_eq!(ident[0], p[0], "the same $match: the same events");
+            let project = ident[1].get_document("$project").unwrap();
+            assert!(!project.contains_key("fullDocument"));
+            assert!(!project.contains_key("fullDocumentBeforeChange"));
+            assert!(project.contains_key("documentKey"));
+            assert_eq!(ident.len(), if split { 3 } else { 2 });
+        }
     }
 
     #[test]
