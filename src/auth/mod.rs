@@ -665,7 +665,8 @@ pub fn mint(secret: &[u8], sub: &str, ttl_secs: u64, extra: &Map<String, Value>)
     let mut claims = Map::new();
     claims.insert("sub".into(), Value::String(sub.into()));
     claims.insert("iat".into(), Value::from(now));
-    claims.insert("exp".into(), Value::from(now + ttl_secs));
+    // A huge `--ttl` saturates (and the token is then refused as beyond the horizon).
+    claims.insert("exp".into(), Value::from(now.saturating_add(ttl_secs)));
     for (k, v) in extra {
         claims.insert(k.clone(), v.clone());
     }
