@@ -297,7 +297,7 @@ const OUT_OF_RANGE: &[(&str, &str, &str)] = &[
     (
         "history",
         "prune_interval = \"0s\"",
-        "history.prune_interval: must be at least 1s",
+        "history.prune_interval: must be greater than zero",
     ),
     (
         "history",
@@ -307,7 +307,7 @@ const OUT_OF_RANGE: &[(&str, &str, &str)] = &[
     (
         "history",
         "max_age = \"0s\"",
-        "history.max_age: must be at least 1s",
+        "history.max_age: must be greater than zero",
     ),
     (
         "history",
@@ -431,7 +431,7 @@ fn serve_refuses_an_out_of_range_value_as_check_does() {
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(!status.success());
     assert!(
-        stderr.contains("history.prune_interval: must be at least 1s"),
+        stderr.contains("history.prune_interval: must be greater than zero"),
         "{stderr}"
     );
 }

@@ -26,7 +26,7 @@ fn series(text: &str, name_and_labels: &str) -> f64 {
 async fn a_panicking_pruning_task_makes_readyz_false_and_is_counted() {
     let db = Db::new();
     let mut plan = Plan::compile(&Config::parse(&db.config("", 100)).unwrap()).unwrap();
-    // What `check` refuses (history.prune_interval: must be at least 1s), given to the
+    // What `check` refuses (history.prune_interval: must be greater than zero), given to the
     // library directly: the real pruning task then panics in tokio::time::interval.
     plan.history.prune_interval = Duration::ZERO;
     let metric = "changecast_task_failures_total{task=\"pruning\"}";
