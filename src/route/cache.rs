@@ -312,6 +312,7 @@ mod tests {
             collection: "businesses".into(),
             filter: vec![(FieldPath::parse(field).unwrap(), v)],
             limit: Some(1),
+            as_of: None,
         }
     }
 
@@ -325,6 +326,7 @@ mod tests {
             updated_fields: None,
             position: Position::from_seq(1),
             at: None,
+            as_of: None,
         }
     }
 
@@ -357,6 +359,7 @@ mod tests {
             collection: "businesses".into(),
             filter: vec![(FieldPath::parse("tag").unwrap(), json!("x"))],
             limit: None,
+            as_of: None,
         };
         let owner = FieldPath::parse("owner._id").unwrap();
         let first = cache.find_ids(by_tag(), &owner).await.unwrap();

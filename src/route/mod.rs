@@ -244,22 +244,15 @@ impl Router {
             }
         }
         let mut recipients = RecipientSet::default();
-        self.resolve("route", name, &route.to, doc, &change.key, &mut recipients)
+        self.resolve("route", name, &route.to, doc, change, &mut recipients)
             .await;
         // An update may have moved the document to other owners: tell the old ones too.
         if matches!(change.op, Op::Update | Op::Replace)
             && let Some(before) = &change.before
             && reads_changed(&route.reads, change)
         {
-            self.resolve(
-                "route",
-                name,
-                &route.to,
-                before,
-                &change.key,
-                &mut recipients,
-            )
-            .await;
+            self.resolve("route", name, &route.to, before, change, &mut recipients)
+                .await;
         }
         finish(
             "route",
@@ -294,7 +287,7 @@ impl Router {
             }
         };
         let mut recipients = RecipientSet::default();
-        self.resolve("alert", name, &alert.to, doc, &change.key, &mut recipients)
+        self.resolve("alert", name, &alert.to, doc, change, &mut recipients)
             .await;
         metrics::counter!("changecast_alerts_fired_total", "alert" => name.to_string())
             .increment(1);
@@ -307,17 +300,19 @@ impl Router {
         )
     }
 
+    /// Adds the recipients `to` gives for `doc` (the change's image, read as of `change`).
     async fn resolve(
         &self,
         rule: &'static str,
         name: &str,
         to: &[RecipientSpec],
         doc: &Value,
-        key: &str,
+        change: &Change,
         out: &mut RecipientSet,
     ) {
+        let (key, as_of) = (&change.key, change.as_of);
         for spec in to {
-            if let Err(e) = recipients_of(spec, doc, &self.lookup, out).await {
+            if let Err(e) = recipients_of(spec, doc, as_of, &self.lookup, out).await {
                 skip(rule, name, e.label(), key, &e.to_string());
             }
         }

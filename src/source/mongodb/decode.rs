@@ -12,7 +12,7 @@
 use mongodb::bson::{Bson, Document, doc, oid::ObjectId};
 use serde_json::{Map, Number, Value};
 
-use crate::change::{Change, Op, Position};
+use crate::change::{AsOf, Change, Op, Position};
 use crate::path::scalar_to_string;
 
 /// A decoded change-stream event.
@@ -104,6 +104,14 @@ pub fn decode(event: &Document) -> Result<Decoded, String> {
         }
         _ => None,
     };
+    // Lookups for this change read a snapshot at its cluster time (see `lookup`).
+    let as_of = match event.get("clusterTime") {
+        Some(Bson::Timestamp(ts)) => Some(AsOf::ClusterTime {
+            time: ts.time,
+            increment: ts.increment,
+        }),
+        _ => None,
+    };
     let at = match event.get("wallTime") {
         Some(Bson::DateTime(d)) => d.try_to_rfc3339_string().ok(),
         _ => match event.get("clusterTime") {
@@ -124,6 +132,7 @@ pub fn decode(event: &Document) -> Result<Decoded, String> {
         updated_fields,
         position,
         at,
+        as_of,
     })))
 }
 
