@@ -258,6 +258,21 @@ mod tests {
     }
 
     #[test]
+    fn the_cluster_time_is_where_lookups_read() {
+        let c = change(decode(&ev("insert", doc! {"documentKey": {"_id": "o1"}})).unwrap());
+        assert_eq!(
+            c.as_of,
+            Some(AsOf::ClusterTime {
+                time: 1_764_064_800,
+                increment: 1
+            })
+        );
+        let mut no_time = ev("insert", doc! {"documentKey": {"_id": "o1"}});
+        no_time.remove("clusterTime");
+        assert_eq!(change(decode(&no_time).unwrap()).as_of, None);
+    }
+
+    #[test]
     fn update_with_description_and_images() {
         let c = change(
             decode(&ev(
