@@ -11,6 +11,10 @@
 //! post-image satisfies, and those that returned its key. Nothing else is dropped, so a
 //! burst of order changes for one business costs one lookup of that business.
 //!
+//! A miss reads as of the change being routed (`Query::as_of`, not part of the key): the
+//! answer is exact at that change, and stays exact until a later change of the stream drops
+//! it here, because changes are routed, and invalidate, strictly in order.
+//!
 //! The cache is bounded: past `capacity` answers it starts over (and counts that).
 //! The lock is never held across an await.
 

@@ -11,6 +11,16 @@
 //! from a list of those. Deletes route by the pre-image; an update that moves a document
 //! between owners reaches the old and the new ones.
 //!
+//! Recipients are resolved as of the change: every lookup made to route a change carries the
+//! change's point in the source ([`crate::change::AsOf`]: the SQLite log seq, the MongoDB
+//! `clusterTime`), and a cache miss reads the source as it was right after that change (the
+//! change log on SQLite, a snapshot read `atClusterTime` on MongoDB; see each source's
+//! `lookup`). Changes are routed strictly in order and [`cache`] is invalidated by this same
+//! stream first, so an answer read as of change c stays exact until a later change to the
+//! looked-up collection drops it. Where the source cannot read the past (MongoDB's snapshot
+//! history passed while catching up), the miss reads the current state and is counted in
+//! `changecast_lookups_not_as_of_total`.
+//!
 //! A rule that fails on one document (a missing field, a failed lookup, a condition that
 //! does not evaluate) is logged and counted and skips only that delivery; it never stops
 //! the router or other rules.
