@@ -88,6 +88,7 @@ to = {{ lookup = "users", where = {{ business_id = "$creator_id" }}, pick = "_id
                 after: Some(doc),
                 position: Position::from_seq(i as u64),
                 at: Some("2026-11-25T10:00:00.000Z".into()),
+                as_of: None,
             }
         })
         .collect();

@@ -44,6 +44,7 @@ fn changes() -> Vec<Change> {
                 after: Some(after),
                 position: Position::from_seq(i as u64),
                 at: Some("2026-11-25T10:00:00.000Z".into()),
+                as_of: None,
             }
         })
         .collect()

@@ -79,6 +79,19 @@ impl fmt::Debug for Position {
     }
 }
 
+/// The point in the source's history a change sits at, for reading other documents as
+/// they were when the change was made (see `route` module docs, "as of the change").
+/// Not part of any cache key: an answer read as of one change stays right for later
+/// changes until the stream itself invalidates it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AsOf {
+    /// SQLite: the change-log sequence number; the state after every log row up to it.
+    Seq(u64),
+    /// MongoDB: the event's `clusterTime` (a BSON Timestamp: seconds, increment); a
+    /// snapshot read `atClusterTime` sees every write committed up to it.
+    ClusterTime { time: u32, increment: u32 },
+}
+
 /// One change to one document, normalised.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Change {
@@ -99,6 +112,8 @@ pub struct Change {
     pub position: Position,
     /// Commit time as RFC 3339 UTC with milliseconds, when the source knows it.
     pub at: Option<String>,
+    /// Where lookups made to route this change read (`None`: the current state).
+    pub as_of: Option<AsOf>,
 }
 
 impl Change {
@@ -158,6 +173,7 @@ mod tests {
             updated_fields: None,
             position: Position::from_seq(1),
             at: None,
+            as_of: None,
         };
         assert_eq!(change.doc(), Some(&json!({"_id": "o1"})));
     }

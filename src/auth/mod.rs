@@ -601,6 +601,8 @@ impl Authenticator {
                         collection: spec.collection.clone(),
                         filter,
                         limit: Some(1),
+                        // A connecting user is resolved against the current state.
+                        as_of: None,
                     })
                     .await
                     .map_err(|e| {

@@ -11,6 +11,10 @@
 //! post-image satisfies, and those that returned its key. Nothing else is dropped, so a
 //! burst of order changes for one business costs one lookup of that business.
 //!
+//! A miss reads as of the change being routed (`Query::as_of`, not part of the key): the
+//! answer is exact at that change, and stays exact until a later change of the stream drops
+//! it here, because changes are routed, and invalidate, strictly in order.
+//!
 //! The cache is bounded: past `capacity` answers it starts over (and counts that).
 //! The lock is never held across an await.
 
@@ -312,6 +316,7 @@ mod tests {
             collection: "businesses".into(),
             filter: vec![(FieldPath::parse(field).unwrap(), v)],
             limit: Some(1),
+            as_of: None,
         }
     }
 
@@ -325,6 +330,7 @@ mod tests {
             updated_fields: None,
             position: Position::from_seq(1),
             at: None,
+            as_of: None,
         }
     }
 
@@ -357,6 +363,7 @@ mod tests {
             collection: "businesses".into(),
             filter: vec![(FieldPath::parse("tag").unwrap(), json!("x"))],
             limit: None,
+            as_of: None,
         };
         let owner = FieldPath::parse("owner._id").unwrap();
         let first = cache.find_ids(by_tag(), &owner).await.unwrap();

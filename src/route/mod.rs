@@ -11,6 +11,16 @@
 //! from a list of those. Deletes route by the pre-image; an update that moves a document
 //! between owners reaches the old and the new ones.
 //!
+//! Recipients are resolved as of the change: every lookup made to route a change carries the
+//! change's point in the source ([`crate::change::AsOf`]: the SQLite log seq, the MongoDB
+//! `clusterTime`), and a cache miss reads the source as it was right after that change (the
+//! change log on SQLite, a snapshot read `atClusterTime` on MongoDB; see each source's
+//! `lookup`). Changes are routed strictly in order and [`cache`] is invalidated by this same
+//! stream first, so an answer read as of change c stays exact until a later change to the
+//! looked-up collection drops it. Where the source cannot read the past (MongoDB's snapshot
+//! history passed while catching up), the miss reads the current state and is counted in
+//! `changecast_lookups_not_as_of_total`.
+//!
 //! A rule that fails on one document (a missing field, a failed lookup, a condition that
 //! does not evaluate) is logged and counted and skips only that delivery; it never stops
 //! the router or other rules.
@@ -244,22 +254,15 @@ impl Router {
             }
         }
         let mut recipients = RecipientSet::default();
-        self.resolve("route", name, &route.to, doc, &change.key, &mut recipients)
+        self.resolve("route", name, &route.to, doc, change, &mut recipients)
             .await;
         // An update may have moved the document to other owners: tell the old ones too.
         if matches!(change.op, Op::Update | Op::Replace)
             && let Some(before) = &change.before
             && reads_changed(&route.reads, change)
         {
-            self.resolve(
-                "route",
-                name,
-                &route.to,
-                before,
-                &change.key,
-                &mut recipients,
-            )
-            .await;
+            self.resolve("route", name, &route.to, before, change, &mut recipients)
+                .await;
         }
         finish(
             "route",
@@ -294,7 +297,7 @@ impl Router {
             }
         };
         let mut recipients = RecipientSet::default();
-        self.resolve("alert", name, &alert.to, doc, &change.key, &mut recipients)
+        self.resolve("alert", name, &alert.to, doc, change, &mut recipients)
             .await;
         metrics::counter!("changecast_alerts_fired_total", "alert" => name.to_string())
             .increment(1);
@@ -307,17 +310,19 @@ impl Router {
         )
     }
 
+    /// Adds the recipients `to` gives for `doc` (the change's image, read as of `change`).
     async fn resolve(
         &self,
         rule: &'static str,
         name: &str,
         to: &[RecipientSpec],
         doc: &Value,
-        key: &str,
+        change: &Change,
         out: &mut RecipientSet,
     ) {
+        let (key, as_of) = (&change.key, change.as_of);
         for spec in to {
-            if let Err(e) = recipients_of(spec, doc, &self.lookup, out).await {
+            if let Err(e) = recipients_of(spec, doc, as_of, &self.lookup, out).await {
                 skip(rule, name, e.label(), key, &e.to_string());
             }
         }

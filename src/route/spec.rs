@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use serde_json::{Map, Value};
 
 use super::cache::CachedLookup;
-use crate::change::{Recipients, UserId};
+use crate::change::{AsOf, Recipients, UserId};
 use crate::config::ConfigError;
 use crate::path::{FieldPath, scalar_to_string};
 use crate::source::{Catalog, Query};
@@ -341,10 +341,12 @@ pub fn pick_ids(docs: &[Value], pick: &FieldPath) -> Recipients {
     set.finish()
 }
 
-/// Adds the user ids that `spec` yields for `doc` to `out`.
+/// Adds the user ids that `spec` yields for `doc` to `out`. Lookups read the source as of
+/// `as_of` (the change being routed), so recipients are those of that moment.
 pub async fn recipients_of(
     spec: &RecipientSpec,
     doc: &Value,
+    as_of: Option<AsOf>,
     lookup: &CachedLookup,
     out: &mut RecipientSet,
 ) -> Result<(), RouteError> {
@@ -369,6 +371,7 @@ pub async fn recipients_of(
                         collection: l.collection.clone(),
                         filter,
                         limit: if l.many { None } else { Some(1) },
+                        as_of,
                     },
                     &l.pick,
                 )

@@ -127,6 +127,7 @@ fn change(op: Op, before: Option<Value>, after: Option<Value>) -> Change {
         updated_fields,
         position: Position::from_seq(1),
         at: None,
+        as_of: None,
     }
 }
 

@@ -20,7 +20,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::change::{Change, Op, Position};
+use crate::change::{AsOf, Change, Op, Position};
 use crate::path::FieldPath;
 
 /// Changes read together, and the position that covers all of them (including rows that
@@ -127,6 +127,10 @@ pub struct Query {
     pub filter: Vec<(FieldPath, Value)>,
     /// At most this many documents; `None` for all.
     pub limit: Option<usize>,
+    /// Read the documents as they were at this point of the source's history (routing a
+    /// change); `None` reads the current state (user resolution at connect time). Not part
+    /// of the lookup cache's key.
+    pub as_of: Option<AsOf>,
 }
 
 /// The source's own query capability, used by routes and user resolution.

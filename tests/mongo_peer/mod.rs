@@ -638,3 +638,108 @@ fn encode_reply(request_id: i32, response_to: i32, body: &Document) -> Result<Ve
     out.extend_from_slice(&doc_bytes);
     Ok(out)
 }
+
+/// The `readConcern.atClusterTime` of a recorded command (a snapshot read), if it has one.
+pub fn read_concern_at(command: &Document) -> Option<Timestamp> {
+    match command
+        .get_document("readConcern")
+        .ok()?
+        .get("atClusterTime")?
+    {
+        Bson::Timestamp(ts) => Some(*ts),
+        _ => None,
+    }
+}
+
+fn ts_key(ts: Timestamp) -> (u32, u32) {
+    (ts.time, ts.increment)
+}
+
+/// Collections whose documents keep every version by cluster time, so that the peer
+/// answers `find` as a server does: a snapshot read (`readConcern: {level: "snapshot",
+/// atClusterTime: T}`) sees the latest version at or before T, any other read the latest.
+#[derive(Debug, Default, Clone)]
+pub struct Versioned {
+    /// collection → (cluster time, `_id`, the document from then on; `None`: deleted), in
+    /// the order written (times must not go backwards per collection).
+    versions: HashMap<String, Vec<(Timestamp, Bson, Option<Document>)>>,
+}
+
+impl Versioned {
+    /// From `at` on, the document of `coll` with `doc`'s `_id` is `doc`.
+    pub fn put(&mut self, coll: &str, at: Timestamp, doc: Document) {
+        let id = doc.get("_id").cloned().unwrap_or(Bson::Null);
+        self.versions
+            .entry(coll.to_string())
+            .or_default()
+            .push((at, id, Some(doc)));
+    }
+
+    /// From `at` on, the document `id` of `coll` is gone.
+    pub fn delete(&mut self, coll: &str, at: Timestamp, id: impl Into<Bson>) {
+        self.versions
+            .entry(coll.to_string())
+            .or_default()
+            .push((at, id.into(), None));
+    }
+
+    /// The documents of `coll` as of `at` (`None`: the latest), in first-written order.
+    pub fn state(&self, coll: &str, at: Option<Timestamp>) -> Vec<Document> {
+        let mut ids: Vec<Bson> = Vec::new();
+        let mut now: HashMap<String, Option<Document>> = HashMap::new();
+        for (t, id, doc) in self.versions.get(coll).into_iter().flatten() {
+            if at.is_some_and(|at| ts_key(*t) > ts_key(at)) {
+                continue;
+            }
+            let k = id.to_string();
+            if !now.contains_key(&k) {
+                ids.push(id.clone());
+            }
+            now.insert(k, doc.clone());
+        }
+        ids.iter()
+            .filter_map(|id| now.get(&id.to_string()).cloned().flatten())
+            .collect()
+    }
+
+    /// The reply to a `find` on database `db`: equality and `$in` on top-level fields,
+    /// `limit`, and the snapshot time of its read concern.
+    pub fn answer_find(&self, db: &str, body: &Document) -> Reply {
+        let coll = body.get_str("find").unwrap_or_default();
+        let filter = body.get_document("filter").cloned().unwrap_or_default();
+        let limit = match body.get("limit") {
+            Some(Bson::Int64(n)) => usize::try_from(*n).ok().filter(|n| *n > 0),
+            Some(Bson::Int32(n)) => usize::try_from(*n).ok().filter(|n| *n > 0),
+            _ => None,
+        };
+        let mut found: Vec<Document> = self
+            .state(coll, read_concern_at(body))
+            .into_iter()
+            .filter(|d| filter_matches(d, &filter))
+            .collect();
+        if let Some(n) = limit {
+            found.truncate(n);
+        }
+        Reply::Ok(first_batch(0, &format!("{db}.{coll}"), found, None))
+    }
+}
+
+/// Equality on top-level and dotted fields, `{$in: [...]}` included: what changecast's
+/// lookups send.
+pub fn filter_matches(d: &Document, filter: &Document) -> bool {
+    filter.iter().all(|(k, v)| {
+        let mut actual: Option<&Bson> = None;
+        let mut at = Some(d);
+        for part in k.split('.') {
+            actual = at.and_then(|doc| doc.get(part));
+            at = actual.and_then(Bson::as_document);
+        }
+        match v {
+            Bson::Document(op) if op.contains_key("$in") => op
+                .get_array("$in")
+                .map(|a| a.iter().any(|x| Some(x) == actual))
+                .unwrap_or(false),
+            other => actual == Some(other),
+        }
+    })
+}

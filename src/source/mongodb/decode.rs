@@ -12,7 +12,7 @@
 use mongodb::bson::{Bson, Document, doc, oid::ObjectId};
 use serde_json::{Map, Number, Value};
 
-use crate::change::{Change, Op, Position};
+use crate::change::{AsOf, Change, Op, Position};
 use crate::path::scalar_to_string;
 
 /// A decoded change-stream event.
@@ -104,6 +104,14 @@ pub fn decode(event: &Document) -> Result<Decoded, String> {
         }
         _ => None,
     };
+    // Lookups for this change read a snapshot at its cluster time (see `lookup`).
+    let as_of = match event.get("clusterTime") {
+        Some(Bson::Timestamp(ts)) => Some(AsOf::ClusterTime {
+            time: ts.time,
+            increment: ts.increment,
+        }),
+        _ => None,
+    };
     let at = match event.get("wallTime") {
         Some(Bson::DateTime(d)) => d.try_to_rfc3339_string().ok(),
         _ => match event.get("clusterTime") {
@@ -124,6 +132,7 @@ pub fn decode(event: &Document) -> Result<Decoded, String> {
         updated_fields,
         position,
         at,
+        as_of,
     })))
 }
 
@@ -246,6 +255,21 @@ mod tests {
         assert_eq!(c.after.as_ref().unwrap()["quantity"], 3);
         assert_eq!(c.at.as_deref(), Some("2025-11-25T10:00:00.123Z"));
         assert_eq!(c.position.0, token_bytes(&ev("insert", doc! {})).unwrap());
+    }
+
+    #[test]
+    fn the_cluster_time_is_where_lookups_read() {
+        let c = change(decode(&ev("insert", doc! {"documentKey": {"_id": "o1"}})).unwrap());
+        assert_eq!(
+            c.as_of,
+            Some(AsOf::ClusterTime {
+                time: 1_764_064_800,
+                increment: 1
+            })
+        );
+        let mut no_time = ev("insert", doc! {"documentKey": {"_id": "o1"}});
+        no_time.remove("clusterTime");
+        assert_eq!(change(decode(&no_time).unwrap()).as_of, None);
     }
 
     #[test]

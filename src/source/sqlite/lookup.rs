@@ -3,16 +3,34 @@
 //! In: a [`Query`]. Out: matching rows as JSON documents (JSON text columns nested, as the
 //! change feed does). Queries run on read-only connections from a small pool, on tokio's
 //! blocking threads, so a slow query never blocks the runtime.
+//!
+//! As of a change (`Query::as_of` = `AsOf::Seq(p)`, routing change-log row `p`), the
+//! answer is the table as it was right after row `p`, read from the change log, which
+//! still holds every row after `p` (it is pruned only up to the acknowledged checkpoint,
+//! which is at most the last row before the batch being routed). In one read transaction:
+//! the log rows of the table after `p`; none → the plain query is exact. Otherwise, for
+//! each key changed after `p`, its state at `p` is the `before` image of its earliest log
+//! row after `p` (none if that row is an insert); the answer is the current matching rows
+//! whose key did not change after `p`, plus the images at `p` that match the filter
+//! (matched in Rust with SQLite's equality and affinity rules), cut to `limit`.
+//! If the checkpoint is already past `p` (another process pruned the log), the current
+//! state is read instead, logged and counted in
+//! `changecast_lookups_not_as_of_total{collection, reason="log_pruned"}`.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use futures_util::future::BoxFuture;
 use rusqlite::types::{Value as SqlValue, ValueRef};
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use serde_json::{Map, Value};
 
-use super::{ident, open, parse_json_text};
+use super::{
+    CHECKPOINT_TABLE, LOG_TABLE, columns, ident, key_expr, nest_json_columns, open, parse_json_text,
+};
+use crate::change::AsOf;
+use crate::path::FieldPath;
 use crate::source::{Lookup, LookupError, Query};
 
 /// Idle read connections kept for reuse.
@@ -47,7 +65,12 @@ impl Pool {
             Ok(Some(conn)) => conn,
             _ => open(&self.path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|e| e.to_string())?,
         };
-        let result = execute(&conn, query).map_err(|e| e.to_string());
+        let result = match query.as_of {
+            Some(AsOf::Seq(p)) => execute_as_of(&conn, query, i64::try_from(p).unwrap_or(i64::MAX)),
+            // A cluster time means nothing here; the current state is all there is.
+            _ => execute(&conn, query),
+        }
+        .map_err(|e| e.to_string());
         if let Ok(mut pool) = self.idle.lock()
             && pool.len() < POOL_MAX
         {
@@ -74,9 +97,13 @@ impl Lookup for SqliteLookup {
     }
 }
 
-/// Builds and runs the SQL for one query.
-fn execute(conn: &Connection, query: &Query) -> rusqlite::Result<Vec<Value>> {
-    let mut sql = format!("SELECT * FROM {}", ident(&query.collection));
+/// The SQL of a query: `SELECT *[, extra] FROM table WHERE ...[ LIMIT n]`, and its arguments.
+fn query_sql(query: &Query, extra: Option<&str>, limit: bool) -> (String, Vec<SqlValue>) {
+    let table = ident(&query.collection);
+    let mut sql = match extra {
+        Some(e) => format!("SELECT *, {e} FROM {table}"),
+        None => format!("SELECT * FROM {table}"),
+    };
     let mut args: Vec<SqlValue> = Vec::with_capacity(query.filter.len());
     for (i, (path, value)) in query.filter.iter().enumerate() {
         sql.push_str(if i == 0 { " WHERE " } else { " AND " });
@@ -85,22 +112,40 @@ fn execute(conn: &Connection, query: &Query) -> rusqlite::Result<Vec<Value>> {
             sql.push_str(&column);
         } else {
             // A nested field of a JSON column: `$."a"."b"`.
-            let json_path: String = path
-                .rest()
-                .iter()
-                .map(|s| format!(".\"{}\"", s.replace('"', "\\\"")))
-                .collect();
             sql.push_str(&format!("json_extract({column}, ?{})", args.len() + 1));
-            args.push(SqlValue::Text(format!("${json_path}")));
+            args.push(SqlValue::Text(json_path(path)));
         }
         sql.push_str(&format!(" = ?{}", args.len() + 1));
         args.push(to_sql(value));
     }
-    if let Some(limit) = query.limit {
+    if limit && let Some(limit) = query.limit {
         sql.push_str(&format!(" LIMIT {limit}"));
     }
-    let mut stmt = conn.prepare_cached(&sql)?;
-    let names: Vec<String> = stmt.column_names().iter().map(|s| s.to_string()).collect();
+    (sql, args)
+}
+
+fn json_path(path: &FieldPath) -> String {
+    let rest: String = path
+        .rest()
+        .iter()
+        .map(|s| format!(".\"{}\"", s.replace('"', "\\\"")))
+        .collect();
+    format!("${rest}")
+}
+
+/// Runs `sql`; each row as a document, with the text of its last column when `keyed`
+/// (the row's log key, not part of the document).
+fn rows(
+    conn: &Connection,
+    sql: &str,
+    args: Vec<SqlValue>,
+    keyed: bool,
+) -> rusqlite::Result<Vec<(Option<String>, Value)>> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let mut names: Vec<String> = stmt.column_names().iter().map(|s| s.to_string()).collect();
+    if keyed {
+        names.pop();
+    }
     let mut rows = stmt.query(rusqlite::params_from_iter(args))?;
     let mut out = Vec::new();
     while let Some(row) = rows.next()? {
@@ -108,9 +153,281 @@ fn execute(conn: &Connection, query: &Query) -> rusqlite::Result<Vec<Value>> {
         for (i, name) in names.iter().enumerate() {
             doc.insert(name.clone(), from_sql(row.get_ref(i)?));
         }
-        out.push(Value::Object(doc));
+        let key = if keyed {
+            row.get::<_, Option<String>>(names.len())?
+        } else {
+            None
+        };
+        out.push((key, Value::Object(doc)));
     }
     Ok(out)
+}
+
+/// Builds and runs the SQL for one query, on the current state.
+fn execute(conn: &Connection, query: &Query) -> rusqlite::Result<Vec<Value>> {
+    let (sql, args) = query_sql(query, None, true);
+    Ok(rows(conn, &sql, args, false)?
+        .into_iter()
+        .map(|(_, d)| d)
+        .collect())
+}
+
+/// A log row after `p`: op, key, before and after images.
+type LaterRow = (String, Option<String>, Option<String>, Option<String>);
+
+/// The answer to `query` as of log row `p`; see the module doc.
+fn execute_as_of(conn: &Connection, query: &Query, p: i64) -> rusqlite::Result<Vec<Value>> {
+    // One read transaction: the table and its log from the same snapshot.
+    let tx = conn.unchecked_transaction()?;
+    let checkpoint: i64 = tx
+        .query_row(
+            &format!("SELECT seq FROM {CHECKPOINT_TABLE} WHERE id = 1"),
+            [],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0);
+    if checkpoint > p {
+        tracing::warn!(
+            collection = %query.collection, seq = p, checkpoint,
+            "lookup: the change log is pruned past the change being routed; \
+             reading the current state"
+        );
+        metrics::counter!("changecast_lookups_not_as_of_total",
+            "collection" => query.collection.clone(), "reason" => "log_pruned")
+        .increment(1);
+        return execute(&tx, query);
+    }
+    let mut stmt = tx.prepare_cached(&format!(
+        "SELECT op, CAST(key AS TEXT), before, after FROM {LOG_TABLE} \
+         WHERE seq > ?1 AND tbl = ?2 ORDER BY seq"
+    ))?;
+    let later: Vec<LaterRow> = stmt
+        .query_map(rusqlite::params![p, query.collection], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    drop(stmt);
+    if later.is_empty() {
+        // Nothing in this table changed since `p`: the current state is the state at `p`.
+        return execute(&tx, query);
+    }
+
+    let cols = columns(&tx, &query.collection)?;
+    // Each key changed after `p`, with its image at `p` (None: no row at `p`), in the
+    // order first touched.
+    let mut at_p: Vec<(String, Option<Value>)> = Vec::new();
+    let mut touched: HashMap<String, usize> = HashMap::new();
+    let mut touch = |key: String, image: Option<Value>| {
+        touched.entry(key.clone()).or_insert_with(|| {
+            at_p.push((key, image));
+            at_p.len() - 1
+        });
+    };
+    for (op, key, before, after) in later {
+        let Some(key) = key else { continue };
+        let image = before
+            .as_deref()
+            .and_then(|b| serde_json::from_str::<Value>(b).ok());
+        match op.as_str() {
+            "insert" => touch(key, None),
+            "delete" => touch(key, image.map(nest_json_columns)),
+            _ => {
+                // An update that changed the key: the row at `p` had the old key.
+                let old = match (&before, &after) {
+                    (Some(b), Some(a)) if key_changed(&cols, b, a) => old_key(&tx, &cols, b)?,
+                    _ => None,
+                };
+                match old {
+                    Some(old) if old != key => {
+                        touch(old, image.map(nest_json_columns));
+                        touch(key, None);
+                    }
+                    _ => touch(key, image.map(nest_json_columns)),
+                }
+            }
+        }
+    }
+    let affinity: HashMap<String, Affinity> = declared_types(&tx, &query.collection)?
+        .into_iter()
+        .map(|(name, ty)| (name, Affinity::of(&ty)))
+        .collect();
+
+    let key_sql = format!(
+        "CAST({} AS TEXT)",
+        key_expr(&ident(&query.collection), &cols)
+    );
+    let (sql, args) = query_sql(query, Some(&key_sql), false);
+    let mut out: Vec<Value> = rows(&tx, &sql, args, true)?
+        .into_iter()
+        .filter(|(key, _)| key.as_ref().is_none_or(|k| !touched.contains_key(k)))
+        .map(|(_, doc)| doc)
+        .collect();
+    out.extend(
+        at_p.into_iter()
+            .filter_map(|(_, image)| image)
+            .filter(|doc| matches(doc, &query.filter, &affinity)),
+    );
+    if let Some(limit) = query.limit {
+        out.truncate(limit);
+    }
+    Ok(out)
+}
+
+/// Whether an update's images differ in a primary-key column (rowid tables: never seen).
+fn key_changed(cols: &[super::Column], before: &str, after: &str) -> bool {
+    let (Ok(b), Ok(a)) = (
+        serde_json::from_str::<Value>(before),
+        serde_json::from_str::<Value>(after),
+    ) else {
+        return false;
+    };
+    cols.iter()
+        .filter(|c| c.pk > 0)
+        .any(|c| b.get(&c.name) != a.get(&c.name))
+}
+
+/// The log key a row with the image `before` had: the triggers' key expression evaluated
+/// on the image's values.
+fn old_key(
+    conn: &Connection,
+    cols: &[super::Column],
+    before: &str,
+) -> rusqlite::Result<Option<String>> {
+    let fields: Vec<String> = cols
+        .iter()
+        .map(|c| {
+            format!(
+                "json_extract(?1, '$.\"' || {} || '\"') AS {}",
+                super::literal(&c.name.replace('"', "\\\"")),
+                ident(&c.name)
+            )
+        })
+        .collect();
+    let sql = format!(
+        "SELECT CAST({} AS TEXT) FROM (SELECT {}) AS r",
+        key_expr("r", cols),
+        fields.join(", ")
+    );
+    conn.query_row(&sql, [before], |r| r.get(0))
+}
+
+fn declared_types(conn: &Connection, table: &str) -> rusqlite::Result<Vec<(String, String)>> {
+    conn.prepare(&format!("PRAGMA table_info({})", ident(table)))?
+        .query_map([], |r| Ok((r.get(1)?, r.get(2)?)))?
+        .collect()
+}
+
+/// A column's type affinity, from its declared type (SQLite's rules, "Datatypes" §3.1).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Affinity {
+    Integer,
+    Text,
+    Blob,
+    Real,
+    Numeric,
+}
+
+impl Affinity {
+    fn of(declared: &str) -> Affinity {
+        let t = declared.to_ascii_uppercase();
+        if t.contains("INT") {
+            Affinity::Integer
+        } else if t.contains("CHAR") || t.contains("CLOB") || t.contains("TEXT") {
+            Affinity::Text
+        } else if t.contains("BLOB") || t.is_empty() {
+            Affinity::Blob
+        } else if t.contains("REAL") || t.contains("FLOA") || t.contains("DOUB") {
+            Affinity::Real
+        } else {
+            Affinity::Numeric
+        }
+    }
+}
+
+/// A value as SQL compares it.
+#[derive(Debug, Clone, PartialEq)]
+enum Scalar {
+    Null,
+    Int(i64),
+    Real(f64),
+    Text(String),
+}
+
+impl Scalar {
+    /// A JSON value as SQLite holds it (a bound argument, or what `json_extract` returns;
+    /// a nested column's object is its JSON text).
+    fn of(v: &Value) -> Scalar {
+        match v {
+            Value::Null => Scalar::Null,
+            Value::Bool(b) => Scalar::Int(*b as i64),
+            Value::Number(n) => match n.as_i64() {
+                Some(i) => Scalar::Int(i),
+                None => Scalar::Real(n.as_f64().unwrap_or(f64::NAN)),
+            },
+            Value::String(s) => Scalar::Text(s.clone()),
+            other => Scalar::Text(other.to_string()),
+        }
+    }
+
+    /// Applies a column's affinity to a bound argument, as `column = ?` does.
+    fn with_affinity(self, affinity: Affinity) -> Scalar {
+        match (affinity, self) {
+            (Affinity::Integer | Affinity::Real | Affinity::Numeric, Scalar::Text(t)) => {
+                let s = t.trim();
+                if let Ok(i) = s.parse::<i64>() {
+                    Scalar::Int(i)
+                } else if let Ok(f) = s.parse::<f64>()
+                    && f.is_finite()
+                    && s.bytes().any(|b| b.is_ascii_digit())
+                {
+                    Scalar::Real(f)
+                } else {
+                    Scalar::Text(t)
+                }
+            }
+            (Affinity::Text, Scalar::Int(i)) => Scalar::Text(i.to_string()),
+            (Affinity::Text, Scalar::Real(f)) if f.fract() == 0.0 && f.abs() < 1e15 => {
+                Scalar::Text(format!("{f:.1}"))
+            }
+            (Affinity::Text, Scalar::Real(f)) => Scalar::Text(f.to_string()),
+            (_, s) => s,
+        }
+    }
+
+    /// SQL `=`: NULL equals nothing, numbers compare by value, text by bytes.
+    fn sql_eq(&self, other: &Scalar) -> bool {
+        match (self, other) {
+            (Scalar::Int(a), Scalar::Int(b)) => a == b,
+            (Scalar::Int(a), Scalar::Real(b)) | (Scalar::Real(b), Scalar::Int(a)) => {
+                (*a as f64) == *b
+            }
+            (Scalar::Real(a), Scalar::Real(b)) => a == b,
+            (Scalar::Text(a), Scalar::Text(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+/// Whether an image satisfies the filter as the query's SQL would: a column compares with
+/// its affinity applied to the argument, a nested path (`json_extract`) without.
+fn matches(
+    doc: &Value,
+    filter: &[(FieldPath, Value)],
+    affinity: &HashMap<String, Affinity>,
+) -> bool {
+    filter.iter().all(|(path, want)| {
+        let Some(have) = path.get(doc) else {
+            return false;
+        };
+        let want = Scalar::of(want);
+        let want = if path.rest().is_empty() {
+            want.with_affinity(affinity.get(path.root()).copied().unwrap_or(Affinity::Blob))
+        } else {
+            want
+        };
+        Scalar::of(have).sql_eq(&want)
+    })
 }
 
 fn to_sql(v: &Value) -> SqlValue {
@@ -171,6 +488,7 @@ mod tests {
                 collection: "businesses".into(),
                 filter: vec![(FieldPath::parse("_id").unwrap(), json!("b1"))],
                 limit: Some(1),
+                as_of: None,
             })
             .await
             .unwrap();
@@ -184,6 +502,7 @@ mod tests {
                 collection: "businesses".into(),
                 filter: vec![(FieldPath::parse("owner._id").unwrap(), json!("u2"))],
                 limit: None,
+                as_of: None,
             })
             .await
             .unwrap();
@@ -195,11 +514,189 @@ mod tests {
                 collection: "users".into(),
                 filter: vec![(FieldPath::parse("business_id").unwrap(), json!("b1"))],
                 limit: None,
+                as_of: None,
             })
             .await
             .unwrap();
         let ids: Vec<&Value> = many.iter().map(|d| &d["_id"]).collect();
         assert_eq!(ids, vec![&json!("u1"), &json!("u3")]);
+    }
+
+    /// A watched database (log and triggers installed) and a way to read the last seq.
+    fn watched() -> (tempfile::TempDir, PathBuf, Connection) {
+        let (dir, path) = db();
+        let mut conn = Connection::open(&path).unwrap();
+        conn.execute_batch("CREATE TABLE nums(k INTEGER PRIMARY KEY, n INTEGER, t TEXT);")
+            .unwrap();
+        super::super::install(&mut conn, &["businesses".into(), "nums".into()]).unwrap();
+        (dir, path, conn)
+    }
+
+    fn last_seq(conn: &Connection) -> u64 {
+        conn.query_row(
+            "SELECT coalesce(max(seq), 0) FROM _changecast_log",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap() as u64
+    }
+
+    fn at(collection: &str, field: &str, v: Value, seq: u64) -> Query {
+        Query {
+            collection: collection.into(),
+            filter: vec![(FieldPath::parse(field).unwrap(), v)],
+            limit: None,
+            as_of: Some(AsOf::Seq(seq)),
+        }
+    }
+
+    fn ids(docs: &[Value], field: &str) -> Vec<Value> {
+        let mut v: Vec<Value> = docs.iter().map(|d| d[field].clone()).collect();
+        v.sort_by_key(|x| x.to_string());
+        v
+    }
+
+    #[tokio::test]
+    async fn as_of_reads_updated_deleted_and_inserted_rows_as_they_were() {
+        let (_dir, path, conn) = watched();
+        let lookup = SqliteLookup::new(&path);
+        conn.execute_batch("INSERT INTO businesses VALUES ('b9', 'Nine', '{\"_id\": \"u1\"}');")
+            .unwrap();
+        let p = last_seq(&conn);
+        // After p: b1 moves to u2, b9 is deleted, b5 is inserted for u1, b2 moves to u1.
+        conn.execute_batch(
+            "UPDATE businesses SET owner = '{\"_id\": \"u2\"}' WHERE _id = 'b1';
+             DELETE FROM businesses WHERE _id = 'b9';
+             INSERT INTO businesses VALUES ('b5', 'Five', '{\"_id\": \"u1\"}');
+             UPDATE businesses SET owner = '{\"_id\": \"u1\"}' WHERE _id = 'b2';
+             UPDATE businesses SET name = 'Acme 2' WHERE _id = 'b1';",
+        )
+        .unwrap();
+        let owned_by_u1 = lookup
+            .find(at("businesses", "owner._id", json!("u1"), p))
+            .await
+            .unwrap();
+        assert_eq!(ids(&owned_by_u1, "_id"), vec![json!("b1"), json!("b9")]);
+        let b1 = &owned_by_u1.iter().find(|d| d["_id"] == "b1").unwrap();
+        assert_eq!(b1["name"], "Acme", "the image at p, not a later one");
+        let now = lookup
+            .find(Query {
+                as_of: None,
+                ..at("businesses", "owner._id", json!("u1"), p)
+            })
+            .await
+            .unwrap();
+        assert_eq!(ids(&now, "_id"), vec![json!("b2"), json!("b5")]);
+        // As of the last row, the log has nothing later: the plain query.
+        let last = last_seq(&conn);
+        let at_last = lookup
+            .find(at("businesses", "owner._id", json!("u1"), last))
+            .await
+            .unwrap();
+        assert_eq!(ids(&at_last, "_id"), vec![json!("b2"), json!("b5")]);
+        // Between: after b1 moved and b9 was deleted, before b5 and b2.
+        let mid = lookup
+            .find(at("businesses", "owner._id", json!("u1"), p + 2))
+            .await
+            .unwrap();
+        assert!(mid.is_empty(), "{mid:?}");
+    }
+
+    #[tokio::test]
+    async fn as_of_follows_a_changed_primary_key_and_honours_limit() {
+        let (_dir, path, conn) = watched();
+        let lookup = SqliteLookup::new(&path);
+        conn.execute_batch("INSERT INTO businesses VALUES ('b7', 'Seven', 'x');")
+            .unwrap();
+        let p = last_seq(&conn);
+        conn.execute_batch("UPDATE businesses SET _id = 'b8' WHERE _id = 'b7';")
+            .unwrap();
+        let by_old = lookup
+            .find(at("businesses", "_id", json!("b7"), p))
+            .await
+            .unwrap();
+        assert_eq!(ids(&by_old, "_id"), vec![json!("b7")]);
+        let by_new = lookup
+            .find(at("businesses", "_id", json!("b8"), p))
+            .await
+            .unwrap();
+        assert!(by_new.is_empty(), "b8 did not exist at p: {by_new:?}");
+        let by_name = lookup
+            .find(at("businesses", "name", json!("Seven"), p))
+            .await
+            .unwrap();
+        assert_eq!(ids(&by_name, "_id"), vec![json!("b7")], "not b8 as well");
+
+        conn.execute_batch("UPDATE businesses SET name = 'Same' WHERE _id IN ('b1', 'b2');")
+            .unwrap();
+        let q = Query {
+            limit: Some(1),
+            ..at("businesses", "name", json!("Same"), p)
+        };
+        assert!(lookup.find(q).await.unwrap().is_empty());
+        let last = last_seq(&conn);
+        let q = Query {
+            limit: Some(1),
+            ..at("businesses", "name", json!("Same"), last)
+        };
+        assert_eq!(lookup.find(q).await.unwrap().len(), 1);
+        let q = Query {
+            limit: Some(1),
+            ..at("businesses", "name", json!("Acme"), p)
+        };
+        assert_eq!(
+            lookup.find(q).await.unwrap().len(),
+            1,
+            "b1's image at p, cut to 1"
+        );
+    }
+
+    #[tokio::test]
+    async fn as_of_images_match_with_sqlite_affinity_like_the_query() {
+        let (_dir, path, conn) = watched();
+        let lookup = SqliteLookup::new(&path);
+        conn.execute_batch("INSERT INTO nums VALUES (1, 42, '7');")
+            .unwrap();
+        let p = last_seq(&conn);
+        conn.execute_batch("UPDATE nums SET n = 0, t = 'x' WHERE k = 1;")
+            .unwrap();
+        // Text against an INTEGER column, a number against a TEXT column: SQL converts
+        // the argument, so the image at p must match too, as the current row would.
+        for (field, v) in [
+            ("n", json!("42")),
+            ("n", json!(42)),
+            ("t", json!(7)),
+            ("k", json!("1")),
+        ] {
+            let found = lookup.find(at("nums", field, v.clone(), p)).await.unwrap();
+            assert_eq!(found.len(), 1, "{field} = {v} as of p");
+        }
+        for (field, v) in [
+            ("n", json!("forty-two")),
+            ("t", json!(8)),
+            ("n", json!(null)),
+        ] {
+            let found = lookup.find(at("nums", field, v.clone(), p)).await.unwrap();
+            assert!(found.is_empty(), "{field} = {v} as of p: {found:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_log_pruned_past_the_change_reads_the_current_state() {
+        let (_dir, path, conn) = watched();
+        let lookup = SqliteLookup::new(&path);
+        let p = last_seq(&conn);
+        conn.execute_batch(
+            "UPDATE businesses SET owner = '{\"_id\": \"u9\"}' WHERE _id = 'b1';
+             INSERT INTO _changecast_checkpoint(id, seq) VALUES (1, 1000);
+             DELETE FROM _changecast_log;",
+        )
+        .unwrap();
+        let found = lookup
+            .find(at("businesses", "_id", json!("b1"), p))
+            .await
+            .unwrap();
+        assert_eq!(found[0]["owner"]["_id"], "u9", "the current state");
     }
 
     #[tokio::test]
@@ -210,6 +707,7 @@ mod tests {
                 collection: "nope".into(),
                 filter: vec![],
                 limit: None,
+                as_of: None,
             })
             .await
             .unwrap_err();

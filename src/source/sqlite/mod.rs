@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{Batch, Catalog, ChangeCounters, Health, Source, SourceError};
-use crate::change::{Change, Op, Position, changed_fields};
+use crate::change::{AsOf, Change, Op, Position, changed_fields};
 use crate::config::SqliteSourceConfig;
 
 const LOG_TABLE: &str = "_changecast_log";
@@ -414,6 +414,8 @@ impl LogRow {
             updated_fields,
             position: Position::from_seq(self.seq as u64),
             at: Some(self.at),
+            // Lookups for this change read the tables as they were right after this row.
+            as_of: Some(AsOf::Seq(self.seq as u64)),
         })
     }
 }
@@ -477,6 +479,24 @@ fn install(conn: &mut Connection, tables: &[String]) -> Result<(), SourceError> 
     Ok(())
 }
 
+/// The SQL expression of a row's key as the triggers log it, for the row `row` (`NEW`,
+/// `OLD`, or a table name in a query: as-of lookups match current rows to log rows by it).
+fn key_expr(row: &str, cols: &[Column]) -> String {
+    let mut pk: Vec<&Column> = cols.iter().filter(|c| c.pk > 0).collect();
+    pk.sort_by_key(|c| c.pk);
+    match pk.as_slice() {
+        [] => format!("{row}.rowid"),
+        [one] => format!("{row}.{}", ident(&one.name)),
+        many => format!(
+            "json_array({})",
+            many.iter()
+                .map(|c| format!("{row}.{}", ident(&c.name)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
 fn trigger_sql(table: &str, cols: &[Column]) -> Vec<String> {
     let image = |row: &str| {
         let pairs: Vec<String> = cols
@@ -492,19 +512,7 @@ fn trigger_sql(table: &str, cols: &[Column]) -> Vec<String> {
             .collect();
         format!("json_object({})", pairs.join(", "))
     };
-    let mut pk: Vec<&Column> = cols.iter().filter(|c| c.pk > 0).collect();
-    pk.sort_by_key(|c| c.pk);
-    let key = |row: &str| match pk.as_slice() {
-        [] => format!("{row}.rowid"),
-        [one] => format!("{row}.{}", ident(&one.name)),
-        many => format!(
-            "json_array({})",
-            many.iter()
-                .map(|c| format!("{row}.{}", ident(&c.name)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    };
+    let key = |row: &str| key_expr(row, cols);
     let t = literal(table);
     let trig = |op: &str| ident(&format!("_changecast_{table}_{op}"));
     let on = ident(table);
