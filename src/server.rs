@@ -204,13 +204,11 @@ pub async fn start(
         ack_tx,
         Arc::clone(&app),
     ));
-    if hub.store().is_some() {
-        tokio::spawn(prune(
-            Arc::clone(&hub),
-            plan.history.clone(),
-            shutdown.clone(),
-        ));
-    }
+    tokio::spawn(prune(
+        Arc::clone(&hub),
+        plan.history.clone(),
+        shutdown.clone(),
+    ));
 
     let http = crate::transport::router(Arc::clone(&app));
     let http = match extra {
@@ -402,31 +400,64 @@ where
     }
 }
 
-/// Applies retention every `prune_interval` until shutdown.
+/// Applies retention every `prune_interval` until shutdown: prunes the store, then drops
+/// what expired from the hub's memory, with the users left with nothing (item 8 of issue
+/// 11: memory for every user id ever published to was never released). Without a store,
+/// events older than `max_age` are found from the head sampled at each tick.
 async fn prune(hub: Arc<Hub>, config: HistoryConfig, shutdown: CancellationToken) {
-    let Some(store) = hub.store().cloned() else {
-        return;
-    };
     let mut tick = tokio::time::interval(config.prune_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Memory only: (when, head then); every event up to a head sampled `max_age` ago is
+    // older than `max_age`.
+    let mut heads: std::collections::VecDeque<(tokio::time::Instant, u64)> = Default::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let s = Arc::clone(&store);
-        let (age, per_user) = (config.max_age, config.max_per_user);
-        match tokio::task::spawn_blocking(move || {
-            s.prune(age, per_user).and_then(|p| Ok((p, s.len()?)))
-        })
-        .await
-        {
-            Ok(Ok((pruned, len))) => {
-                metrics::counter!("changecast_history_pruned_total").increment(pruned.events);
-                metrics::gauge!("changecast_history_events").set(len as f64);
+        let expired = match hub.store().cloned() {
+            Some(store) => {
+                let (age, per_user) = (config.max_age, config.max_per_user);
+                match tokio::task::spawn_blocking(move || {
+                    store
+                        .prune(age, per_user)
+                        .and_then(|p| Ok((p, store.len()?)))
+                })
+                .await
+                {
+                    Ok(Ok((pruned, len))) => {
+                        metrics::counter!("changecast_history_pruned_total")
+                            .increment(pruned.events);
+                        metrics::gauge!("changecast_history_events").set(len as f64);
+                        pruned.floor
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "history: pruning failed");
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "history: pruning task failed");
+                        continue;
+                    }
+                }
             }
-            Ok(Err(e)) => tracing::warn!(error = %e, "history: pruning failed"),
-            Err(e) => tracing::warn!(error = %e, "history: pruning task failed"),
-        }
+            None => {
+                let now = tokio::time::Instant::now();
+                let head = hub.head();
+                // An unchanged head keeps its first sample: those events are older.
+                if heads.back().is_none_or(|&(_, h)| h != head) {
+                    heads.push_back((now, head));
+                }
+                let mut expired = 0;
+                while let Some(&(at, head)) = heads.front()
+                    && now.saturating_duration_since(at) >= config.max_age
+                {
+                    expired = head;
+                    heads.pop_front();
+                }
+                expired
+            }
+        };
+        hub.expire(expired);
     }
 }
