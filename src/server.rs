@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -215,20 +214,13 @@ pub async fn start(
         Some(extra) => http.merge(extra),
         None => http,
     };
-    let serve_shutdown = shutdown.clone();
-    let send_buffer = plan.server.socket_send_buffer;
-    let listener = listener.tap_io(move |tcp: &mut tokio::net::TcpStream| {
-        if send_buffer > 0
-            && let Err(e) = socket2::SockRef::from(&*tcp).set_send_buffer_size(send_buffer)
-        {
-            tracing::debug!("SO_SNDBUF not set: {e}");
-        }
-    });
-    let http_task = tokio::spawn(async move {
-        axum::serve(listener, http)
-            .with_graceful_shutdown(async move { serve_shutdown.cancelled().await })
-            .await
-    });
+    let edge = crate::transport::edge::EdgeConfig::new(&plan.server);
+    let http_task = tokio::spawn(crate::transport::edge::serve(
+        listener,
+        http,
+        edge,
+        shutdown.clone(),
+    ));
 
     let app2 = Arc::clone(&app);
     let tasks = tokio::spawn(async move {

@@ -654,6 +654,11 @@ impl Hub {
         }
     }
 
+    /// Connections holding a slot of `max_connections`: subscribed and not yet dropped.
+    pub fn registered(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+
     /// Connections currently registered.
     pub fn connection_count(&self) -> usize {
         self.shards
