@@ -223,17 +223,15 @@ async fn a_stalled_sse_reader_frees_its_slots_at_once_and_its_socket_is_closed()
     let (status, _, _) = Sse::open(&gw, Some(&token_for("u1")), "", None).await;
     assert_eq!(status, 429);
 
-    // ~4 MB of events that the reader never takes.
+    // ~4 MB of events that the reader never takes, paced (one 20 KB order every 5 ms) so
+    // that the server's socket and HTTP buffers are full before its queue overflows: the
+    // kick then comes while the server's write to it is blocked.
     let payload = "p".repeat(20_000);
-    for chunk in (0..200).collect::<Vec<_>>().chunks(10) {
-        let mut sql = String::from("BEGIN;");
-        for i in chunk {
-            sql.push_str(&format!(
-                "INSERT INTO orders VALUES ('o{i}', 'b1', 'i1', 1, '{payload}');"
-            ));
-        }
-        sql.push_str("COMMIT;");
-        db.exec(&sql);
+    for i in 0..200 {
+        db.exec(&format!(
+            "INSERT INTO orders VALUES ('o{i}', 'b1', 'i1', 1, '{payload}');"
+        ));
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let written = Instant::now();
     let deadline = written + Duration::from_secs(5);
