@@ -85,6 +85,19 @@ pub struct ServerConfig {
     /// Most connections of one user at once; more are refused (WebSocket: close 1013 "try
     /// again later"; SSE: HTTP 429).
     pub max_connections_per_user: usize,
+    /// A request head must be complete this long after the server starts waiting for it
+    /// (slowloris; also idle keep-alive connections between requests).
+    #[serde(deserialize_with = "duration")]
+    pub header_read_timeout: Duration,
+    /// A connection that sends nothing at all for this long is closed.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// Most connections not yet authenticated (accepted, not yet a WebSocket/SSE session).
+    /// At the cap a new one evicts the oldest idle one (no request in flight), or is closed.
+    pub max_pending_connections: usize,
+    /// File descriptors kept out of the socket budget (`RLIMIT_NOFILE` minus this) for the
+    /// databases, the history file and health probes.
+    pub fd_reserve: usize,
 }
 
 impl Default for ServerConfig {
@@ -99,6 +112,10 @@ impl Default for ServerConfig {
             max_client_frame: 16 * 1024,
             max_connections: 100_000,
             max_connections_per_user: 64,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(5),
+            max_pending_connections: 1024,
+            fd_reserve: 256,
         }
     }
 }

@@ -25,7 +25,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use axum::serve::ListenerExt;
 use futures_util::FutureExt;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
@@ -315,33 +314,22 @@ pub async fn start(
         )
         .map(Ok::<(), std::convert::Infallible>),
     );
-    if hub.store().is_some() {
-        tasks.spawn(
-            "pruning",
-            prune(Arc::clone(&hub), plan.history.clone(), shutdown.clone())
-                .map(Ok::<(), std::convert::Infallible>),
-        );
-    }
+    tasks.spawn(
+        "pruning",
+        prune(Arc::clone(&hub), plan.history.clone(), shutdown.clone())
+            .map(Ok::<(), std::convert::Infallible>),
+    );
 
     let http = crate::transport::router(Arc::clone(&app));
     let http = match extra {
         Some(extra) => http.merge(extra),
         None => http,
     };
-    let serve_shutdown = shutdown.clone();
-    let send_buffer = plan.server.socket_send_buffer;
-    let listener = listener.tap_io(move |tcp: &mut tokio::net::TcpStream| {
-        if send_buffer > 0
-            && let Err(e) = socket2::SockRef::from(&*tcp).set_send_buffer_size(send_buffer)
-        {
-            tracing::debug!("SO_SNDBUF not set: {e}");
-        }
-    });
-    let http_task = tasks.spawn("http", async move {
-        axum::serve(listener, http)
-            .with_graceful_shutdown(async move { serve_shutdown.cancelled().await })
-            .await
-    });
+    let edge = crate::transport::edge::EdgeConfig::new(&plan.server);
+    let http_task = tasks.spawn(
+        "http",
+        crate::transport::edge::serve(listener, http, edge, shutdown.clone()),
+    );
 
     let app2 = Arc::clone(&app);
     let joined = tokio::spawn(async move {
@@ -530,32 +518,65 @@ where
     }
 }
 
-/// Applies retention every `prune_interval` until shutdown.
+/// Applies retention every `prune_interval` until shutdown: prunes the store, then drops
+/// what expired from the hub's memory, with the users left with nothing (item 8 of issue
+/// 11: memory for every user id ever published to was never released). Without a store,
+/// events older than `max_age` are found from the head sampled at each tick.
 async fn prune(hub: Arc<Hub>, config: HistoryConfig, shutdown: CancellationToken) {
-    let Some(store) = hub.store().cloned() else {
-        return;
-    };
     let mut tick = tokio::time::interval(config.prune_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Memory only: (when, head then); every event up to a head sampled `max_age` ago is
+    // older than `max_age`.
+    let mut heads: std::collections::VecDeque<(tokio::time::Instant, u64)> = Default::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let s = Arc::clone(&store);
-        let (age, per_user) = (config.max_age, config.max_per_user);
-        match tokio::task::spawn_blocking(move || {
-            s.prune(age, per_user).and_then(|p| Ok((p, s.len()?)))
-        })
-        .await
-        {
-            Ok(Ok((pruned, len))) => {
-                metrics::counter!("changecast_history_pruned_total").increment(pruned.events);
-                metrics::gauge!("changecast_history_events").set(len as f64);
+        let expired = match hub.store().cloned() {
+            Some(store) => {
+                let (age, per_user) = (config.max_age, config.max_per_user);
+                match tokio::task::spawn_blocking(move || {
+                    store
+                        .prune(age, per_user)
+                        .and_then(|p| Ok((p, store.len()?)))
+                })
+                .await
+                {
+                    Ok(Ok((pruned, len))) => {
+                        metrics::counter!("changecast_history_pruned_total")
+                            .increment(pruned.events);
+                        metrics::gauge!("changecast_history_events").set(len as f64);
+                        pruned.floor
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "history: pruning failed");
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "history: pruning task failed");
+                        continue;
+                    }
+                }
             }
-            Ok(Err(e)) => tracing::warn!(error = %e, "history: pruning failed"),
-            Err(e) => tracing::warn!(error = %e, "history: pruning task failed"),
-        }
+            None => {
+                let now = tokio::time::Instant::now();
+                let head = hub.head();
+                // An unchanged head keeps its first sample: those events are older.
+                if heads.back().is_none_or(|&(_, h)| h != head) {
+                    heads.push_back((now, head));
+                }
+                let mut expired = 0;
+                while let Some(&(at, head)) = heads.front()
+                    && now.saturating_duration_since(at) >= config.max_age
+                {
+                    expired = head;
+                    heads.pop_front();
+                }
+                expired
+            }
+        };
+        hub.expire(expired);
     }
 }
 

@@ -100,8 +100,13 @@ pub struct Hub {
     head: AtomicU64,
     /// Resuming needs `since >= floor` for everyone (history lost or pruned below it).
     floor: AtomicU64,
-    /// Events with `seq <= memory_start` are in the store only (they predate this process).
-    memory_start: u64,
+    /// The highest floor of any user entry dropped from memory: a user without an entry
+    /// may have had events up to it, so a new entry starts there (resumes from before it
+    /// read the store, or get `gap`), and dropping entries never loses an event. Starts
+    /// at the head the process opened with: older events are in the store only.
+    forgotten: AtomicU64,
+    /// User entries in the shards (for the `changecast_hub_users` gauge and tests).
+    users: AtomicUsize,
     store: Option<Arc<HistoryStore>>,
     /// Serialises delivery so that sequence order is history order for every user.
     deliver_lock: Mutex<()>,
@@ -292,10 +297,8 @@ impl Drop for Registration {
         let mut shard = self.hub.shard(&self.user);
         if let Some(state) = shard.get_mut(&*self.user) {
             state.conns.retain(|c| c.id != self.conn);
-            if state.conns.is_empty()
-                && state.recent.is_empty()
-                && state.floor <= self.hub.memory_start
-            {
+            if state.conns.is_empty() && state.recent.is_empty() {
+                self.hub.forget(state.floor);
                 shard.remove(&*self.user);
             }
         }
@@ -340,7 +343,8 @@ impl Hub {
             assigned: AtomicU64::new(head),
             head: AtomicU64::new(head),
             floor: AtomicU64::new(floor),
-            memory_start: head,
+            forgotten: AtomicU64::new(head),
+            users: AtomicUsize::new(0),
             store,
             deliver_lock: Mutex::new(()),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
@@ -453,12 +457,54 @@ impl Hub {
         Some(event.frame.seq)
     }
 
+    /// A new user entry (the caller inserts it into its shard).
     fn new_user(&self) -> UserState {
+        self.users.fetch_add(1, Ordering::Relaxed);
         UserState {
             recent: VecDeque::new(),
-            floor: self.memory_start,
+            floor: self.forgotten.load(Ordering::Acquire),
             conns: Vec::new(),
         }
+    }
+
+    /// Notes that a user entry with this floor leaves memory (the caller removes it).
+    fn forget(&self, floor: u64) {
+        self.forgotten.fetch_max(floor, Ordering::AcqRel);
+        self.users.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Retention: events with `seq <= upto` have expired (pruned from the store, or older
+    /// than `max_age`). Nobody can resume from before `upto` any more; they leave memory,
+    /// and so does every user left with no event and no connection. Returns the number of
+    /// user entries left. Called by the pruning task, not per event.
+    pub fn expire(&self, upto: u64) -> usize {
+        // Shard by shard, without the delivery lock: the router is never held up for the
+        // whole map. The floor is raised first, so a resume from before `upto` is a `gap`
+        // whether or not its user's shard has been visited yet.
+        self.floor.fetch_max(upto, Ordering::AcqRel);
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            shard.retain(|_, state| {
+                while state.recent.front().is_some_and(|f| f.seq <= upto) {
+                    if let Some(old) = state.recent.pop_front() {
+                        state.floor = state.floor.max(old.seq);
+                    }
+                }
+                let keep = !(state.conns.is_empty() && state.recent.is_empty());
+                if !keep {
+                    self.forget(state.floor);
+                }
+                keep
+            });
+        }
+        let left = self.user_count();
+        metrics::gauge!("changecast_hub_users").set(left as f64);
+        left
+    }
+
+    /// User entries held in memory: users with a connection or recent events.
+    pub fn user_count(&self) -> usize {
+        self.users.load(Ordering::Relaxed)
     }
 
     /// Registers a connection of `user`, resuming after `since` when given. Refused with
@@ -606,6 +652,11 @@ impl Hub {
                 state.conns.iter().for_each(|c| c.kick.kick(reason));
             }
         }
+    }
+
+    /// Connections holding a slot of `max_connections`: subscribed and not yet dropped.
+    pub fn registered(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
     }
 
     /// Connections currently registered.

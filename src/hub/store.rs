@@ -46,6 +46,9 @@ pub struct Pruned {
     pub events: u64,
     /// Users whose floor rose because they had more than `max_per_user` events.
     pub floors_raised: u64,
+    /// The global floor after pruning: every event up to it has expired (for the hub to
+    /// drop from memory too).
+    pub floor: u64,
 }
 
 /// The history file.
@@ -295,11 +298,13 @@ impl HistoryStore {
             tx.query_row("SELECT MAX(seq) FROM events WHERE at < ?1", [cutoff], |r| {
                 r.get(0)
             })?;
+        pruned.floor = meta_u64(&tx, "floor")?.unwrap_or(0);
         if let Some(x) = old {
             pruned.events += tx.execute("DELETE FROM events WHERE seq <= ?1", [x])? as u64;
             // A client that saw event x has everything after it.
-            if (x as u64) > meta_u64(&tx, "floor")?.unwrap_or(0) {
-                set_meta_u64(&tx, "floor", x as u64)?;
+            if (x as u64) > pruned.floor {
+                pruned.floor = x as u64;
+                set_meta_u64(&tx, "floor", pruned.floor)?;
             }
         }
         // Users with more than `max_per_user` events: each audience's events are counted
@@ -534,7 +539,8 @@ mod tests {
             p,
             Pruned {
                 events: 3,
-                floors_raised: 1
+                floors_raised: 1,
+                floor: 0
             },
             "u1's floor is seq 3, and nobody else can replay 1..=3"
         );
@@ -569,7 +575,8 @@ mod tests {
             p,
             Pruned {
                 events: 1,
-                floors_raised: 0
+                floors_raised: 0,
+                floor: 1
             }
         );
         drop(h);
@@ -621,7 +628,8 @@ mod tests {
             p,
             Pruned {
                 events: 2,
-                floors_raised: 1
+                floors_raised: 1,
+                floor: 0
             }
         );
         assert_eq!(seqs("u1", 3), None, "u1 gets gap below its floor");

@@ -261,3 +261,28 @@ async fn connection_limits_refuse_with_try_again_later() {
     drop(a);
     assert!(hub.subscribe("u3", None).is_ok(), "a slot freed up");
 }
+
+#[tokio::test]
+async fn expired_users_leave_memory_and_resuming_from_before_the_cut_is_a_gap() {
+    let hub = hub(10, 10);
+    for n in 1..=3 {
+        publish(&hub, &["u1", "u2"], n);
+    }
+    let mut connected = hub.subscribe("u2", None).unwrap();
+    assert_eq!(hub.user_count(), 2);
+    assert_eq!(hub.expire(2), 2, "u1 still has event 3");
+    assert_eq!(hub.expire(3), 1, "u1 has nothing left; u2 is connected");
+    drop(connected.opening().await);
+    drop(connected);
+    assert_eq!(hub.user_count(), 0, "u2 leaves with its last connection");
+
+    // Dropped entries lose nothing: after the cut, a resume is complete; before it, a gap.
+    let mut after = hub.subscribe("u1", Some("e1-3")).unwrap();
+    assert_eq!(kinds(&opening(&mut after).await), vec!["ready"]);
+    let mut before = hub.subscribe("u1", Some("e1-2")).unwrap();
+    assert_eq!(kinds(&opening(&mut before).await), vec!["ready", "gap"]);
+    // New events are kept and replayed as before.
+    publish(&hub, &["u1"], 4);
+    let mut again = hub.subscribe("u1", Some("e1-3")).unwrap();
+    assert_eq!(kinds(&opening(&mut again).await), vec!["ready", "e1-4"]);
+}

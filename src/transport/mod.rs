@@ -7,6 +7,7 @@
 //! (and `gap` or the replay), then live events from the connection's bounded queue. A
 //! connection task writes only to its own socket; nothing shared is locked while it waits.
 
+pub mod edge;
 pub mod publish;
 pub mod sse;
 pub mod ws;

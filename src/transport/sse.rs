@@ -10,30 +10,38 @@
 //! comment; `EventSource` then reconnects with `Last-Event-ID` by itself.
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Query, State};
+use axum::extract::{Extension, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::stream;
 use serde_json::json;
+use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
+use super::edge::ConnHandle;
 use super::{StreamParams, bearer};
 use crate::auth::{AuthError, now_secs};
 use crate::event::CloseReason;
 use crate::hub::{Opening, Subscription};
+
+/// How long a closing comment may wait on shutdown.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
 use crate::server::App;
 
 pub async fn handler(
     State(app): State<Arc<App>>,
     Query(params): Query<StreamParams>,
     headers: HeaderMap,
+    conn: Option<Extension<ConnHandle>>,
 ) -> Response {
+    let conn = conn.map(|Extension(c)| c);
     let Some(token) = bearer(&headers).or(params.token) else {
         return refuse(AuthError::Missing);
     };
@@ -68,18 +76,20 @@ pub async fn handler(
         })
         .collect();
 
+    if let Some(conn) = &conn {
+        conn.0.admit();
+    }
+
     let left = identity.expires_at.saturating_sub(now_secs());
-    let state = StreamState {
-        opening: opening.into_iter(),
-        kick: Arc::clone(&sub.kick),
-        sub,
-        app: Arc::clone(&app),
-        expires: Instant::now() + Duration::from_secs(left),
-        next_comment: Instant::now() + app.server.keepalive,
-        done: false,
-    };
-    let body = Body::from_stream(stream::unfold(state, next_chunk));
-    let mut res = body.into_response();
+    let expires = Instant::now() + Duration::from_secs(left);
+    // The body pulls from a one-chunk channel; the pump writes to it with bounded waits.
+    let (tx, rx) = mpsc::channel::<Bytes>(1);
+    tokio::spawn(pump(app, sub, opening, expires, tx, conn));
+    let chunks = stream::unfold(rx, |mut rx| async move {
+        let chunk = rx.recv().await?;
+        Some((Ok::<_, Infallible>(chunk), rx))
+    });
+    let mut res = Body::from_stream(chunks).into_response();
     let h = res.headers_mut();
     h.insert(
         header::CONTENT_TYPE,
@@ -88,45 +98,125 @@ pub async fn handler(
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     // Tell nginx-style proxies not to buffer the stream.
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    // The connection ends with the stream, so its end is the connection's (see `pump`);
+    // `EventSource` reconnects on a new one anyway.
+    h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     res
 }
 
-struct StreamState {
-    opening: std::vec::IntoIter<Bytes>,
-    sub: Subscription,
-    kick: Arc<crate::hub::Kick>,
-    app: Arc<App>,
-    expires: Instant,
-    next_comment: Instant,
-    done: bool,
+/// Why a stream ends.
+enum Ended {
+    /// With a `: close <code>` comment: a kick (4008, …), shutdown, token expiry.
+    Close(CloseReason),
+    /// The response was dropped: the peer is gone.
+    Gone,
+    /// A chunk was not taken for two keepalive periods: the peer stopped reading.
+    Dead,
 }
 
-/// Produces the stream's next chunk; `None` ends it (and drops the subscription).
-async fn next_chunk(mut st: StreamState) -> Option<(Result<Bytes, Infallible>, StreamState)> {
-    if st.done {
-        return None;
+/// Feeds one stream: the opening, then live events, keepalive comments, and the closing
+/// comment. Every send races the kick, shutdown and the patience of two keepalive periods
+/// (the same rule as the WebSocket's writes): a peer that stopped reading holds up none of
+/// them. On a kick the subscription is dropped at once (the connection leaves the hub and
+/// frees its slots), and a connection whose peer takes nothing is closed at the edge.
+async fn pump(
+    app: Arc<App>,
+    mut sub: Subscription,
+    opening: Vec<Bytes>,
+    expires: Instant,
+    tx: mpsc::Sender<Bytes>,
+    conn: Option<ConnHandle>,
+) {
+    let kick = Arc::clone(&sub.kick);
+    let keepalive = app.server.keepalive;
+    let patience = keepalive * 2;
+    let kicked = kick.kicked();
+    let stopping = app.shutdown.cancelled();
+    let expiry = sleep_until(expires);
+    let comment = sleep_until(Instant::now() + keepalive);
+    tokio::pin!(kicked, stopping, expiry, comment);
+
+    let mut ended = None;
+    for chunk in opening {
+        if let Err(e) = send(&tx, chunk, kicked.as_mut(), stopping.as_mut(), patience).await {
+            ended = Some(e);
+            break;
+        }
     }
-    if let Some(chunk) = st.opening.next() {
-        return Some((Ok(chunk), st));
-    }
-    let reason = tokio::select! {
-        biased;
-        reason = st.kick.kicked() => reason,
-        _ = st.app.shutdown.cancelled() => CloseReason::Restarting,
-        _ = sleep_until(st.expires) => CloseReason::TokenExpired,
-        frame = st.sub.recv() => match frame {
-            Some(frame) => return Some((Ok(frame.sse()), st)),
-            None => st.kick.kicked().await,
+    let ended = match ended {
+        Some(e) => e,
+        None => loop {
+            let chunk = tokio::select! {
+                biased;
+                reason = &mut kicked => break Ended::Close(reason),
+                _ = &mut stopping => break Ended::Close(CloseReason::Restarting),
+                _ = &mut expiry => break Ended::Close(CloseReason::TokenExpired),
+                frame = sub.recv() => match frame {
+                    Some(frame) => frame.sse(),
+                    // The hub dropped this connection; the kick says why.
+                    None => break Ended::Close((&mut kicked).await),
+                },
+                _ = &mut comment => {
+                    comment.as_mut().reset(Instant::now() + keepalive);
+                    Bytes::from_static(b": keepalive\n\n")
+                }
+            };
+            if let Err(e) = send(&tx, chunk, kicked.as_mut(), stopping.as_mut(), patience).await {
+                break e;
+            }
         },
-        _ = sleep_until(st.next_comment) => {
-            st.next_comment = Instant::now() + st.app.server.keepalive;
-            return Some((Ok(Bytes::from_static(b": keepalive\n\n")), st));
+    };
+    // Leave the hub first: queue, per-user and global slots are free from here on.
+    drop(sub);
+    let closed_cleanly = match ended {
+        Ended::Gone => return,
+        Ended::Dead => {
+            metrics::counter!("changecast_dead_peers_total").increment(1);
+            false
+        }
+        Ended::Close(reason) => {
+            metrics::counter!("changecast_disconnects_total", "reason" => reason.label())
+                .increment(1);
+            let text = Bytes::from(format!(": close {} {}\n\n", reason.code(), reason.text()));
+            let within = if app.shutdown.is_cancelled() {
+                CLOSE_WAIT
+            } else {
+                patience
+            };
+            matches!(
+                tokio::time::timeout(within, tx.send(text)).await,
+                Ok(Ok(()))
+            )
         }
     };
-    metrics::counter!("changecast_disconnects_total", "reason" => reason.label()).increment(1);
-    st.done = true;
-    let comment = format!(": close {} {}\n\n", reason.code(), reason.text());
-    Some((Ok(Bytes::from(comment)), st))
+    drop(tx); // the body ends after what it holds
+    let Some(conn) = conn else { return };
+    // A peer that took the closing comment gets the end of the response; one that stopped
+    // reading would hold the socket (and a descriptor) for as long as TCP lets it: cut it.
+    if !closed_cleanly
+        || tokio::time::timeout(patience, conn.0.finished())
+            .await
+            .is_err()
+    {
+        conn.0.close();
+    }
+}
+
+/// Hands `chunk` to the response body unless the stream ends first.
+async fn send(
+    tx: &mpsc::Sender<Bytes>,
+    chunk: Bytes,
+    kicked: Pin<&mut impl Future<Output = CloseReason>>,
+    stopping: Pin<&mut impl Future<Output = ()>>,
+    patience: Duration,
+) -> Result<(), Ended> {
+    tokio::select! {
+        biased;
+        sent = tx.send(chunk) => sent.map_err(|_| Ended::Gone),
+        reason = kicked => Err(Ended::Close(reason)),
+        _ = stopping => Err(Ended::Close(CloseReason::Restarting)),
+        _ = tokio::time::sleep(patience) => Err(Ended::Dead),
+    }
 }
 
 fn data_only(json: &str) -> Bytes {

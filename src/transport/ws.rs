@@ -18,13 +18,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
+use axum::extract::{Extension, Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use futures_util::SinkExt;
 use serde::Deserialize;
 use tokio::time::{Instant, sleep_until};
 
+use super::edge::ConnHandle;
 use super::{StreamParams, bearer, close_text};
 use crate::auth::{AuthError, Identity, now_secs};
 use crate::event::{CloseReason, ServerEvent};
@@ -61,20 +62,25 @@ pub async fn handler(
     State(app): State<Arc<App>>,
     Query(params): Query<StreamParams>,
     headers: HeaderMap,
+    conn: Option<Extension<ConnHandle>>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let conn = conn.map(|Extension(c)| c);
     let token = bearer(&headers).or(params.token);
     let max = app.server.max_client_frame;
     ws.read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| session(app, socket, token, params.client_id, params.since))
+        .on_upgrade(move |socket| session(app, socket, conn, token, params.client_id, params.since))
 }
 
+/// `conn` is the connection's place at the edge: held for as long as the socket is open
+/// (it counts against the socket budget), and admitted once subscribed.
 async fn session(
     app: Arc<App>,
     mut socket: WebSocket,
+    conn: Option<ConnHandle>,
     token: Option<String>,
     client_id: Option<String>,
     since: Option<String>,
@@ -99,6 +105,9 @@ async fn session(
         Ok(sub) => sub,
         Err(reason) => return close(socket, reason, reason.text(), CLOSE_WAIT).await,
     };
+    if let Some(conn) = &conn {
+        conn.0.admit();
+    }
     let kick = Arc::clone(&sub.kick);
     let keepalive = app.server.keepalive;
     // A write that has not finished after this long is to a peer that stopped reading.
