@@ -207,6 +207,9 @@ pub(super) struct RemoteKeys {
     wake: Arc<Notify>,
     /// When the last early fetch was asked for.
     last_early: Mutex<Option<Instant>>,
+    /// How many early fetches were asked for (tests read it: a rate-limited request
+    /// leaves it unchanged, synchronously).
+    early_asked: std::sync::atomic::AtomicUsize,
     task: OnceLock<AbortHandle>,
 }
 
@@ -239,6 +242,7 @@ impl RemoteKeys {
             set: RwLock::new(Arc::new(set)),
             wake: Arc::new(Notify::new()),
             last_early: Mutex::new(None),
+            early_asked: std::sync::atomic::AtomicUsize::new(0),
             task: OnceLock::new(),
         });
         let task = tokio::spawn(refresh_loop(
@@ -271,7 +275,15 @@ impl RemoteKeys {
         }
         *last = Some(now);
         tracing::debug!(url = %self.url, "auth: unknown kid, fetching the JWKS early");
+        self.early_asked
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.wake.notify_one();
+    }
+
+    /// How many early fetches [`Self::request_refresh`] has asked for so far.
+    #[cfg(test)]
+    pub(super) fn early_fetches_asked(&self) -> usize {
+        self.early_asked.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
