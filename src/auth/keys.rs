@@ -280,6 +280,12 @@ impl RemoteKeys {
         self.wake.notify_one();
     }
 
+    /// The refresh task, to watch it end.
+    #[cfg(test)]
+    pub(super) fn refresh_task(&self) -> Option<AbortHandle> {
+        self.task.get().cloned()
+    }
+
     /// How many early fetches [`Self::request_refresh`] has asked for so far.
     #[cfg(test)]
     pub(super) fn early_fetches_asked(&self) -> usize {
