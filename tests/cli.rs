@@ -4,7 +4,7 @@ mod common;
 
 use std::process::{Command, Output};
 
-use common::{Db, SECRET};
+use common::{Db, Gateway, SECRET, Ws, email_of, insert_order};
 
 fn changecast(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_changecast"))
@@ -146,28 +146,31 @@ fn check_refuses_bad_configs_naming_the_config_path() {
     }
 }
 
-#[test]
-fn token_mints_a_token_the_gateway_accepts() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_mints_a_token_the_gateway_accepts() {
     let out = changecast(&[
         "token",
         "--sub",
         "u1",
         "--secret",
-        "s3",
+        SECRET,
         "--ttl",
         "10m",
         "--claim",
         "role=admin",
         "--claim",
         "n=3",
+        "--claim",
+        &format!("user_id={}", email_of("u1")),
     ]);
     assert!(out.status.success());
     let token = String::from_utf8(out.stdout).unwrap();
+    let token = token.trim();
     let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
     v.set_required_spec_claims(&["exp"]);
     let data = jsonwebtoken::decode::<serde_json::Value>(
-        token.trim(),
-        &jsonwebtoken::DecodingKey::from_secret(b"s3"),
+        token,
+        &jsonwebtoken::DecodingKey::from_secret(SECRET.as_bytes()),
         &v,
     )
     .unwrap();
@@ -176,6 +179,18 @@ fn token_mints_a_token_the_gateway_accepts() {
     assert_eq!(data.claims["n"], 3);
     let ttl = data.claims["exp"].as_u64().unwrap() - data.claims["iat"].as_u64().unwrap();
     assert_eq!(ttl, 600);
+
+    // The gateway (same secret, users resolved by the `user_id` claim) accepts it: the
+    // connection is ready as u1 and receives u1's next change.
+    let db = Db::new();
+    let gw = Gateway::start(&db.config("", 10)).await;
+    let mut ws = Ws::connect(&gw.ws_url(&format!("token={token}"))).await;
+    let ready = ws.next().await;
+    assert_eq!(ready["type"], "ready", "{ready}");
+    assert_eq!(ready["user"], "u1");
+    db.exec(&insert_order("o1", "b1"));
+    assert_eq!(ws.change().await["key"], "o1");
+    gw.stop().await;
 
     let out = changecast(&[
         "token",

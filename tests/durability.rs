@@ -57,10 +57,10 @@ async fn publish_delivers_resumable_message_events() {
     // Interleaved with routed changes, ids keep increasing.
     db.exec(&insert_order("o1", "b1"));
     let change = u1.change().await;
-    assert!(
-        change["id"].as_str().unwrap() > id.as_str()
-            || change["id"].as_str().unwrap().len() > id.len()
-    );
+    let (epoch, seq) = id_parts(&id);
+    let (change_epoch, change_seq) = id_parts(change["id"].as_str().unwrap());
+    assert_eq!(change_epoch, epoch);
+    assert!(change_seq > seq, "{change} after {id}");
     gw.stop().await;
 }
 
@@ -330,35 +330,11 @@ async fn connection_limits_refuse_with_1013_and_429() {
     gw.stop().await;
 }
 
+/// What `/metrics` counts is checked in `tests/metrics.rs`, alone in its binary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_count_what_happened_and_readyz_explains_itself() {
+async fn readyz_explains_itself() {
     let db = Db::new();
     let gw = Gateway::start(&with_publish(&db, "")).await;
-    let (mut u1, ready) = Ws::user(&gw, "u1", None).await;
-    db.exec(&insert_order("o1", "b1"));
-    u1.change().await;
-    let since = ready["position"].as_str().unwrap().to_owned();
-    let (_again, _) = Ws::user(&gw, "u1", Some(&since)).await;
-    let metrics = reqwest::get(gw.http("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let value = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
-    };
-    assert!(value("changecast_changes_total{collection=\"orders\",op=\"insert\"}") >= 1.0);
-    assert!(value("changecast_events_published_total") >= 1.0);
-    assert!(value("changecast_deliveries_total") >= 1.0);
-    assert!(value("changecast_replayed_events_total") >= 1.0);
-    assert!(value("changecast_connections") >= 2.0);
-    assert!(metrics.contains("# TYPE changecast_connections gauge"));
     let ready = reqwest::get(gw.http("/readyz")).await.unwrap();
     assert_eq!(ready.status(), 200);
     let running = gw.running;
@@ -425,16 +401,13 @@ async fn dead_peers_are_dropped_and_sse_streams_get_keepalive_comments() {
     let n = raw.read(&mut buf).await.unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"));
     let hub = std::sync::Arc::clone(&gw.running.app.hub);
-    let mut dropped = false;
-    for _ in 0..100 {
-        if hub.connection_count() == 0 {
-            dropped = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    // The session joins the hub after the upgrade: first it is there, then it is dropped.
     assert!(
-        dropped,
+        connections_reach(&hub, 1).await,
+        "the silent peer's session joined the hub"
+    );
+    assert!(
+        connections_reach(&hub, 0).await,
         "a silent peer is dropped after two missed keepalives"
     );
 

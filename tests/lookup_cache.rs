@@ -6,16 +6,11 @@ mod common;
 use common::*;
 
 fn misses(metrics: &str, collection: &str) -> u64 {
-    metrics
-        .lines()
-        .find(|l| {
-            l.starts_with("changecast_lookups_total")
-                && l.contains(&format!("collection=\"{collection}\""))
-                && l.contains("result=\"miss\"")
-        })
-        .and_then(|l| l.rsplit(' ').next())
-        .map(|n| n.parse().unwrap())
-        .unwrap_or(0)
+    counter(
+        metrics,
+        "changecast_lookups_total",
+        &[("collection", collection), ("result", "miss")],
+    ) as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

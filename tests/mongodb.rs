@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{SECRET, Ws};
+use common::{SECRET, Ws, counter, metrics_lock};
 use mongo_peer::{
     MongoPeer, Reply, change_event, change_stream_stage, first_batch, next_batch, token,
 };
@@ -244,7 +244,9 @@ async fn client(running: &Running, email: &str) -> Ws {
     ws
 }
 
-/// The gateway's `/metrics` text.
+/// The gateway's `/metrics` text. Metrics are process-wide: the tests that move and
+/// measure `changecast_source_skipped_total` and `changecast_source_missing_preimages_total`
+/// hold [`metrics_lock`] so that their before/after differences are their own.
 async fn metrics(running: &Running) -> String {
     let url = format!("http://{}/metrics", running.local_addr);
     reqwest::get(url).await.unwrap().text().await.unwrap()
@@ -474,8 +476,10 @@ async fn invalidate_reopens_with_start_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn error_47_missing_pre_image_reopens_from_the_last_token() {
+    let _metrics = metrics_lock().await;
     let setup = Setup::new(World::mercury()).await;
     let running = setup.start("").await.unwrap();
+    let before = metrics(&running).await;
     let mut u1 = client(&running, "amina@example.com").await;
     setup.push(order("t1", "insert", "o1", "b1"));
     assert_eq!(u1.next().await["key"], "o1");
@@ -489,18 +493,22 @@ async fn error_47_missing_pre_image_reopens_from_the_last_token() {
     assert_eq!(stage.get_document("resumeAfter"), Ok(&token("t1")));
     setup.push(order("t2", "insert", "o2", "b1"));
     assert_eq!(u1.next().await["key"], "o2");
-    let metrics = metrics(&running).await;
-    assert!(
-        metrics.contains("changecast_source_missing_preimages_total"),
-        "{metrics}"
+    let after = metrics(&running).await;
+    let missing = "changecast_source_missing_preimages_total";
+    assert_eq!(
+        counter(&after, missing, &[]) - counter(&before, missing, &[]),
+        1.0,
+        "error 47 counted once"
     );
     stop(running).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_events_and_deletes_without_pre_images_are_skipped_not_fatal() {
+    let _metrics = metrics_lock().await;
     let setup = Setup::new(World::mercury()).await;
     let running = setup.start("").await.unwrap();
+    let before = metrics(&running).await;
     let mut u1 = client(&running, "amina@example.com").await;
     let mut broken = order("t1", "insert", "o1", "b1");
     broken.remove("documentKey");
@@ -517,14 +525,16 @@ async fn malformed_events_and_deletes_without_pre_images_are_skipped_not_fatal()
     setup.push(order("t3", "insert", "o3", "b1"));
     assert_eq!(u1.next().await["key"], "o3", "the next good event arrives");
     setup.checkpoint_becomes("t3").await;
-    let metrics: String = metrics(&running).await;
-    assert!(
-        metrics.contains("changecast_source_skipped_total{reason=\"malformed\"}"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("changecast_source_missing_preimages_total"),
-        "{metrics}"
+    let after = metrics(&running).await;
+    let diff = |name: &str, labels: &[(&str, &str)]| {
+        counter(&after, name, labels) - counter(&before, name, labels)
+    };
+    let malformed = [("reason", "malformed")];
+    assert_eq!(diff("changecast_source_skipped_total", &malformed), 1.0);
+    assert_eq!(
+        diff("changecast_source_missing_preimages_total", &[]),
+        1.0,
+        "the delete without its pre-image"
     );
     stop(running).await;
 }

@@ -207,6 +207,9 @@ pub(super) struct RemoteKeys {
     wake: Arc<Notify>,
     /// When the last early fetch was asked for.
     last_early: Mutex<Option<Instant>>,
+    /// How many early fetches were asked for (tests read it: a rate-limited request
+    /// leaves it unchanged, synchronously).
+    early_asked: std::sync::atomic::AtomicUsize,
     task: OnceLock<AbortHandle>,
     /// The refresh task, until the server takes it to watch (a panic must not go unseen).
     handle: Mutex<Option<JoinHandle<()>>>,
@@ -241,6 +244,7 @@ impl RemoteKeys {
             set: RwLock::new(Arc::new(set)),
             wake: Arc::new(Notify::new()),
             last_early: Mutex::new(None),
+            early_asked: std::sync::atomic::AtomicUsize::new(0),
             task: OnceLock::new(),
             handle: Mutex::new(None),
         });
@@ -283,7 +287,21 @@ impl RemoteKeys {
         }
         *last = Some(now);
         tracing::debug!(url = %self.url, "auth: unknown kid, fetching the JWKS early");
+        self.early_asked
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.wake.notify_one();
+    }
+
+    /// The refresh task, to watch it end.
+    #[cfg(test)]
+    pub(super) fn refresh_task(&self) -> Option<AbortHandle> {
+        self.task.get().cloned()
+    }
+
+    /// How many early fetches [`Self::request_refresh`] has asked for so far.
+    #[cfg(test)]
+    pub(super) fn early_fetches_asked(&self) -> usize {
+        self.early_asked.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -1,6 +1,5 @@
 use super::*;
 use crate::config::UserConfig;
-use crate::path::FieldPath;
 use crate::source::LookupError;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -10,17 +9,36 @@ use std::time::Duration;
 
 const SECRET: &[u8] = b"test-secret";
 
-struct Users;
+/// The users table on a real SQLite file, read through `SqliteLookup` as the gateway does:
+/// ada@example.com is u1.
+struct Users {
+    /// Holds the database file for as long as the authenticator looks users up.
+    _dir: tempfile::TempDir,
+    lookup: crate::source::sqlite::SqliteLookup,
+}
+
+impl Users {
+    fn new() -> Users {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.db");
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE users (_id TEXT PRIMARY KEY, email TEXT, profile JSON);
+                 INSERT INTO users VALUES ('u1', 'ada@example.com', '{\"team\": \"ops\"}');
+                 INSERT INTO users VALUES ('u2', 'bob@example.com', NULL);",
+            )
+            .unwrap();
+        Users {
+            lookup: crate::source::sqlite::SqliteLookup::new(&path),
+            _dir: dir,
+        }
+    }
+}
+
 impl Lookup for Users {
     fn find(&self, q: Query) -> BoxFuture<'_, Result<Vec<Value>, LookupError>> {
-        Box::pin(async move {
-            assert_eq!(q.collection, "users");
-            assert_eq!(q.filter[0].0, FieldPath::parse("email").unwrap());
-            Ok(match q.filter[0].1.as_str() {
-                Some("ada@example.com") => vec![json!({"_id": "u1", "email": "ada@example.com"})],
-                _ => vec![],
-            })
-        })
+        self.lookup.find(q)
     }
 }
 
@@ -41,7 +59,7 @@ async fn auth(user: UserConfig, client_ids: Option<Vec<String>>) -> Authenticato
     let mut errors = Vec::new();
     AuthPlan::compile(&config, &mut errors)
         .unwrap_or_else(|| panic!("{errors:?}"))
-        .build(Arc::new(Users))
+        .build(Arc::new(Users::new()))
         .await
         .unwrap()
 }
@@ -246,7 +264,7 @@ async fn build(config: &AuthConfig) -> Result<Authenticator, String> {
     let mut errors = Vec::new();
     AuthPlan::compile(config, &mut errors)
         .unwrap_or_else(|| panic!("{errors:?}"))
-        .build(Arc::new(Users))
+        .build(Arc::new(Users::new()))
         .await
 }
 
@@ -830,12 +848,18 @@ async fn an_unknown_kid_asks_for_one_early_fetch_per_interval() {
         a.identify(&new, None).await.is_ok()
     })
     .await;
-    // More unknown kids within the interval: no more fetches.
+    let Keys::Remote(remote) = &a.keys else {
+        panic!("a JWKS URL gives remote keys");
+    };
+    assert_eq!(remote.early_fetches_asked(), 1);
+    // More unknown kids within the interval: each refusal checked the rate limit before
+    // it returned, and none asked for a fetch. The refresh task fetches only when asked
+    // or after the interval (an hour), so no fetch is on its way either.
     let unknown = sign(Algorithm::RS256, "rsa2_private.pem", Some("zzz"), &claims());
     for _ in 0..5 {
         assert_refused(&a, &unknown).await;
+        assert_eq!(remote.early_fetches_asked(), 1, "rate-limited");
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(server.hits(), 2);
 }
 
@@ -846,12 +870,14 @@ async fn the_refresh_stops_when_the_authenticator_is_dropped() {
         .await
         .unwrap();
     eventually("periodic fetches", async || server.hits() >= 3).await;
+    let Keys::Remote(remote) = &a.keys else {
+        panic!("a JWKS URL gives remote keys");
+    };
+    let task = remote.refresh_task().expect("the refresh task runs");
+    assert!(!task.is_finished());
     drop(a);
-    // A fetch already under way may still land.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let after_drop = server.hits();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(server.hits(), after_drop);
+    // Ended, not merely quiet for a while: a finished task fetches nothing more.
+    eventually("the refresh task ends", async || task.is_finished()).await;
 }
 
 /// An HS256 token with these claims, signed with the test secret.

@@ -443,11 +443,27 @@ mod tests {
     #[tokio::test]
     async fn capacity_bounds_the_cache_and_zero_disables_it() {
         let (source, _) = setup();
+        let queries = || source.0.load(Ordering::SeqCst);
         let small = CachedLookup::new(source.clone(), 2);
-        for id in ["b1", "b2", "b3", "b4"] {
-            small.find(q("_id", json!(id))).await.unwrap();
-        }
-        assert!(small.len() <= 2);
+        let find = async |id: &str| small.find(q("_id", json!(id))).await.unwrap();
+        // Up to the bound, answers are kept: asking again reaches nothing.
+        find("b1").await;
+        find("b2").await;
+        assert_eq!((queries(), small.len()), (2, 2));
+        find("b1").await;
+        find("b2").await;
+        assert_eq!(queries(), 2, "hits below the bound");
+        // A third answer at the bound starts over: only it is kept.
+        find("b3").await;
+        assert_eq!((queries(), small.len()), (3, 1), "reset at the bound");
+        find("b3").await;
+        assert_eq!(queries(), 3, "the new answer is kept");
+        find("b1").await;
+        assert_eq!(
+            (queries(), small.len()),
+            (4, 2),
+            "b1 was dropped by the reset"
+        );
         let off = CachedLookup::new(source.clone(), 0);
         let before = source.0.load(Ordering::SeqCst);
         off.find(q("_id", json!("b1"))).await.unwrap();

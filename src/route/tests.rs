@@ -9,37 +9,25 @@ use crate::change::Position;
 use crate::config::AlertConfig;
 use crate::source::LookupError;
 use crate::source::Query;
+use crate::source::sqlite::SqliteLookup;
 use futures_util::future::BoxFuture;
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-/// An in-memory collection store: the test double for the source's lookups.
-#[derive(Default)]
+/// The source's lookups on a real SQLite file (`SqliteLookup`: JSON columns nested as the
+/// change feed has them), recording every query that reaches it.
 struct Docs {
-    collections: BTreeMap<String, Vec<Value>>,
+    /// Holds the database file for as long as the lookups run.
+    _dir: tempfile::TempDir,
+    lookup: SqliteLookup,
     queries: Mutex<Vec<Query>>,
 }
 
 impl Lookup for Docs {
     fn find(&self, query: Query) -> BoxFuture<'_, Result<Vec<Value>, LookupError>> {
-        Box::pin(async move {
-            self.queries.lock().unwrap().push(query.clone());
-            let docs =
-                self.collections
-                    .get(&query.collection)
-                    .ok_or_else(|| LookupError::Failed {
-                        collection: query.collection.clone(),
-                        message: "no such collection".into(),
-                    })?;
-            let found = docs
-                .iter()
-                .filter(|d| query.filter.iter().all(|(p, v)| p.get(d) == Some(v)))
-                .take(query.limit.unwrap_or(usize::MAX))
-                .cloned()
-                .collect();
-            Ok(found)
-        })
+        self.queries.lock().unwrap().push(query.clone());
+        self.lookup.find(query)
     }
 }
 
@@ -90,25 +78,23 @@ fn compile(to: &str, extra: &str) -> Result<Route, Vec<ConfigError>> {
     r.ok_or(errors)
 }
 
+/// b1 (owner u1, staff u1 and u3) and b2 (owner u2, staff u2). `owner` is declared JSON:
+/// the lookup returns it nested, `{"_id": "u1"}`.
 fn docs() -> Arc<Docs> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("docs.db");
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch(
+            r#"CREATE TABLE businesses (_id TEXT PRIMARY KEY, name TEXT, owner JSON);
+               INSERT INTO businesses VALUES ('b1', NULL, '{"_id": "u1"}'), ('b2', NULL, '{"_id": "u2"}');
+               CREATE TABLE users (_id TEXT PRIMARY KEY, email TEXT, name TEXT, business_id TEXT);
+               INSERT INTO users (_id, business_id) VALUES ('u1', 'b1'), ('u3', 'b1'), ('u2', 'b2');"#,
+        )
+        .unwrap();
     Arc::new(Docs {
-        collections: BTreeMap::from([
-            (
-                "businesses".into(),
-                vec![
-                    json!({"_id": "b1", "owner": {"_id": "u1"}}),
-                    json!({"_id": "b2", "owner": {"_id": "u2"}}),
-                ],
-            ),
-            (
-                "users".into(),
-                vec![
-                    json!({"_id": "u1", "business_id": "b1"}),
-                    json!({"_id": "u3", "business_id": "b1"}),
-                    json!({"_id": "u2", "business_id": "b2"}),
-                ],
-            ),
-        ]),
+        lookup: SqliteLookup::new(&path),
+        _dir: dir,
         queries: Mutex::new(Vec::new()),
     })
 }

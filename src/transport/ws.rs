@@ -32,10 +32,10 @@ use crate::event::{CloseReason, ServerEvent};
 use crate::hub::{Frame, Opening, Subscription};
 use crate::server::App;
 
-/// Frames a client may send.
-#[derive(Debug, Deserialize)]
+/// Frames a client may send (SPEC: `auth`, `refresh`, `ping`).
+#[derive(Debug, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "lowercase")]
-enum ClientFrame {
+pub enum ClientFrame {
     Auth {
         token: String,
         #[serde(default)]
@@ -45,6 +45,12 @@ enum ClientFrame {
         token: String,
     },
     Ping,
+}
+
+/// Parses one client text frame. `None` for anything else: ignored and counted once the
+/// connection is authenticated, refused (1008) as the first frame of one that is not.
+pub fn parse_client_frame(text: &str) -> Option<ClientFrame> {
+    serde_json::from_str(text).ok()
 }
 
 /// Socket buffers are per connection: kept small so idle connections stay cheap. Event
@@ -292,9 +298,9 @@ async fn client_frame(
     identity: &mut Identity,
     text: &str,
 ) -> Result<Option<String>, AuthError> {
-    match serde_json::from_str::<ClientFrame>(text) {
-        Ok(ClientFrame::Ping) => Ok(Some(ServerEvent::Pong.to_json())),
-        Ok(ClientFrame::Refresh { token }) => {
+    match parse_client_frame(text) {
+        Some(ClientFrame::Ping) => Ok(Some(ServerEvent::Pong.to_json())),
+        Some(ClientFrame::Refresh { token }) => {
             // The client id was checked on connect; a refresh does not repeat it.
             let fresh = app.auth.identify_token(&token).await?;
             if fresh.user != identity.user {
@@ -306,8 +312,8 @@ async fn client_frame(
             Ok(None)
         }
         // Already authenticated: a repeated auth frame changes nothing.
-        Ok(ClientFrame::Auth { .. }) => Ok(None),
-        Err(_) => {
+        Some(ClientFrame::Auth { .. }) => Ok(None),
+        None => {
             metrics::counter!("changecast_client_frames_ignored_total").increment(1);
             Ok(None)
         }
@@ -326,8 +332,8 @@ async fn auth_frame(
             .map_err(|_| AuthError::Missing)?;
         match msg {
             Some(Ok(Message::Text(text))) => {
-                return match serde_json::from_str::<ClientFrame>(text.as_str()) {
-                    Ok(ClientFrame::Auth { token, client_id }) => Ok((token, client_id)),
+                return match parse_client_frame(text.as_str()) {
+                    Some(ClientFrame::Auth { token, client_id }) => Ok((token, client_id)),
                     _ => Err(AuthError::Invalid(
                         "the first frame must be {\"type\":\"auth\",\"token\":...}".into(),
                     )),

@@ -142,6 +142,11 @@ test('SSE transport: same events, resumed after a restart', { timeout: 90_000 },
   assert.equal(await s.page.evaluate(() => window.changecast.transport), 'sse');
   insertOrder(s.data, 'oe1', 'b1');
   await waitForKeys(s.page, ['oe1']);
+  // Every `ready` from now on: the reconnections after the restart.
+  await s.page.evaluate(() => {
+    window.readies = [];
+    window.changecast.client.on('ready', (m) => window.readies.push(m));
+  });
   const port = s.demo.port;
   await stopDemo(s.demo, 'SIGKILL');
   insertOrder(s.data, 'oe2', 'b1');
@@ -149,6 +154,13 @@ test('SSE transport: same events, resumed after a restart', { timeout: 90_000 },
   insertOrder(s.data, 'oe3', 'b1');
   await waitForKeys(s.page, ['oe1', 'oe2', 'oe3'], 60_000);
   assertExactlyOnce(await pageEvents(s.page), ['oe1', 'oe2', 'oe3']);
+  // Resumed, not started over: the server honoured the position and reported no gap.
+  const readies = await s.page.evaluate(() => window.readies);
+  t.diagnostic('readies: ' + JSON.stringify(readies));
+  assert.ok(readies.length >= 1, 'reconnected after the restart');
+  assert.ok(readies.every((r) => r.resumed === true), 'every reconnection resumed: ' + JSON.stringify(readies));
+  assert.equal(await s.page.evaluate(() => window.changecast.gaps), 0);
+  assert.equal(await s.page.evaluate(() => window.changecast.transport), 'sse');
 });
 
 test('lost history (new epoch): the page shows the "refresh your data" notice', { timeout: 90_000 }, async (t) => {

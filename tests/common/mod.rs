@@ -322,3 +322,106 @@ pub fn insert_order(id: &str, business: &str) -> String {
 pub fn path_str(p: &Path) -> String {
     p.display().to_string()
 }
+
+/// The gateway's `/metrics` text.
+pub async fn scrape(addr: std::net::SocketAddr) -> String {
+    let res = tokio::time::timeout(WAIT, reqwest::get(format!("http://{addr}/metrics")))
+        .await
+        .expect("/metrics answers in time")
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    res.text().await.unwrap()
+}
+
+/// The value of the sample named exactly `name` with exactly the labels `labels` (in any
+/// order) in Prometheus text `metrics`; `None` when there is no such sample. A prefix or a
+/// subset of the labels never matches: `changecast_connections` is not
+/// `changecast_connections_refused_total`, and `{limit="total"}` is not `{}`.
+///
+/// Metrics are process-wide: tests in one binary run in parallel, so compare the
+/// difference before/after an action, and only for a quantity no other test in the
+/// binary moves (or in a binary of its own, or under [`metrics_lock`]).
+pub fn metric(metrics: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let mut want: Vec<(String, String)> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    want.sort();
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(parse_sample)
+        .find(|(n, l, _)| n == name && *l == want)
+        .map(|(_, _, v)| v)
+}
+
+/// A counter's value; a counter never incremented is absent, which is 0.
+pub fn counter(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metric(metrics, name, labels).unwrap_or(0.0)
+}
+
+/// A sample's label set, sorted by name.
+type Labels = Vec<(String, String)>;
+
+/// One exposition line: `name{k="v",...} value` → (name, sorted labels, value).
+fn parse_sample(line: &str) -> Option<(String, Labels, f64)> {
+    let line = line.trim();
+    let name_end = line.find(['{', ' '])?;
+    let name = &line[..name_end];
+    let mut labels = Vec::new();
+    let mut rest = &line[name_end..];
+    if let Some(body) = rest.strip_prefix('{') {
+        let mut chars = body.char_indices();
+        let mut key = String::new();
+        let end = loop {
+            let (i, c) = chars.next()?;
+            match c {
+                '}' => break i,
+                ',' | ' ' => {}
+                '=' => {
+                    if chars.next()?.1 != '"' {
+                        return None;
+                    }
+                    let mut value = String::new();
+                    loop {
+                        match chars.next()?.1 {
+                            '\\' => match chars.next()?.1 {
+                                'n' => value.push('\n'),
+                                c => value.push(c),
+                            },
+                            '"' => break,
+                            c => value.push(c),
+                        }
+                    }
+                    labels.push((std::mem::take(&mut key), value));
+                }
+                c => key.push(c),
+            }
+        };
+        rest = &body[end + 1..];
+    }
+    let value = rest.split_whitespace().next()?.parse().ok()?;
+    labels.sort();
+    Some((name.to_owned(), labels, value))
+}
+
+/// Serialises the tests of one binary that produce and measure the same process-wide
+/// counters, so that before/after differences are theirs alone. Every test in the binary
+/// that moves a measured counter must hold it.
+pub async fn metrics_lock() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
+/// An event id `EPOCH-SEQ` as (epoch, seq), to compare positions numerically (as strings
+/// `e-9` sorts after `e-10`).
+pub fn id_parts(id: &str) -> (String, u64) {
+    let (epoch, seq) = id
+        .rsplit_once('-')
+        .unwrap_or_else(|| panic!("not an event id: {id}"));
+    (
+        epoch.to_owned(),
+        seq.parse()
+            .unwrap_or_else(|_| panic!("not an event id: {id}")),
+    )
+}

@@ -792,9 +792,32 @@ mod tests {
 
     #[test]
     fn backoff_is_capped_and_jittered() {
-        let delays: Vec<Duration> = backoff().take(20).collect();
-        assert_eq!(delays.len(), 20, "retries forever");
-        assert!(delays.iter().all(|d| *d <= Duration::from_secs(60)));
-        assert!(delays[19] >= Duration::from_secs(30));
+        // Documented: 100 ms doubling to 30 s, plus a jitter of up to the delay itself, so
+        // attempt i waits in [base, 2 * base) with base = min(100 ms * 2^i, 30 s).
+        let base = |i: u32| (Duration::from_millis(100) * 2u32.pow(i)).min(Duration::from_secs(30));
+        let samples: Vec<Vec<Duration>> = (0..50).map(|_| backoff().take(20).collect()).collect();
+        for delays in &samples {
+            assert_eq!(delays.len(), 20, "retries forever");
+            for (i, d) in delays.iter().enumerate() {
+                let b = base(i as u32);
+                assert!(
+                    *d >= b && *d < 2 * b,
+                    "attempt {i}: {d:?} outside [{b:?}, {:?})",
+                    2 * b
+                );
+            }
+        }
+        // Jittered: 50 first delays (and 50 capped ones) are not all one value; with
+        // uniform jitter, a repeat among 50 is vanishingly unlikely.
+        for i in [0, 19] {
+            let mut at_i: Vec<Duration> = samples.iter().map(|d| d[i]).collect();
+            at_i.sort();
+            at_i.dedup();
+            assert!(
+                at_i.len() > 40,
+                "attempt {i}: {} distinct delays of 50",
+                at_i.len()
+            );
+        }
     }
 }
