@@ -538,6 +538,13 @@ impl Config {
         let r = |min, max| DurationRange { min, max };
         duration("server.auth_timeout", s.auth_timeout, r(ms(1), secs(HOUR)));
         duration("server.keepalive", s.keepalive, r(ms(1), secs(HOUR)));
+        // Zero would close every connection before its first byte or request head.
+        duration(
+            "server.header_read_timeout",
+            s.header_read_timeout,
+            r(ms(1), secs(HOUR)),
+        );
+        duration("server.idle_timeout", s.idle_timeout, r(ms(1), secs(HOUR)));
         duration("auth.leeway", a.leeway, r(Duration::ZERO, secs(HOUR)));
         // Zero is refused with the other `jwks_url` checks (AuthPlan::compile).
         if a.jwks_url.is_some() && !a.jwks_refresh.is_zero() {
@@ -611,6 +618,12 @@ impl Config {
             s.max_connections,
             n(1, 10_000_000),
         );
+        size(
+            "server.max_pending_connections",
+            s.max_pending_connections,
+            n(1, 10_000_000),
+        );
+        size("server.fd_reserve", s.fd_reserve, n(0, 1_000_000));
         size(
             "server.max_connections_per_user",
             s.max_connections_per_user,
@@ -774,6 +787,21 @@ mod tests {
                 "history",
                 "max_age = \"0s\"",
                 "history.max_age: must be greater than zero",
+            ),
+            (
+                "server",
+                "idle_timeout = \"0s\"",
+                "server.idle_timeout: must be greater than zero",
+            ),
+            (
+                "server",
+                "header_read_timeout = \"2h\"",
+                "server.header_read_timeout: must be at most 1h",
+            ),
+            (
+                "server",
+                "max_pending_connections = 0",
+                "server.max_pending_connections: must be at least 1",
             ),
             (
                 "source",

@@ -527,12 +527,12 @@ fn arbitrary_claims_never_panic_the_verifier() {
         .unwrap_or_else(|e| panic!("{e}"));
 }
 
-/// What an accepted token promises can be honoured: `exp` is a whole number of seconds
-/// in the future (the identity expires exactly then) and `nbf`, when present, is not in
-/// the future.
+/// What an accepted token promises can be honoured: its `exp` is a NumericDate not yet
+/// past (leeway 0 here; jsonwebtoken accepts `exp == now`) and within
+/// `MAX_TOKEN_LIFETIME`, the identity expires exactly at that `exp` (a fractional one
+/// rounded, as the verifier reads it), and `nbf`, when present, is not in the future.
 #[test]
-#[ignore = "fixed by the tokens change (issue 11 item 9)"]
-fn an_accepted_token_has_a_future_whole_exp_and_no_future_nbf() {
+fn an_accepted_token_has_an_honourable_exp_and_no_future_nbf() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -543,16 +543,29 @@ fn an_accepted_token_has_a_future_whole_exp_and_no_future_nbf() {
     runner
         .run(&claims(), |claims| {
             let token = sign(&claims);
+            let before = now_secs();
             let Ok(identity) = rt.block_on(auth.identify(&token, None)) else {
                 return Ok(());
             };
-            let now = now_secs();
-            let exp = claims["exp"].as_u64();
-            prop_assert!(exp.is_some_and(|e| e > now), "accepted exp: {}", claims);
-            prop_assert_eq!(Some(identity.expires_at), exp);
+            let after = now_secs();
+            // The verifier's reading of a NumericDate: an integer, or a number rounded.
+            let exp = claims["exp"]
+                .as_u64()
+                .or_else(|| claims["exp"].as_f64().map(|f| f.round() as u64));
+            prop_assert_eq!(Some(identity.expires_at), exp, "{}", claims);
+            prop_assert!(
+                identity.expires_at >= before,
+                "accepted a past exp: {}",
+                claims
+            );
+            prop_assert!(
+                identity.expires_at <= after + changecast::auth::MAX_TOKEN_LIFETIME.as_secs(),
+                "accepted an exp past the horizon: {}",
+                claims
+            );
             if let Some(nbf) = claims.get("nbf") {
                 prop_assert!(
-                    nbf.as_f64().is_some_and(|n| n <= now as f64),
+                    nbf.as_f64().is_some_and(|n| n.round() <= after as f64),
                     "accepted nbf: {}",
                     claims
                 );
