@@ -8,7 +8,7 @@ use changecast::change::{Change, Op, Position};
 use changecast::config::SqliteSourceConfig;
 use changecast::source::sqlite::SqliteSource;
 use changecast::source::{Batch, Source};
-use common::{Db, WAIT, insert_order};
+use common::{Db, Gateway, SECRET, WAIT, Ws, insert_order};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -17,6 +17,7 @@ fn config(db: &Db) -> SqliteSourceConfig {
         path: db.path.clone(),
         poll_interval: Duration::from_millis(2),
         batch_size: 3,
+        json_columns: vec![],
     }
 }
 
@@ -177,7 +178,7 @@ async fn changes_not_acknowledged_are_read_again_after_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn triggers_never_fail_the_applications_write() {
     let db = Db::new();
-    db.exec("CREATE TABLE files (id INTEGER PRIMARY KEY, owner TEXT, data BLOB, meta TEXT);");
+    db.exec("CREATE TABLE files (id INTEGER PRIMARY KEY, owner TEXT, data BLOB, meta JSON);");
     let mut tail = Tail::start(&db, &["files"]);
     db.exec("INSERT INTO files VALUES (1, 'u1', x'00FF10', '{\"tags\": [\"a\"]}');");
     let c = &tail.take(1, true).await[0];
@@ -185,7 +186,7 @@ async fn triggers_never_fail_the_applications_write() {
     assert_eq!(after["data"], "00FF10", "BLOBs are carried as hex");
     assert_eq!(
         after["meta"]["tags"][0], "a",
-        "JSON text columns are nested documents"
+        "columns declared JSON are nested documents"
     );
     assert_eq!(c.key, "1");
     tail.stop().await;
@@ -370,4 +371,96 @@ async fn triggers_accept_every_storage_class_in_keys_and_columns() {
         }
     }
     tail.stop().await;
+}
+
+/// The Mercury auth with routes by a column of `tasks`, for the JSON-nesting tests.
+fn tasks_config(db: &Db, source_extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+
+[source]
+type = "sqlite"
+path = "{db}"
+poll_interval = "2ms"
+{source_extra}
+
+[auth]
+jwt_secret = "{SECRET}"
+user = {{ claim = "user_id", lookup = "users", where = {{ email = "$claim" }}, pick = "_id" }}
+
+[history]
+store = "memory"
+
+[[route]]
+name = "tasks"
+collection = "tasks"
+to = "$assignee"
+
+[[route]]
+name = "shared"
+collection = "shared"
+to = "$assignees"
+
+[[route]]
+name = "listed"
+collection = "listed"
+to = "$watchers"
+"#,
+        db = db.path.display(),
+    )
+}
+
+/// Issue 11 item 13: a user-typed TEXT that looks like JSON is a string, not a list of
+/// recipients; only columns declared `JSON`/`JSONB` or listed in `json_columns` nest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_json_columns_are_nested_so_typed_text_never_fans_out() {
+    let db = Db::new();
+    db.exec(
+        "CREATE TABLE tasks (_id TEXT PRIMARY KEY, assignee TEXT);
+         CREATE TABLE shared (_id TEXT PRIMARY KEY, assignees json);
+         CREATE TABLE listed (_id TEXT PRIMARY KEY, watchers TEXT);",
+    );
+    let gw = Gateway::start(&tasks_config(&db, r#"json_columns = ["listed.watchers"]"#)).await;
+    let (mut u1, _) = Ws::user(&gw, "u1", None).await;
+    let (mut u2, _) = Ws::user(&gw, "u2", None).await;
+    db.exec(
+        r#"INSERT INTO tasks VALUES ('t1', '["u1","u2"]');
+           INSERT INTO tasks VALUES ('t2', 'u2');
+           INSERT INTO shared VALUES ('s1', '["u1","u2"]');
+           INSERT INTO listed VALUES ('l1', '["u1","u2"]');"#,
+    );
+    // In commit order: u2's first change is t2, so t1 never reached u2.
+    let ids = |c: &serde_json::Value| c["doc"]["_id"].as_str().unwrap().to_string();
+    let mut got2 = Vec::new();
+    for _ in 0..3 {
+        got2.push(ids(&u2.change().await));
+    }
+    assert_eq!(got2, vec!["t2", "s1", "l1"]);
+    let mut got1 = Vec::new();
+    for _ in 0..2 {
+        got1.push(ids(&u1.change().await));
+    }
+    assert_eq!(
+        got1,
+        vec!["s1", "l1"],
+        "t1's assignee is one (odd) user id, not u1"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_refuses_json_columns_not_in_the_database() {
+    let db = Db::new();
+    db.exec("CREATE TABLE tasks (_id TEXT PRIMARY KEY, assignee TEXT); CREATE TABLE shared (_id, assignees); CREATE TABLE listed (_id, watchers);");
+    let config = tasks_config(&db, r#"json_columns = ["tasks.nope", "nope.x", "plain"]"#);
+    let errors =
+        changecast::plan::Plan::compile(&changecast::config::Config::parse(&config).unwrap())
+            .err()
+            .expect("refused")
+            .to_string();
+    for bad in ["tasks.nope", "nope.x", "plain"] {
+        assert!(errors.contains(bad), "{bad} not named in: {errors}");
+    }
 }

@@ -21,7 +21,7 @@ pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS businesses (
     _id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
-    owner TEXT NOT NULL            -- JSON: {\"_id\": ..., \"name\": ...}
+    owner JSON NOT NULL            -- {\"_id\": ..., \"name\": ...}, read as a nested document
 );
 CREATE TABLE IF NOT EXISTS users (
     _id TEXT PRIMARY KEY,

@@ -1,9 +1,11 @@
 //! Queries against the SQLite database for the rules (owner lookups, user resolution).
 //!
-//! In: a [`Query`]. Out: matching rows as JSON documents (JSON text columns nested, as the
-//! change feed does). Queries run on read-only connections from a small pool, on tokio's
+//! In: a [`Query`]. Out: matching rows as JSON documents (JSON columns nested, as the
+//! change feed does: declared `JSON`/`JSONB` or listed in `[source] json_columns`; other
+//! TEXT stays a string). Queries run on read-only connections from a small pool, on tokio's
 //! blocking threads, so a slow query never blocks the runtime.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -12,7 +14,7 @@ use rusqlite::types::{Value as SqlValue, ValueRef};
 use rusqlite::{Connection, OpenFlags};
 use serde_json::{Map, Value};
 
-use super::{ident, open, parse_json_text};
+use super::{hex, ident, is_json_decl, open, parse_json_text, split_json_column};
 use crate::source::{Lookup, LookupError, Query};
 
 /// Idle read connections kept for reuse.
@@ -26,6 +28,9 @@ pub struct SqliteLookup {
 
 struct Pool {
     path: PathBuf,
+    /// `[source] json_columns`: (table, column) pairs read as nested JSON besides the
+    /// columns declared `JSON`/`JSONB`.
+    json_columns: HashSet<(String, String)>,
     /// Idle connections; taken for one query, returned after.
     idle: Mutex<Vec<Connection>>,
 }
@@ -35,6 +40,23 @@ impl SqliteLookup {
         SqliteLookup {
             inner: Arc::new(Pool {
                 path: path.into(),
+                json_columns: HashSet::new(),
+                idle: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// Also reads these `table.column`s as nested JSON (`[source] json_columns`).
+    pub fn with_json_columns(path: impl Into<PathBuf>, listed: &[String]) -> Self {
+        let json_columns = listed
+            .iter()
+            .filter_map(|e| split_json_column(e))
+            .map(|(t, c)| (t.to_string(), c.to_string()))
+            .collect();
+        SqliteLookup {
+            inner: Arc::new(Pool {
+                path: path.into(),
+                json_columns,
                 idle: Mutex::new(Vec::new()),
             }),
         }
@@ -47,7 +69,7 @@ impl Pool {
             Ok(Some(conn)) => conn,
             _ => open(&self.path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|e| e.to_string())?,
         };
-        let result = execute(&conn, query).map_err(|e| e.to_string());
+        let result = execute(&conn, query, &self.json_columns).map_err(|e| e.to_string());
         if let Ok(mut pool) = self.idle.lock()
             && pool.len() < POOL_MAX
         {
@@ -75,7 +97,11 @@ impl Lookup for SqliteLookup {
 }
 
 /// Builds and runs the SQL for one query.
-fn execute(conn: &Connection, query: &Query) -> rusqlite::Result<Vec<Value>> {
+fn execute(
+    conn: &Connection,
+    query: &Query,
+    listed: &HashSet<(String, String)>,
+) -> rusqlite::Result<Vec<Value>> {
     let mut sql = format!("SELECT * FROM {}", ident(&query.collection));
     let mut args: Vec<SqlValue> = Vec::with_capacity(query.filter.len());
     for (i, (path, value)) in query.filter.iter().enumerate() {
@@ -101,12 +127,21 @@ fn execute(conn: &Connection, query: &Query) -> rusqlite::Result<Vec<Value>> {
     }
     let mut stmt = conn.prepare_cached(&sql)?;
     let names: Vec<String> = stmt.column_names().iter().map(|s| s.to_string()).collect();
+    // Which columns nest: known from the prepared statement, no extra query.
+    let json: Vec<bool> = stmt
+        .columns()
+        .iter()
+        .map(|c| {
+            c.decl_type().is_some_and(is_json_decl)
+                || listed.contains(&(query.collection.clone(), c.name().to_string()))
+        })
+        .collect();
     let mut rows = stmt.query(rusqlite::params_from_iter(args))?;
     let mut out = Vec::new();
     while let Some(row) = rows.next()? {
         let mut doc = Map::with_capacity(names.len());
         for (i, name) in names.iter().enumerate() {
-            doc.insert(name.clone(), from_sql(row.get_ref(i)?));
+            doc.insert(name.clone(), from_sql(row.get_ref(i)?, json[i]));
         }
         out.push(Value::Object(doc));
     }
@@ -126,7 +161,7 @@ fn to_sql(v: &Value) -> SqlValue {
     }
 }
 
-fn from_sql(v: ValueRef<'_>) -> Value {
+fn from_sql(v: ValueRef<'_>, json: bool) -> Value {
     match v {
         ValueRef::Null => Value::Null,
         ValueRef::Integer(i) => Value::from(i),
@@ -135,9 +170,11 @@ fn from_sql(v: ValueRef<'_>) -> Value {
             .unwrap_or(Value::Null),
         ValueRef::Text(t) => {
             let s = String::from_utf8_lossy(t);
-            parse_json_text(&s).unwrap_or_else(|| Value::String(s.into_owned()))
+            json.then(|| parse_json_text(&s))
+                .flatten()
+                .unwrap_or_else(|| Value::String(s.into_owned()))
         }
-        ValueRef::Blob(b) => Value::String(b.iter().map(|x| format!("{x:02X}")).collect()),
+        ValueRef::Blob(b) => Value::String(hex(b)),
     }
 }
 
@@ -152,9 +189,9 @@ mod tests {
         let path = dir.path().join("t.db");
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch(
-            "CREATE TABLE businesses(_id TEXT PRIMARY KEY, name TEXT, owner TEXT);
-             INSERT INTO businesses VALUES ('b1', 'Acme', '{\"_id\": \"u1\"}');
-             INSERT INTO businesses VALUES ('b2', 'Beta', '{\"_id\": \"u2\"}');
+            "CREATE TABLE businesses(_id TEXT PRIMARY KEY, name TEXT, owner JSON, note TEXT);
+             INSERT INTO businesses VALUES ('b1', 'Acme', '{\"_id\": \"u1\"}', '[\"typed\"]');
+             INSERT INTO businesses VALUES ('b2', 'Beta', '{\"_id\": \"u2\"}', NULL);
              CREATE TABLE users(_id TEXT PRIMARY KEY, business_id TEXT, age INTEGER);
              INSERT INTO users VALUES ('u1', 'b1', 30), ('u3', 'b1', 40), ('u2', 'b2', 50);",
         )
@@ -176,7 +213,10 @@ mod tests {
             .unwrap();
         assert_eq!(
             by_id,
-            vec![json!({"_id": "b1", "name": "Acme", "owner": {"_id": "u1"}})]
+            vec![
+                json!({"_id": "b1", "name": "Acme", "owner": {"_id": "u1"}, "note": "[\"typed\"]"})
+            ],
+            "a JSON column nests; TEXT that looks like JSON stays a string"
         );
 
         let by_owner = lookup

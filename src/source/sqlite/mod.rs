@@ -20,7 +20,7 @@ mod lookup;
 
 pub use lookup::SqliteLookup;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -99,6 +99,8 @@ impl Catalog for SqliteCatalog {
 /// One column of a table, from `PRAGMA table_info`.
 pub(crate) struct Column {
     pub(crate) name: String,
+    /// The declared type (`TEXT`, `JSON`, empty for none).
+    pub(crate) decl: String,
     /// Position in the primary key (1-based), 0 if not part of it.
     pub(crate) pk: i64,
 }
@@ -108,6 +110,7 @@ pub(crate) fn columns(conn: &Connection, table: &str) -> rusqlite::Result<Vec<Co
         .query_map([], |r| {
             Ok(Column {
                 name: r.get(1)?,
+                decl: r.get::<_, Option<String>>(2)?.unwrap_or_default(),
                 pk: r.get(5)?,
             })
         })?
@@ -121,6 +124,8 @@ pub struct SqliteSource {
     conn: Connection,
     poll_interval: Duration,
     batch_size: usize,
+    /// Per table, the columns read as nested JSON.
+    json: JsonColumns,
     /// Highest log sequence number already checkpointed at open.
     checkpoint: i64,
     counters: ChangeCounters,
@@ -151,7 +156,7 @@ impl SqliteSource {
         // affects changecast's own checkpoint commits.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        install(&mut conn, tables)?;
+        let json = install(&mut conn, tables, &config.json_columns)?;
         let checkpoint: i64 = conn
             .query_row(
                 &format!("SELECT seq FROM {CHECKPOINT_TABLE} WHERE id = 1"),
@@ -169,6 +174,7 @@ impl SqliteSource {
             conn,
             poll_interval: config.poll_interval,
             batch_size: config.batch_size.max(1),
+            json,
             checkpoint,
             counters: ChangeCounters::default(),
         })
@@ -318,7 +324,7 @@ impl SqliteSource {
             last = seq;
             // Anything else in the row may be whatever a foreign writer or an older
             // changecast left there: it is converted, never trusted.
-            match LogRow::read(seq, row).and_then(LogRow::into_change) {
+            match LogRow::read(seq, row).and_then(|r| r.into_change(&self.json)) {
                 Ok(change) => changes.push(change),
                 Err(why) => {
                     tracing::warn!(seq, %why, "sqlite: skipping an unreadable change-log row");
@@ -435,11 +441,12 @@ impl LogRow {
         })
     }
 
-    fn into_change(self) -> Result<Change, String> {
+    fn into_change(self, json: &JsonColumns) -> Result<Change, String> {
         let op = Op::parse(&self.op).ok_or_else(|| format!("unknown op `{}`", self.op))?;
+        let json = json.get(&self.table);
         let parse = |s: Option<String>| -> Result<Option<Value>, String> {
             s.map(|s| match serde_json::from_str::<Value>(&s) {
-                Ok(doc @ Value::Object(_)) => Ok(nest_json_columns(doc)),
+                Ok(doc @ Value::Object(_)) => Ok(nest_json_columns(doc, json)),
                 Ok(_) => Err("bad row image: not a JSON object".to_string()),
                 Err(e) => Err(format!("bad row image: {e}")),
             })
@@ -464,12 +471,34 @@ impl LogRow {
     }
 }
 
-/// A column holding JSON text (an object or an array) is read as a nested document, so
-/// that paths like `owner._id` work on SQLite as they do on MongoDB.
-pub(crate) fn nest_json_columns(mut doc: Value) -> Value {
+/// Whether a declared column type says the column holds JSON (`JSON`, `JSONB`, any case).
+pub(crate) fn is_json_decl(decl: &str) -> bool {
+    let d = decl.trim();
+    d.eq_ignore_ascii_case("json") || d.eq_ignore_ascii_case("jsonb")
+}
+
+/// The columns of each table whose TEXT is JSON: declared `JSON`/`JSONB`, or listed in
+/// `[source] json_columns` as `table.column`.
+pub(crate) type JsonColumns = HashMap<String, HashSet<String>>;
+
+/// Splits a `json_columns` entry into table and column (at the first dot).
+pub fn split_json_column(entry: &str) -> Option<(&str, &str)> {
+    entry
+        .split_once('.')
+        .filter(|(t, c)| !t.is_empty() && !c.is_empty())
+}
+
+/// A JSON column's text (an object or an array) is read as a nested document, so that
+/// paths like `owner._id` work on SQLite as they do on MongoDB. Only JSON columns: a
+/// user-typed TEXT that happens to look like JSON stays the string it is.
+pub(crate) fn nest_json_columns(mut doc: Value, json: Option<&HashSet<String>>) -> Value {
+    let Some(json) = json.filter(|j| !j.is_empty()) else {
+        return doc;
+    };
     if let Value::Object(map) = &mut doc {
-        for v in map.values_mut() {
+        for (name, v) in map.iter_mut() {
             if let Value::String(s) = v
+                && json.contains(name)
                 && let Some(nested) = parse_json_text(s)
             {
                 *v = nested;
@@ -490,9 +519,14 @@ pub(crate) fn parse_json_text(s: &str) -> Option<Value> {
 /// Creates the log and checkpoint tables and (re)creates the triggers for `tables`, all in
 /// one transaction. Triggers are rebuilt on every start so they follow schema changes made
 /// while changecast was stopped.
-fn install(conn: &mut Connection, tables: &[String]) -> Result<(), SourceError> {
+fn install(
+    conn: &mut Connection,
+    tables: &[String],
+    listed: &[String],
+) -> Result<JsonColumns, SourceError> {
     // IMMEDIATE: wait for a busy application writer instead of failing an upgrade at once.
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let mut json = JsonColumns::new();
     tx.execute_batch(&format!(
         "CREATE TABLE IF NOT EXISTS {LOG_TABLE} (
             seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -518,9 +552,22 @@ fn install(conn: &mut Connection, tables: &[String]) -> Result<(), SourceError> 
         for sql in trigger_sql(table, &cols) {
             tx.execute_batch(&sql)?;
         }
+        let mut nested: HashSet<String> = cols
+            .iter()
+            .filter(|c| is_json_decl(&c.decl))
+            .map(|c| c.name.clone())
+            .collect();
+        nested.extend(
+            listed
+                .iter()
+                .filter_map(|e| split_json_column(e))
+                .filter(|(t, _)| t == table)
+                .map(|(_, c)| c.to_string()),
+        );
+        json.insert(table.clone(), nested);
     }
     tx.commit()?;
-    Ok(())
+    Ok(json)
 }
 
 /// A column's value as `json_object()`/`json_array()` can hold it without failing the
@@ -613,17 +660,36 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn json_text_columns_become_nested_documents() {
-        let doc = nest_json_columns(json!({
-            "owner": "{\"_id\": \"u1\"}",
-            "tags": "[1, 2]",
-            "name": "{not json",
-            "plain": "hello"
-        }));
+    fn only_json_columns_become_nested_documents() {
+        let json: HashSet<String> = ["owner", "tags", "name"].map(String::from).into();
+        let doc = nest_json_columns(
+            json!({
+                "owner": "{\"_id\": \"u1\"}",
+                "tags": "[1, 2]",
+                "name": "{not json",
+                "plain": "hello",
+                "assignee": "[\"u1\",\"u2\"]"
+            }),
+            Some(&json),
+        );
         assert_eq!(doc["owner"]["_id"], "u1");
         assert_eq!(doc["tags"], json!([1, 2]));
         assert_eq!(doc["name"], "{not json");
         assert_eq!(doc["plain"], "hello");
+        assert_eq!(doc["assignee"], "[\"u1\",\"u2\"]", "not a JSON column");
+    }
+
+    #[test]
+    fn json_declared_types_and_listed_columns() {
+        for d in ["JSON", "json", " Jsonb "] {
+            assert!(is_json_decl(d), "{d}");
+        }
+        for d in ["TEXT", "", "JSONTEXT", "VARCHAR(10)"] {
+            assert!(!is_json_decl(d), "{d}");
+        }
+        assert_eq!(split_json_column("t.c.d"), Some(("t", "c.d")));
+        assert_eq!(split_json_column("t."), None);
+        assert_eq!(split_json_column("plain"), None);
     }
 
     #[test]
@@ -643,9 +709,11 @@ mod tests {
             after: after.map(str::to_owned),
             at: Some("2026-01-01T00:00:00.000Z".into()),
         };
-        assert!(row("explode", Some("{}")).into_change().is_err());
-        assert!(row("insert", Some("{broken")).into_change().is_err());
-        let ok = row("insert", Some("{\"a\":1}")).into_change().unwrap();
+        let none = JsonColumns::new();
+        assert!(row("explode", Some("{}")).into_change(&none).is_err());
+        assert!(row("insert", Some("{broken")).into_change(&none).is_err());
+        assert!(row("insert", Some("[1]")).into_change(&none).is_err());
+        let ok = row("insert", Some("{\"a\":1}")).into_change(&none).unwrap();
         assert_eq!(ok.after, Some(json!({"a": 1})));
     }
 }
@@ -718,6 +786,7 @@ mod prop {
             path,
             poll_interval: Duration::from_millis(2),
             batch_size: 100,
+            json_columns: vec![],
         };
         let source = SqliteSource::open(&config, &["r".into(), "w".into()], None).unwrap();
         (dir, source)
