@@ -464,3 +464,30 @@ async fn check_refuses_json_columns_not_in_the_database() {
         assert!(errors.contains(bad), "{bad} not named in: {errors}");
     }
 }
+
+/// Issue 11 item 6: a second changecast on the same database would tail and prune the same
+/// log (events lost). It refuses to start, naming the database and the holder; the lock
+/// goes with the first (an OS file lock, so also on kill -9).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_source_on_the_same_database_refuses_to_start() {
+    let db = Db::new();
+    let mut first = Tail::start(&db, &["orders"]);
+    let err = SqliteSource::open(&config(&db), &["orders".to_string()], None)
+        .err()
+        .expect("the second is refused")
+        .to_string();
+    assert!(err.contains(&db.path.display().to_string()), "{err}");
+    assert!(
+        err.contains(&format!("pid {}", std::process::id())),
+        "names the holder: {err}"
+    );
+    // The first is unaffected.
+    db.exec(&insert_order("o1", "b1"));
+    assert_eq!(keys(&first.take(1, true).await), vec!["o1"]);
+    first.stop().await;
+    // Released with the first.
+    let mut second = Tail::start(&db, &["orders"]);
+    db.exec(&insert_order("o2", "b1"));
+    assert_eq!(keys(&second.take(1, true).await), vec!["o2"]);
+    second.stop().await;
+}

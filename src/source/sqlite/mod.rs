@@ -14,7 +14,9 @@
 //! can hold: BLOBs to hex, infinities to null; see [`key_expr`]), stop at a log row it
 //! cannot read (it is skipped, counted and passed), skip a row without moving past it, or
 //! checkpoint a row not yet handed over.
-//! One changecast process consumes one database's log.
+//! One changecast process consumes one database's log: [`SqliteSource::open`] takes an
+//! exclusive OS lock on `<db>-changecast.lock` for the source's lifetime, and a second
+//! process is refused with an error naming the database and the holder's pid.
 
 mod lookup;
 
@@ -40,6 +42,54 @@ const CHECKPOINT_TABLE: &str = "_changecast_checkpoint";
 /// Checkpoints are written at most this often (and always on shutdown): each is a write
 /// transaction competing with the application's writers.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
+
+/// Takes the lock that makes this process the only changecast tailing the database at
+/// `db`: an exclusive OS lock (`flock`) on `<db>-changecast.lock`, held as long as the
+/// returned file is open, released by the OS however the process ends (kill -9 too).
+/// The holder writes its pid into the file, so a refused second process can name it.
+fn lock_database(db: &Path) -> Result<std::fs::File, SourceError> {
+    use std::io::{Read, Seek, Write};
+    let mut name = db.as_os_str().to_owned();
+    name.push("-changecast.lock");
+    let path = PathBuf::from(name);
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(&path)
+        .map_err(|e| SourceError::Setup(format!("cannot open {}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = match holder.trim() {
+                "" => "another process".to_string(),
+                h => h.to_string(),
+            };
+            return Err(SourceError::Setup(format!(
+                "another changecast is already streaming {} ({holder} holds {}); \
+                 one process per database: stop it first",
+                db.display(),
+                path.display()
+            )));
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(SourceError::Setup(format!(
+                "cannot lock {}: {e}",
+                path.display()
+            )));
+        }
+    }
+    // Best effort: the lock, not the text, is what excludes.
+    let _ = file.set_len(0).and_then(|()| {
+        file.rewind()?;
+        write!(file, "changecast pid {}", std::process::id())?;
+        file.flush()
+    });
+    Ok(file)
+}
 
 /// Opens a connection with the settings every changecast connection uses.
 fn open(path: &Path, flags: OpenFlags) -> rusqlite::Result<Connection> {
@@ -126,6 +176,8 @@ pub struct SqliteSource {
     batch_size: usize,
     /// Per table, the columns read as nested JSON.
     json: JsonColumns,
+    /// Held while this source exists: one changecast per database (see `lock_database`).
+    _lock: std::fs::File,
     /// Highest log sequence number already checkpointed at open.
     checkpoint: i64,
     counters: ChangeCounters,
@@ -148,6 +200,8 @@ impl SqliteSource {
                 path.display()
             )));
         }
+        // Before anything is written: a second process must not touch the log.
+        let lock = lock_database(&path)?;
         let mut conn = open(
             &path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_URI,
@@ -175,6 +229,7 @@ impl SqliteSource {
             poll_interval: config.poll_interval,
             batch_size: config.batch_size.max(1),
             json,
+            _lock: lock,
             checkpoint,
             counters: ChangeCounters::default(),
         })
