@@ -135,7 +135,7 @@ pub async fn start(
             let watched: Vec<String> = plan.watched().into_keys().collect();
             let config = config.clone();
             let config_json_columns = config.json_columns.clone();
-            let from = resume_from.as_ref().and_then(Position::as_seq);
+            let from = resume_from.clone();
             let source =
                 tokio::task::spawn_blocking(move || SqliteSource::open(&config, &watched, from))
                     .await??;

@@ -31,8 +31,13 @@ struct Tail {
 
 impl Tail {
     fn start(db: &Db, tables: &[&str]) -> Tail {
+        Self::start_from(db, tables, None)
+    }
+
+    /// Starts with the durable history's checkpoint, as the server does.
+    fn start_from(db: &Db, tables: &[&str], resume_from: Option<Position>) -> Tail {
         let tables: Vec<String> = tables.iter().map(|s| s.to_string()).collect();
-        let source = SqliteSource::open(&config(db), &tables, None).unwrap();
+        let source = SqliteSource::open(&config(db), &tables, resume_from).unwrap();
         let (tx, rx) = mpsc::channel(4);
         let (acks, ack_rx) = watch::channel(None);
         let shutdown = CancellationToken::new();
@@ -48,19 +53,29 @@ impl Tail {
 
     /// Receives changes until `n` have arrived; acknowledges each batch when `ack`.
     async fn take(&mut self, n: usize, ack: bool) -> Vec<Change> {
+        self.take_batches(n, ack).await.1
+    }
+
+    /// As `take`, also saying whether any batch reported lost history; the end position
+    /// of the last batch.
+    async fn take_batches(&mut self, n: usize, ack: bool) -> (bool, Vec<Change>, Position) {
         let mut out = Vec::new();
-        while out.len() < n {
+        let mut lost = false;
+        let mut end = Position::default();
+        while out.len() < n || end == Position::default() {
             let batch = tokio::time::timeout(WAIT, self.rx.recv())
                 .await
                 .expect("changes arrive in time")
                 .expect("source running");
+            lost |= batch.lost_history;
+            end = batch.end.clone();
             out.extend(batch.changes);
             if ack {
                 self.acks.send_replace(Some(batch.end));
             }
         }
         assert_eq!(out.len(), n, "no more than asked for");
-        out
+        (lost, out, end)
     }
 
     async fn stop(self) {
@@ -107,11 +122,9 @@ async fn sees_writes_of_other_processes_with_both_images() {
     );
     assert_eq!(changes[2].before.as_ref().unwrap()["_id"], "o1");
     assert!(changes[2].after.is_none());
-    let seqs: Vec<u64> = changes
-        .iter()
-        .map(|c| c.position.as_seq().unwrap())
-        .collect();
-    assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+    // Positions of one log order as their bytes do.
+    let positions: Vec<&Position> = changes.iter().map(|c| &c.position).collect();
+    assert!(positions.windows(2).all(|w| w[0].0 < w[1].0));
     tail.stop().await;
 }
 
@@ -490,4 +503,233 @@ async fn a_second_source_on_the_same_database_refuses_to_start() {
     db.exec(&insert_order("o2", "b1"));
     assert_eq!(keys(&second.take(1, true).await), vec!["o2"]);
     second.stop().await;
+}
+
+/// The change log as it is now, dropped and created again empty (as an operator
+/// "cleaning up" would): its sequence restarts at 1.
+fn recreate_log(db: &Db) {
+    let conn = rusqlite::Connection::open(&db.path).unwrap();
+    let sql: String = conn
+        .query_row(
+            "SELECT sql FROM sqlite_schema WHERE name = '_changecast_log'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    conn.execute_batch(&format!(
+        "BEGIN; DROP TABLE _changecast_log; {sql}; COMMIT;"
+    ))
+    .unwrap();
+}
+
+/// Issue 11 item 4: rows of a recreated log sit at or below the old checkpoint; they are
+/// read from the log's start, and the batch says history was lost (clients get `gap`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_log_is_read_from_its_start_and_reports_lost_history() {
+    let db = Db::new();
+    let mut tail = Tail::start(&db, &["orders"]);
+    for i in 1..=3 {
+        db.exec(&insert_order(&format!("o{i}"), "b1"));
+    }
+    let (lost, changes, _) = tail.take_batches(3, true).await;
+    assert!(!lost);
+    assert_eq!(keys(&changes), vec!["o1", "o2", "o3"]);
+    tail.stop().await;
+
+    recreate_log(&db);
+    db.exec(&insert_order("o4", "b1"));
+    db.exec(&insert_order("o5", "b1"));
+    let mut tail = Tail::start(&db, &["orders"]);
+    let (lost, changes, _) = tail.take_batches(2, true).await;
+    assert_eq!(keys(&changes), vec!["o4", "o5"], "nothing skipped");
+    assert!(lost, "clients are told");
+    tail.stop().await;
+}
+
+/// Issue 11 item 4: the history's checkpoint belongs to a log; a different log (a new
+/// database file at the same path) is read from its start with lost history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_of_another_log_is_not_applied_to_this_one() {
+    let db = Db::new();
+    let mut tail = Tail::start(&db, &["orders"]);
+    for i in 1..=3 {
+        db.exec(&insert_order(&format!("o{i}"), "b1"));
+    }
+    let (_, _, end) = tail.take_batches(3, true).await;
+    tail.stop().await;
+
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = db.path.clone().into_os_string();
+        p.push(suffix);
+        let _ = std::fs::remove_file(p);
+    }
+    changecast::demo::create_database(&db.path).unwrap();
+    let mut tail = Tail::start_from(&db, &["orders"], Some(end.clone()));
+    db.exec(&insert_order("n1", "b1"));
+    let (lost, changes, _) = tail.take_batches(1, true).await;
+    assert_eq!(keys(&changes), vec!["n1"], "seq 1 of the new log is read");
+    assert!(lost);
+    tail.stop().await;
+
+    // The same log again: no loss reported.
+    db.exec(&insert_order("n2", "b1"));
+    let mut tail = Tail::start(&db, &["orders"]);
+    let (lost, changes, _) = tail.take_batches(1, true).await;
+    assert_eq!(keys(&changes), vec!["n2"]);
+    assert!(!lost);
+    tail.stop().await;
+}
+
+async fn readyz(gw: &Gateway) -> (u16, serde_json::Value) {
+    let res = reqwest::get(gw.http("/readyz")).await.unwrap();
+    (res.status().as_u16(), res.json().await.unwrap())
+}
+
+/// Polls `/readyz` until `want` holds (never longer than WAIT).
+async fn wait_readyz(gw: &Gateway, what: &str, want: impl Fn(u16, &serde_json::Value) -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (status, body) = readyz(gw).await;
+        if want(status, &body) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz never {what}: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Issue 11 item 4, end to end: a log recreated while changecast was stopped; the rows
+/// written since are stored and clients resuming from before get `gap`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_get_gap_after_the_log_was_recreated_and_new_rows_are_delivered() {
+    let db = Db::new();
+    let gw = Gateway::start(&db.config("", 100)).await;
+    let (mut u1, _) = Ws::user(&gw, "u1", None).await;
+    let mut last = String::new();
+    for i in 1..=3 {
+        db.exec(&insert_order(&format!("o{i}"), "b1"));
+        last = u1.change().await["id"].as_str().unwrap().to_string();
+    }
+    drop(u1);
+    gw.stop().await;
+
+    recreate_log(&db);
+    db.exec(&insert_order("o4", "b1"));
+    db.exec(&insert_order("o5", "b1"));
+    let gw = Gateway::start(&db.config("", 100)).await;
+    let (epoch, seq) = last.rsplit_once('-').unwrap();
+    let seq: u64 = seq.parse().unwrap();
+    // o4 and o5 are stored right after the gap: resuming from o4's id replays o5.
+    let o4 = format!("{epoch}-{}", seq + 1);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut replayed = loop {
+        let (ws, ready) = Ws::user(&gw, "u1", Some(&o4)).await;
+        if ready["resumed"] == true {
+            break ws;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "o4 never stored: {ready}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let o5 = replayed.change().await;
+    assert_eq!(o5["key"], "o5");
+    assert_eq!(o5["id"], format!("{epoch}-{}", seq + 2));
+    let (mut old, ready) = Ws::user(&gw, "u1", Some(&last)).await;
+    assert_eq!(ready["resumed"], false);
+    assert_eq!(old.next().await["type"], "gap");
+    gw.stop().await;
+}
+
+/// Issue 11 items 4 and 5: a dropped trigger is noticed while serving; /readyz says which,
+/// until it is reinstalled (held back here by an application's open write transaction);
+/// then clients get `gap` (changes meanwhile were not recorded) and changes flow again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_trigger_is_reported_reinstalled_and_reported_as_a_gap() {
+    let db = Db::new();
+    let gw = Gateway::start(&db.config("", 100)).await;
+    let (mut u1, _) = Ws::user(&gw, "u1", None).await;
+    db.exec(&insert_order("o1", "b1"));
+    assert_eq!(u1.change().await["key"], "o1");
+    assert_eq!(readyz(&gw).await.0, 200);
+
+    let app = rusqlite::Connection::open(&db.path).unwrap();
+    app.execute_batch("DROP TRIGGER _changecast_orders_insert;")
+        .unwrap();
+    db.exec(&insert_order("lost", "b1")); // not recorded: no trigger
+    app.execute_batch("BEGIN IMMEDIATE;").unwrap();
+    wait_readyz(&gw, "names the missing trigger", |s, b| {
+        s == 503
+            && b["reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("_changecast_orders_insert")
+    })
+    .await;
+    app.execute_batch("ROLLBACK;").unwrap();
+    wait_readyz(&gw, "ready again", |s, _| s == 200).await;
+    assert_eq!(u1.next().await["type"], "gap");
+    db.exec(&insert_order("o2", "b1"));
+    assert_eq!(u1.change().await["key"], "o2");
+    gw.stop().await;
+}
+
+/// Issue 11 item 5: /readyz reports a change log that cannot be read, with the reason,
+/// and recovers once a read succeeds; nothing is lost meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_reports_a_failing_log_read_and_recovers() {
+    let db = Db::new();
+    let gw = Gateway::start(&db.config("", 100)).await;
+    let (mut u1, _) = Ws::user(&gw, "u1", None).await;
+    assert_eq!(readyz(&gw).await.0, 200);
+    // A column the reader selects disappears (the triggers do not write it).
+    db.exec("ALTER TABLE _changecast_log DROP COLUMN at;");
+    db.exec(&insert_order("o1", "b1"));
+    wait_readyz(&gw, "reports the read failure", |s, b| {
+        s == 503 && b["reason"].as_str().unwrap_or("").contains("change log")
+    })
+    .await;
+    db.exec("ALTER TABLE _changecast_log ADD COLUMN at TEXT;");
+    wait_readyz(&gw, "ready again", |s, _| s == 200).await;
+    assert_eq!(u1.change().await["key"], "o1");
+    gw.stop().await;
+}
+
+/// A watched table dropped while serving: /readyz says so, the other tables keep flowing,
+/// and once the table is back its triggers are installed and clients get `gap`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_watched_table_is_reported_and_the_rest_keeps_flowing() {
+    let db = Db::new();
+    let gw = Gateway::start(&db.config("", 100)).await;
+    let (mut u1, _) = Ws::user(&gw, "u1", None).await;
+    let schema: String = rusqlite::Connection::open(&db.path)
+        .unwrap()
+        .query_row(
+            "SELECT sql FROM sqlite_schema WHERE name = 'inventory_items'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    db.exec("DROP TABLE inventory_items;");
+    wait_readyz(&gw, "names the table", |s, b| {
+        s == 503
+            && b["reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("inventory_items")
+    })
+    .await;
+    db.exec(&insert_order("o1", "b1"));
+    assert_eq!(u1.change().await["key"], "o1", "other tables flow");
+    assert_eq!(readyz(&gw).await.0, 503, "still missing");
+    db.exec(&schema);
+    wait_readyz(&gw, "ready again", |s, _| s == 200).await;
+    assert_eq!(u1.next().await["type"], "gap");
+    db.exec("INSERT INTO inventory_items VALUES ('i99', 'Rice', 'b1', 50, 10);");
+    assert_eq!(u1.change().await["key"], "i99");
+    gw.stop().await;
 }

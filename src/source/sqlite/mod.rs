@@ -10,6 +10,15 @@
 //! `poll_interval`, reads new rows in order, and writes the acknowledged position to
 //! `_changecast_checkpoint`, deleting log rows behind it in the same transaction.
 //!
+//! Positions are the log's sequence number followed by the log's identity (a random id in
+//! `_changecast_meta`, made with the log), so a checkpoint (the database's or the durable
+//! history's) is applied only to its own log and never when it is ahead of the log: else
+//! reading starts at the log's beginning and the first batch has `lost_history` (clients
+//! get `gap`). On each commit the tail also compares `PRAGMA schema_version`; when it
+//! moved it checks that the log and every trigger exist, and reinstalls what is missing
+//! (again with `lost_history`). `Health` is down, with the reason, while the log cannot be
+//! read or something is missing; failures are retried 50 ms doubling to 5 s.
+//!
 //! Must never: fail an application's write (the triggers turn every value into one JSON
 //! can hold: BLOBs to hex, infinities to null; see [`key_expr`]), stop at a log row it
 //! cannot read (it is skipped, counted and passed), skip a row without moving past it, or
@@ -24,8 +33,10 @@ pub use lookup::SqliteLookup;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::future::BoxFuture;
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
@@ -39,6 +50,8 @@ use crate::config::SqliteSourceConfig;
 
 const LOG_TABLE: &str = "_changecast_log";
 const CHECKPOINT_TABLE: &str = "_changecast_checkpoint";
+/// Created with the log: `log_id`, the log's identity.
+const META_TABLE: &str = "_changecast_meta";
 /// Checkpoints are written at most this often (and always on shutdown): each is a write
 /// transaction competing with the application's writers.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
@@ -174,24 +187,156 @@ pub struct SqliteSource {
     conn: Connection,
     poll_interval: Duration,
     batch_size: usize,
+    /// The watched tables, and `[source] json_columns`: to reinstall triggers while running.
+    tables: Vec<String>,
+    json_listed: Vec<String>,
     /// Per table, the columns read as nested JSON.
     json: JsonColumns,
     /// Held while this source exists: one changecast per database (see `lock_database`).
     _lock: std::fs::File,
-    /// Highest log sequence number already checkpointed at open.
+    /// The log's identity (`_changecast_meta`), carried in every position this source
+    /// makes, so that a checkpoint is only ever applied to the log it was taken in.
+    log_id: String,
+    /// Highest sequence number checkpointed in this log (where reading starts at open).
     checkpoint: i64,
+    /// The next batch must say that changes were lost before it (`gap` for clients).
+    lost_history: bool,
+    /// `PRAGMA schema_version` when the log and triggers were last seen complete.
+    schema_version: Option<i64>,
+    /// Retrying a schema repair that failed: when next, and the delays.
+    schema_retry: Option<(Instant, Retry)>,
+    /// Watched tables gone from the database, for `/readyz` (see `note_absent_tables`).
+    schema_problem: Option<String>,
     counters: ChangeCounters,
+}
+
+/// Retry delays after consecutive failures.
+type Retry = Box<dyn Iterator<Item = Duration> + Send>;
+
+/// Delays between retries of a failing read or repair: 50 ms doubling to 5 s, with jitter,
+/// for as long as it fails (so at most ~20 attempts a minute once it keeps failing).
+/// Reset by a success.
+fn retry_backoff() -> Retry {
+    Box::new(
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(5))
+            .with_jitter()
+            .without_max_times()
+            .build(),
+    )
+}
+
+/// A position in one log: the sequence number (big-endian, so byte order is numeric
+/// order) followed by the log's identity.
+fn position(seq: i64, log_id: &str) -> Position {
+    let mut bytes = (seq.max(0) as u64).to_be_bytes().to_vec();
+    bytes.extend_from_slice(log_id.as_bytes());
+    Position(bytes)
+}
+
+/// The sequence number and log identity of a position; a plain 8-byte sequence number
+/// (written before logs had identities) has none and is taken to be this log's.
+fn parse_position(p: &Position) -> Option<(i64, Option<&[u8]>)> {
+    let (seq, id) = p.0.split_at_checked(8)?;
+    let seq = i64::try_from(u64::from_be_bytes(seq.try_into().ok()?)).ok()?;
+    Some((seq, (!id.is_empty()).then_some(id)))
+}
+
+/// Where to start reading a log whose identity is `log_id` and whose highest sequence
+/// number ever handed out is `high`, given a checkpoint: after the checkpoint when it
+/// belongs to this log, else from the log's start with the reason history was lost.
+fn resume_point(checkpoint: Option<&Position>, log_id: &str, high: i64) -> (i64, Option<String>) {
+    let Some(checkpoint) = checkpoint else {
+        return (0, None);
+    };
+    match parse_position(checkpoint) {
+        None => (0, Some("the checkpoint is not an SQLite log position".into())),
+        Some((_, Some(id))) if id != log_id.as_bytes() => (
+            0,
+            Some("the checkpoint belongs to another change log (recreated, or the database was replaced)".into()),
+        ),
+        Some((seq, _)) if seq > high => (
+            0,
+            Some(format!(
+                "the checkpoint ({seq}) is ahead of the change log (highest {high}): \
+                 the log was recreated or the database restored from a backup"
+            )),
+        ),
+        Some((seq, _)) => (seq, None),
+    }
+}
+
+/// Reports trouble on `/readyz` and in the log, once per change of state; counts every
+/// failure.
+struct Trouble {
+    health: Arc<Health>,
+    /// What is wrong now (shown on `/readyz`), if anything.
+    now: Option<String>,
+    /// Delays for the current run of read failures.
+    backoff: Option<Retry>,
+}
+
+impl Trouble {
+    /// A problem: `/readyz` says `reason`; logged when it is news.
+    fn report(&mut self, reason: String) {
+        if self.now.as_deref() != Some(reason.as_str()) {
+            tracing::warn!("{reason}");
+            self.health.down(reason.clone());
+            self.now = Some(reason);
+        }
+    }
+
+    /// A failed read: reported, counted; returns how long to wait before the next try.
+    fn failed(&mut self, kind: &'static str, reason: String) -> Duration {
+        metrics::counter!("changecast_source_errors_total", "kind" => kind).increment(1);
+        self.report(reason);
+        self.backoff
+            .get_or_insert_with(retry_backoff)
+            .next()
+            .unwrap_or(Duration::from_secs(5))
+    }
+
+    /// Everything works again.
+    fn ok(&mut self) {
+        self.backoff = None;
+        if let Some(was) = self.now.take() {
+            tracing::info!(was = %was, "sqlite source: recovered");
+            // The router reports history failures through the same health: leave those.
+            if self
+                .health
+                .problem()
+                .is_some_and(|p| p.starts_with("sqlite"))
+            {
+                self.health.up();
+            }
+        }
+    }
+}
+
+/// Sleeps `d`, waking early on shutdown.
+fn pause(d: Duration, shutdown: &CancellationToken) {
+    let until = Instant::now() + d;
+    while !shutdown.is_cancelled() {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(20)));
+    }
 }
 
 impl SqliteSource {
     /// Opens the database (which must exist), installs the change log, the checkpoint
     /// table and the triggers for `tables`, and reads the last checkpoint.
     /// `resume_from` (the durable history's checkpoint, committed with the events it
-    /// covers) wins over the checkpoint in the database when given.
+    /// covers) wins over the checkpoint in the database when given. A checkpoint of
+    /// another log, or ahead of this one, is not applied: reading starts at the log's
+    /// beginning and the first batch reports lost history.
     pub fn open(
         config: &SqliteSourceConfig,
         tables: &[String],
-        resume_from: Option<u64>,
+        resume_from: Option<Position>,
     ) -> Result<Self, SourceError> {
         let path = config.path.clone();
         if !path.exists() {
@@ -210,27 +355,41 @@ impl SqliteSource {
         // affects changecast's own checkpoint commits.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        let json = install(&mut conn, tables, &config.json_columns)?;
-        let checkpoint: i64 = conn
+        let installed = install(&mut conn, tables, &config.json_columns, true)?;
+        let in_db: Option<(i64, Option<String>)> = conn
             .query_row(
-                &format!("SELECT seq FROM {CHECKPOINT_TABLE} WHERE id = 1"),
+                &format!("SELECT seq, log_id FROM {CHECKPOINT_TABLE} WHERE id = 1"),
                 [],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
-            .optional()?
-            .unwrap_or(0);
-        let checkpoint = match resume_from {
-            Some(seq) => seq as i64,
-            None => checkpoint,
-        };
+            .optional()?;
+        let in_db = in_db.map(|(seq, id)| position(seq, id.as_deref().unwrap_or("")));
+        let checkpoint = resume_from.or(in_db);
+        let high = log_high(&conn)?;
+        let (start, lost) = resume_point(checkpoint.as_ref(), &installed.log_id, high);
+        if let Some(why) = &lost {
+            tracing::warn!(
+                db = %path.display(),
+                "sqlite source: {why}; reading the change log from its start and telling \
+                 clients that changes may have been missed (gap)"
+            );
+        }
+        let schema_version = conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
         Ok(SqliteSource {
             path,
             conn,
             poll_interval: config.poll_interval,
             batch_size: config.batch_size.max(1),
-            json,
+            tables: tables.to_vec(),
+            json_listed: config.json_columns.clone(),
+            json: installed.json,
             _lock: lock,
-            checkpoint,
+            log_id: installed.log_id,
+            checkpoint: start,
+            lost_history: lost.is_some(),
+            schema_version: Some(schema_version),
+            schema_retry: None,
+            schema_problem: None,
             counters: ChangeCounters::default(),
         })
     }
@@ -240,9 +399,17 @@ impl SqliteSource {
         &self.path
     }
 
-    /// The last checkpointed log position (0 before the first).
+    /// The log position reading starts after (0: the log's start).
     pub fn checkpoint(&self) -> u64 {
         self.checkpoint.max(0) as u64
+    }
+
+    /// An acknowledged position's sequence number, if it is in this log.
+    fn ack_seq(&self, p: Option<&Position>) -> Option<i64> {
+        match parse_position(p?)? {
+            (seq, Some(id)) if id == self.log_id.as_bytes() => Some(seq),
+            _ => None,
+        }
     }
 
     /// The blocking tail loop; see the module doc.
@@ -250,6 +417,7 @@ impl SqliteSource {
         mut self,
         out: mpsc::Sender<Batch>,
         mut acks: watch::Receiver<Option<Position>>,
+        health: Arc<Health>,
         shutdown: CancellationToken,
     ) -> Result<(), SourceError> {
         let mut out = Some(out);
@@ -257,26 +425,22 @@ impl SqliteSource {
         let mut pending_ack: Option<i64> = None;
         let mut last_checkpoint_write = Instant::now();
         let mut last_data_version: Option<i64> = None;
-        let mut error_backoff = Duration::ZERO;
+        let mut trouble = Trouble {
+            health,
+            now: None,
+            backoff: None,
+        };
         loop {
-            // Acknowledgements first: they are what makes positions durable.
+            // Acknowledgements first: they are what makes positions durable. An ack of
+            // a log replaced meanwhile is ignored.
             let router_done = match acks.has_changed() {
                 Ok(true) => {
-                    pending_ack = acks
-                        .borrow_and_update()
-                        .as_ref()
-                        .and_then(Position::as_seq)
-                        .map(|s| s as i64);
+                    pending_ack = self.ack_seq(acks.borrow_and_update().as_ref());
                     false
                 }
                 Ok(false) => false,
                 Err(_) => {
-                    pending_ack = acks
-                        .borrow()
-                        .as_ref()
-                        .and_then(Position::as_seq)
-                        .map(|s| s as i64)
-                        .or(pending_ack);
+                    pending_ack = self.ack_seq(acks.borrow().as_ref()).or(pending_ack);
                     true
                 }
             };
@@ -311,6 +475,17 @@ impl SqliteSource {
                 std::thread::sleep(self.poll_interval);
                 continue;
             };
+            if std::mem::take(&mut self.lost_history) {
+                // Before any change read after the loss: clients get `gap` first.
+                let batch = Batch {
+                    changes: Vec::new(),
+                    end: position(read_upto, &self.log_id),
+                    lost_history: true,
+                };
+                if tx.blocking_send(batch).is_err() {
+                    return Err(SourceError::Setup("router stopped unexpectedly".into()));
+                }
+            }
 
             let dv: rusqlite::Result<i64> =
                 self.conn.query_row("PRAGMA data_version", [], |r| r.get(0));
@@ -321,15 +496,40 @@ impl SqliteSource {
                     changed
                 }
                 Err(e) => {
-                    self.note_error(&e, &mut error_backoff);
+                    let reason = self.read_failure(&e);
+                    pause(trouble.failed("read", reason), &shutdown);
                     continue;
                 }
             };
-            if !changed {
+            let repair_due = self
+                .schema_retry
+                .as_ref()
+                .is_some_and(|(at, _)| Instant::now() >= *at);
+            if !changed && !repair_due {
                 std::thread::sleep(self.poll_interval);
                 continue;
             }
+            // A commit: the schema may have changed with it (cheap to tell).
+            match self.check_schema(&mut trouble) {
+                Ok(Schema::Intact) => {}
+                Ok(Schema::Repaired { log_recreated }) => {
+                    if log_recreated {
+                        // A new log starts at 1: read it all; acks of the old one are void.
+                        read_upto = 0;
+                        self.checkpoint = 0;
+                        pending_ack = None;
+                    }
+                    self.lost_history = true;
+                    last_data_version = None;
+                    continue;
+                }
+                Err(reason) => {
+                    // Keep reading what the log has; the repair is retried.
+                    trouble.report(reason);
+                }
+            }
             // Drain everything committed so far, batch by batch.
+            let mut failed = false;
             loop {
                 match self.read_batch(read_upto) {
                     Ok(None) => break,
@@ -343,22 +543,107 @@ impl SqliteSource {
                         }
                     }
                     Err(e) => {
-                        // Re-check on the next tick.
+                        // Re-check on the next tick, after a growing delay.
                         last_data_version = None;
-                        self.note_error(&e, &mut error_backoff);
+                        let reason = self.read_failure(&e);
+                        pause(trouble.failed("read", reason), &shutdown);
+                        failed = true;
                         break;
                     }
                 }
             }
-            error_backoff = Duration::ZERO;
+            if !failed && self.schema_retry.is_none() && self.schema_problem.is_none() {
+                trouble.ok();
+            }
         }
     }
 
-    fn note_error(&self, e: &rusqlite::Error, backoff: &mut Duration) {
-        tracing::warn!(error = %e, "sqlite: reading the change log failed; retrying");
-        metrics::counter!("changecast_source_errors_total", "kind" => "read").increment(1);
-        *backoff = (*backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
-        std::thread::sleep(*backoff);
+    fn read_failure(&self, e: &rusqlite::Error) -> String {
+        format!(
+            "sqlite source: reading the change log of {} failed: {e}",
+            self.path.display()
+        )
+    }
+
+    /// After a commit: when `PRAGMA schema_version` moved, checks that the log and every
+    /// trigger are still there, and reinstalls what is missing (changes made meanwhile
+    /// were not recorded: the caller reports lost history). `Err` says what is wrong
+    /// while it cannot be repaired (retried with backoff).
+    fn check_schema(&mut self, trouble: &mut Trouble) -> Result<Schema, String> {
+        let retrying = self.schema_retry.is_some();
+        let version: i64 = self
+            .conn
+            .query_row("PRAGMA schema_version", [], |r| r.get(0))
+            .map_err(|e| self.read_failure(&e))?;
+        if self.schema_version == Some(version) && !retrying {
+            return Ok(Schema::Intact);
+        }
+        let (missing, absent) =
+            missing_objects(&self.conn, &self.tables).map_err(|e| self.read_failure(&e))?;
+        if missing.is_empty() {
+            self.schema_version = Some(version);
+            self.schema_retry = None;
+            self.note_absent_tables(&absent, trouble);
+            return Ok(Schema::Intact);
+        }
+        let what = format!(
+            "sqlite source: {} missing from {}: changes are not being recorded",
+            missing.join(", "),
+            self.path.display()
+        );
+        // Said before trying: the repair may wait for the application's write lock.
+        trouble.report(format!("{what}; reinstalling"));
+        match install(&mut self.conn, &self.tables, &self.json_listed, false) {
+            Ok(installed) => {
+                let log_recreated = installed.log_id != self.log_id;
+                tracing::warn!(
+                    reinstalled = %missing.join(", "),
+                    log_recreated,
+                    "sqlite source: change log and triggers reinstalled; clients get gap"
+                );
+                self.json = installed.json;
+                self.log_id = installed.log_id;
+                self.schema_version = self
+                    .conn
+                    .query_row("PRAGMA schema_version", [], |r| r.get(0))
+                    .ok();
+                self.schema_retry = None;
+                let absent = missing_objects(&self.conn, &self.tables)
+                    .map(|(_, absent)| absent)
+                    .unwrap_or_default();
+                self.note_absent_tables(&absent, trouble);
+                if self.schema_problem.is_none() {
+                    trouble.ok();
+                }
+                Ok(Schema::Repaired { log_recreated })
+            }
+            Err(e) => {
+                metrics::counter!("changecast_source_errors_total", "kind" => "schema")
+                    .increment(1);
+                let (_, mut delays) = self
+                    .schema_retry
+                    .take()
+                    .unwrap_or_else(|| (Instant::now(), retry_backoff()));
+                let next = delays.next().unwrap_or(Duration::from_secs(5));
+                self.schema_retry = Some((Instant::now() + next, delays));
+                Err(format!("{what}; reinstalling failed: {e}"))
+            }
+        }
+    }
+
+    /// Watched tables that are gone keep `/readyz` down (their routes cannot be served)
+    /// until a schema change brings them back; the rest of the feed flows meanwhile.
+    fn note_absent_tables(&mut self, absent: &[String], trouble: &mut Trouble) {
+        self.schema_problem = (!absent.is_empty()).then(|| {
+            format!(
+                "sqlite source: watched {} missing from {}",
+                absent.join(", "),
+                self.path.display()
+            )
+        });
+        if let Some(p) = &self.schema_problem {
+            trouble.report(p.clone());
+        }
     }
 
     /// Reads up to `batch_size` rows after `after`. Returns the batch, its last sequence
@@ -379,7 +664,7 @@ impl SqliteSource {
             last = seq;
             // Anything else in the row may be whatever a foreign writer or an older
             // changecast left there: it is converted, never trusted.
-            match LogRow::read(seq, row).and_then(|r| r.into_change(&self.json)) {
+            match LogRow::read(seq, row).and_then(|r| r.into_change(&self.json, &self.log_id)) {
                 Ok(change) => changes.push(change),
                 Err(why) => {
                     tracing::warn!(seq, %why, "sqlite: skipping an unreadable change-log row");
@@ -394,7 +679,7 @@ impl SqliteSource {
             return Ok(None);
         }
         changes.iter().for_each(|c| self.counters.count(c));
-        let batch = Batch::new(changes, Position::from_seq(last as u64));
+        let batch = Batch::new(changes, position(last, &self.log_id));
         Ok(Some((batch, last, count == self.batch_size)))
     }
 
@@ -406,10 +691,10 @@ impl SqliteSource {
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         tx.execute(
             &format!(
-                "INSERT INTO {CHECKPOINT_TABLE}(id, seq) VALUES (1, ?1) \
-                 ON CONFLICT(id) DO UPDATE SET seq = excluded.seq"
+                "INSERT INTO {CHECKPOINT_TABLE}(id, seq, log_id) VALUES (1, ?1, ?2) \
+                 ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, log_id = excluded.log_id"
             ),
-            [seq],
+            params![seq, self.log_id],
         )?;
         // The log behind the checkpoint is never read again.
         tx.execute(&format!("DELETE FROM {LOG_TABLE} WHERE seq <= ?1"), [seq])?;
@@ -419,17 +704,80 @@ impl SqliteSource {
     }
 }
 
+/// What a schema check found.
+enum Schema {
+    Intact,
+    /// Missing triggers (or the log) were reinstalled.
+    Repaired {
+        log_recreated: bool,
+    },
+}
+
+/// The highest sequence number the log has handed out: its last row, or the
+/// AUTOINCREMENT counter when the log is pruned empty.
+fn log_high(conn: &Connection) -> rusqlite::Result<i64> {
+    let last: i64 = conn.query_row(
+        &format!("SELECT COALESCE(MAX(seq), 0) FROM {LOG_TABLE}"),
+        [],
+        |r| r.get(0),
+    )?;
+    let counter: Option<i64> = conn
+        .query_row(
+            "SELECT seq FROM sqlite_sequence WHERE name = ?1",
+            [LOG_TABLE],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(last.max(counter.unwrap_or(0)))
+}
+
+/// What is not in the schema: the log and triggers (which changecast can reinstall), and
+/// watched tables (which only the application can bring back; a dropped table takes its
+/// triggers with it).
+fn missing_objects(
+    conn: &Connection,
+    tables: &[String],
+) -> rusqlite::Result<(Vec<String>, Vec<String>)> {
+    let present: HashSet<String> = conn
+        .prepare_cached("SELECT name FROM sqlite_schema WHERE type IN ('table', 'trigger')")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let mut missing = Vec::new();
+    let mut absent_tables = Vec::new();
+    if !present.contains(LOG_TABLE) {
+        missing.push(format!("change log `{LOG_TABLE}`"));
+    }
+    for table in tables {
+        if !present.contains(table) {
+            absent_tables.push(format!("table `{table}`"));
+            continue;
+        }
+        for op in ["insert", "update", "delete"] {
+            let name = trigger_name(table, op);
+            if !present.contains(&name) {
+                missing.push(format!("trigger `{name}`"));
+            }
+        }
+    }
+    Ok((missing, absent_tables))
+}
+
+fn trigger_name(table: &str, op: &str) -> String {
+    format!("_changecast_{table}_{op}")
+}
+
 impl Source for SqliteSource {
     fn run(
         self: Box<Self>,
         out: mpsc::Sender<Batch>,
         acks: watch::Receiver<Option<Position>>,
-        _health: std::sync::Arc<Health>,
+        health: Arc<Health>,
         shutdown: CancellationToken,
     ) -> BoxFuture<'static, Result<(), SourceError>> {
-        // A local file: it is up while this runs (read errors are retried and counted).
+        // /readyz is down, with the reason, while the log cannot be read or a trigger is
+        // missing; failures are retried with a growing delay.
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || self.tail(out, acks, shutdown))
+            tokio::task::spawn_blocking(move || self.tail(out, acks, health, shutdown))
                 .await
                 .map_err(|e| SourceError::Setup(format!("sqlite tail thread failed: {e}")))?
         })
@@ -496,7 +844,7 @@ impl LogRow {
         })
     }
 
-    fn into_change(self, json: &JsonColumns) -> Result<Change, String> {
+    fn into_change(self, json: &JsonColumns, log_id: &str) -> Result<Change, String> {
         let op = Op::parse(&self.op).ok_or_else(|| format!("unknown op `{}`", self.op))?;
         let json = json.get(&self.table);
         let parse = |s: Option<String>| -> Result<Option<Value>, String> {
@@ -520,7 +868,7 @@ impl LogRow {
             after,
             before,
             updated_fields,
-            position: Position::from_seq(self.seq as u64),
+            position: position(self.seq, log_id),
             at: self.at,
         })
     }
@@ -571,17 +919,31 @@ pub(crate) fn parse_json_text(s: &str) -> Option<Value> {
     serde_json::from_str(t).ok()
 }
 
-/// Creates the log and checkpoint tables and (re)creates the triggers for `tables`, all in
-/// one transaction. Triggers are rebuilt on every start so they follow schema changes made
-/// while changecast was stopped.
+/// What [`install`] set up.
+struct Installed {
+    json: JsonColumns,
+    log_id: String,
+}
+
+/// Creates the log (with a new identity), the meta and checkpoint tables, and (re)creates
+/// the triggers for `tables`, all in one transaction. Triggers are rebuilt on every start
+/// so they follow schema changes made while changecast was stopped. `strict`: a missing
+/// table is an error (at start); else its triggers are skipped (while running: the
+/// schema check keeps reporting it).
 fn install(
     conn: &mut Connection,
     tables: &[String],
     listed: &[String],
-) -> Result<JsonColumns, SourceError> {
+    strict: bool,
+) -> Result<Installed, SourceError> {
     // IMMEDIATE: wait for a busy application writer instead of failing an upgrade at once.
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut json = JsonColumns::new();
+    let log_exists: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?1)",
+        [LOG_TABLE],
+        |r| r.get(0),
+    )?;
     tx.execute_batch(&format!(
         "CREATE TABLE IF NOT EXISTS {LOG_TABLE} (
             seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -594,15 +956,54 @@ fn install(
         );
         CREATE TABLE IF NOT EXISTS {CHECKPOINT_TABLE} (
             id INTEGER PRIMARY KEY CHECK (id = 1),
-            seq INTEGER NOT NULL
-        );"
+            seq INTEGER NOT NULL,
+            log_id TEXT
+        );
+        CREATE TABLE IF NOT EXISTS {META_TABLE} (key TEXT PRIMARY KEY, value TEXT);"
     ))?;
+    // Checkpoint tables of earlier versions have no log_id: their checkpoint is taken to
+    // belong to the log that is there.
+    if !columns(&tx, CHECKPOINT_TABLE)?
+        .iter()
+        .any(|c| c.name == "log_id")
+    {
+        tx.execute_batch(&format!(
+            "ALTER TABLE {CHECKPOINT_TABLE} ADD COLUMN log_id TEXT;"
+        ))?;
+    }
+    let existing: Option<String> = tx
+        .query_row(
+            &format!("SELECT value FROM {META_TABLE} WHERE key = 'log_id'"),
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let log_id = match existing {
+        Some(id) if log_exists => id,
+        _ => {
+            // A new log (or one from before identities): a new identity.
+            let id: String = std::iter::repeat_with(fastrand::alphanumeric)
+                .take(16)
+                .collect();
+            tx.execute(
+                &format!(
+                    "INSERT INTO {META_TABLE}(key, value) VALUES ('log_id', ?1) \
+                     ON CONFLICT(key) DO UPDATE SET value = excluded.value"
+                ),
+                [&id],
+            )?;
+            id
+        }
+    };
     for table in tables {
         let cols = columns(&tx, table)?;
         if cols.is_empty() {
-            return Err(SourceError::Setup(format!(
-                "no table `{table}` in the database"
-            )));
+            if strict {
+                return Err(SourceError::Setup(format!(
+                    "no table `{table}` in the database"
+                )));
+            }
+            continue;
         }
         for sql in trigger_sql(table, &cols) {
             tx.execute_batch(&sql)?;
@@ -622,7 +1023,7 @@ fn install(
         json.insert(table.clone(), nested);
     }
     tx.commit()?;
-    Ok(json)
+    Ok(Installed { json, log_id })
 }
 
 /// A column's value as `json_object()`/`json_array()` can hold it without failing the
@@ -680,7 +1081,7 @@ fn trigger_sql(table: &str, cols: &[Column]) -> Vec<String> {
     };
     let key = |row: &str| key_expr(row, cols);
     let t = literal(table);
-    let trig = |op: &str| ident(&format!("_changecast_{table}_{op}"));
+    let trig = |op: &str| ident(&trigger_name(table, op));
     let on = ident(table);
     vec![
         format!(
@@ -765,10 +1166,16 @@ mod tests {
             at: Some("2026-01-01T00:00:00.000Z".into()),
         };
         let none = JsonColumns::new();
-        assert!(row("explode", Some("{}")).into_change(&none).is_err());
-        assert!(row("insert", Some("{broken")).into_change(&none).is_err());
-        assert!(row("insert", Some("[1]")).into_change(&none).is_err());
-        let ok = row("insert", Some("{\"a\":1}")).into_change(&none).unwrap();
+        assert!(row("explode", Some("{}")).into_change(&none, "L").is_err());
+        assert!(
+            row("insert", Some("{broken"))
+                .into_change(&none, "L")
+                .is_err()
+        );
+        assert!(row("insert", Some("[1]")).into_change(&none, "L").is_err());
+        let ok = row("insert", Some("{\"a\":1}"))
+            .into_change(&none, "L")
+            .unwrap();
         assert_eq!(ok.after, Some(json!({"a": 1})));
     }
 }
@@ -897,5 +1304,73 @@ mod prop {
                 Ok(())
             })?;
         }
+    }
+}
+
+#[cfg(test)]
+mod resume_tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_applies_only_to_its_own_log_and_never_ahead_of_it() {
+        let mine = position(5, "L1");
+        assert_eq!(resume_point(None, "L1", 0), (0, None));
+        assert_eq!(resume_point(Some(&mine), "L1", 9), (5, None));
+        assert_eq!(resume_point(Some(&mine), "L1", 5), (5, None));
+        let (start, lost) = resume_point(Some(&mine), "L2", 9);
+        assert_eq!(start, 0);
+        assert!(lost.unwrap().contains("another change log"));
+        let (start, lost) = resume_point(Some(&mine), "L1", 4);
+        assert_eq!(start, 0);
+        assert!(lost.unwrap().contains("ahead"));
+        // From before identities: trusted unless ahead.
+        let legacy = Position::from_seq(3);
+        assert_eq!(resume_point(Some(&legacy), "L1", 3), (3, None));
+        assert_eq!(resume_point(Some(&legacy), "L1", 2).0, 0);
+        // Not an SQLite position at all (a MongoDB token in the history).
+        assert!(
+            resume_point(Some(&Position(vec![1, 2])), "L1", 9)
+                .1
+                .is_some()
+        );
+        assert!(
+            resume_point(Some(&Position(vec![0xFF; 8])), "L1", 9)
+                .1
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn positions_round_trip_and_order_by_sequence() {
+        let p = position(1042, "abc");
+        assert_eq!(parse_position(&p), Some((1042, Some(&b"abc"[..]))));
+        assert!(position(9, "abc").0 < position(10, "abc").0);
+        assert_eq!(parse_position(&Position::from_seq(7)), Some((7, None)));
+        assert_eq!(parse_position(&Position(vec![])), None);
+    }
+
+    /// Issue 11 item 5: consecutive failures wait longer and longer (no ~100 warnings a
+    /// second): each delay is at least 50 ms doubling to 5 s (jitter only adds), so a
+    /// failure that persists is retried at most ~20 times a minute.
+    #[test]
+    fn retry_delays_grow_across_consecutive_failures() {
+        let delays: Vec<Duration> = retry_backoff().take(40).collect();
+        assert_eq!(delays.len(), 40, "retries for as long as it fails");
+        for (k, d) in delays.iter().enumerate() {
+            let floor = Duration::from_millis(50)
+                .saturating_mul(1 << k.min(20))
+                .min(Duration::from_secs(5));
+            assert!(*d >= floor, "attempt {k}: {d:?} < {floor:?}");
+            assert!(*d < Duration::from_secs(10), "attempt {k}: {d:?}");
+        }
+        let first_minute = delays
+            .iter()
+            .scan(Duration::ZERO, |t, d| {
+                *t += *d;
+                Some(*t)
+            })
+            .take_while(|t| *t <= Duration::from_secs(60))
+            .count();
+        assert!(first_minute <= 20, "{first_minute} retries in a minute");
     }
 }
