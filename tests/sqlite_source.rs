@@ -651,17 +651,25 @@ async fn clients_get_gap_after_the_log_was_recreated_and_new_rows_are_delivered(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_trigger_is_reported_reinstalled_and_reported_as_a_gap() {
     let db = Db::new();
-    let gw = Gateway::start(&db.config("", 100)).await;
+    // A slower poll, so that the source cannot notice the drop in the microseconds
+    // between its commit and the write lock taken right after it.
+    let config = db
+        .config("", 100)
+        .replace(r#"poll_interval = "2ms""#, r#"poll_interval = "100ms""#);
+    let gw = Gateway::start(&config).await;
     let (mut u1, _) = Ws::user(&gw, "u1", None).await;
     db.exec(&insert_order("o1", "b1"));
     assert_eq!(u1.change().await["key"], "o1");
     assert_eq!(readyz(&gw).await.0, 200);
 
     let app = rusqlite::Connection::open(&db.path).unwrap();
-    app.execute_batch("DROP TRIGGER _changecast_orders_insert;")
-        .unwrap();
-    db.exec(&insert_order("lost", "b1")); // not recorded: no trigger
-    app.execute_batch("BEGIN IMMEDIATE;").unwrap();
+    // The application keeps its write lock right after the drop (as a long transaction
+    // would), so the reinstall has to wait and the state can be observed.
+    app.execute_batch(&format!(
+        "DROP TRIGGER _changecast_orders_insert; BEGIN IMMEDIATE; {}",
+        insert_order("lost", "b1") // not recorded: no trigger
+    ))
+    .unwrap();
     wait_readyz(&gw, "names the missing trigger", |s, b| {
         s == 503
             && b["reason"]
@@ -670,7 +678,7 @@ async fn a_dropped_trigger_is_reported_reinstalled_and_reported_as_a_gap() {
                 .contains("_changecast_orders_insert")
     })
     .await;
-    app.execute_batch("ROLLBACK;").unwrap();
+    app.execute_batch("COMMIT;").unwrap();
     wait_readyz(&gw, "ready again", |s, _| s == 200).await;
     assert_eq!(u1.next().await["type"], "gap");
     db.exec(&insert_order("o2", "b1"));
