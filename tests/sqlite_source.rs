@@ -741,3 +741,105 @@ async fn a_dropped_watched_table_is_reported_and_the_rest_keeps_flowing() {
     assert_eq!(u1.change().await["key"], "i99");
     gw.stop().await;
 }
+
+/// Issue 11 item 6 with real processes: a second `changecast serve` on the same database
+/// exits with an error naming the database and the first's pid; after the first is
+/// killed with SIGKILL (no clean-up), a new one starts.
+#[test]
+fn a_second_process_is_refused_and_the_lock_dies_with_the_first() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let db = Db::new();
+    let config = db.dir.path().join("changecast.toml");
+    std::fs::write(&config, db.config("", 100)).unwrap();
+    let serve = || {
+        Command::new(env!("CARGO_BIN_EXE_changecast"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "changecast=info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary starts")
+    };
+    // Started: it logged that it listens (read on a thread, so a hang cannot hang us).
+    let started = |child: &mut std::process::Child| {
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("listening") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(WAIT).is_ok()
+    };
+    /// Kills the server if the test fails first (a no-op once it has exited).
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut first = Killed(serve());
+    assert!(started(&mut first.0), "the first server starts");
+
+    let mut second = Killed(serve());
+    let stderr = second.0.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut text);
+        let _ = tx.send(text);
+    });
+    let stderr = rx.recv_timeout(WAIT).expect("the second exits");
+    let status = second.0.wait().unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains(&db.path.display().to_string()), "{stderr}");
+    assert!(
+        stderr.contains(&format!("pid {}", first.0.id())),
+        "{stderr}"
+    );
+
+    first.0.kill().unwrap(); // SIGKILL
+    first.0.wait().unwrap();
+    let mut third = Killed(serve());
+    assert!(started(&mut third.0), "starts once the holder is gone");
+}
+
+/// Issue 11 item 4: the database restored from an older backup while changecast was
+/// stopped. The history's checkpoint is ahead of the restored log: the log is read from
+/// its start (the rows written since the restore are delivered) with lost history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_restored_from_a_backup_is_read_from_the_start_with_lost_history() {
+    let db = Db::new();
+    let mut tail = Tail::start(&db, &["orders"]);
+    db.exec(&insert_order("o1", "b1"));
+    tail.take(1, true).await;
+    tail.stop().await;
+    let backup = db.dir.path().join("backup.db");
+    db.exec(&format!("VACUUM INTO '{}';", backup.display()));
+
+    let mut tail = Tail::start(&db, &["orders"]);
+    for i in 2..=5 {
+        db.exec(&insert_order(&format!("o{i}"), "b1"));
+    }
+    // What the durable history keeps: the end of the last batch it stored.
+    let (_, _, history_checkpoint) = tail.take_batches(4, true).await;
+    tail.stop().await;
+
+    for suffix in ["-wal", "-shm"] {
+        let mut p = db.path.clone().into_os_string();
+        p.push(suffix);
+        let _ = std::fs::remove_file(p);
+    }
+    std::fs::copy(&backup, &db.path).unwrap();
+    db.exec(&insert_order("r1", "b1")); // the restored log's seq 2: below the checkpoint
+    let mut tail = Tail::start_from(&db, &["orders"], Some(history_checkpoint));
+    let (lost, changes, _) = tail.take_batches(1, true).await;
+    assert_eq!(keys(&changes), vec!["r1"]);
+    assert!(lost, "clients are told");
+    tail.stop().await;
+}
