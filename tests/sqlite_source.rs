@@ -843,3 +843,29 @@ async fn a_database_restored_from_a_backup_is_read_from_the_start_with_lost_hist
     assert!(lost, "clients are told");
     tail.stop().await;
 }
+
+/// Issue 11 item 4 while serving: the log dropped and created again in one transaction
+/// (so nothing is ever missing) restarts its sequence below what was read. The source
+/// notices on the schema change, reads the new log from its start and reports lost
+/// history; acknowledgements of the old log never prune the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_recreated_while_running_is_read_from_its_start() {
+    let db = Db::new();
+    let mut tail = Tail::start(&db, &["orders"]);
+    for i in 1..=3 {
+        db.exec(&insert_order(&format!("o{i}"), "b1"));
+    }
+    let (_, _, old_end) = tail.take_batches(3, false).await;
+    recreate_log(&db);
+    db.exec(&insert_order("n1", "b1"));
+    let (lost, changes, _) = tail.take_batches(1, false).await;
+    assert_eq!(keys(&changes), vec!["n1"]);
+    assert!(lost);
+    // A late ack of the old log (seq 3) must not prune the new log's rows (seq 1).
+    tail.acks.send_replace(Some(old_end));
+    tail.stop().await;
+    assert_eq!(log_rows(&db), 1, "n1 is still in the log");
+    let mut tail = Tail::start(&db, &["orders"]);
+    assert_eq!(keys(&tail.take(1, true).await), vec!["n1"]);
+    tail.stop().await;
+}

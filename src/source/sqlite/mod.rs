@@ -510,7 +510,7 @@ impl SqliteSource {
                 continue;
             }
             // A commit: the schema may have changed with it (cheap to tell).
-            match self.check_schema(&mut trouble) {
+            match self.check_schema(&mut trouble, read_upto) {
                 Ok(Schema::Intact) => {}
                 Ok(Schema::Repaired { log_recreated }) => {
                     if log_recreated {
@@ -569,7 +569,7 @@ impl SqliteSource {
     /// trigger are still there, and reinstalls what is missing (changes made meanwhile
     /// were not recorded: the caller reports lost history). `Err` says what is wrong
     /// while it cannot be repaired (retried with backoff).
-    fn check_schema(&mut self, trouble: &mut Trouble) -> Result<Schema, String> {
+    fn check_schema(&mut self, trouble: &mut Trouble, read_upto: i64) -> Result<Schema, String> {
         let retrying = self.schema_retry.is_some();
         let version: i64 = self
             .conn
@@ -584,6 +584,22 @@ impl SqliteSource {
             self.schema_version = Some(version);
             self.schema_retry = None;
             self.note_absent_tables(&absent, trouble);
+            // Dropped and created again in one transaction: nothing was missing, but
+            // the sequence restarted below what was read.
+            let high = log_high(&self.conn).map_err(|e| self.read_failure(&e))?;
+            if high < read_upto {
+                let id = renew_log_id(&self.conn).map_err(|e| self.read_failure(&e))?;
+                tracing::warn!(
+                    high,
+                    read_upto,
+                    "sqlite source: the change log was recreated; reading it from its start, \
+                     clients get gap"
+                );
+                self.log_id = id;
+                return Ok(Schema::Repaired {
+                    log_recreated: true,
+                });
+            }
             return Ok(Schema::Intact);
         }
         let what = format!(
@@ -919,6 +935,26 @@ pub(crate) fn parse_json_text(s: &str) -> Option<Value> {
     serde_json::from_str(t).ok()
 }
 
+/// A new random log identity.
+fn new_log_id() -> String {
+    std::iter::repeat_with(fastrand::alphanumeric)
+        .take(16)
+        .collect()
+}
+
+/// Gives the log a new identity (it was recreated): positions of the old one are void.
+fn renew_log_id(conn: &Connection) -> rusqlite::Result<String> {
+    let id = new_log_id();
+    conn.execute(
+        &format!(
+            "INSERT INTO {META_TABLE}(key, value) VALUES ('log_id', ?1) \
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value"
+        ),
+        [&id],
+    )?;
+    Ok(id)
+}
+
 /// What [`install`] set up.
 struct Installed {
     json: JsonColumns,
@@ -980,20 +1016,8 @@ fn install(
         .optional()?;
     let log_id = match existing {
         Some(id) if log_exists => id,
-        _ => {
-            // A new log (or one from before identities): a new identity.
-            let id: String = std::iter::repeat_with(fastrand::alphanumeric)
-                .take(16)
-                .collect();
-            tx.execute(
-                &format!(
-                    "INSERT INTO {META_TABLE}(key, value) VALUES ('log_id', ?1) \
-                     ON CONFLICT(key) DO UPDATE SET value = excluded.value"
-                ),
-                [&id],
-            )?;
-            id
-        }
+        // A new log (or one from before identities): a new identity.
+        _ => renew_log_id(&tx)?,
     };
     for table in tables {
         let cols = columns(&tx, table)?;
