@@ -141,6 +141,11 @@ pub struct SqliteSourceConfig {
     /// Most change-log rows read per batch.
     #[serde(default = "default_batch")]
     pub batch_size: usize,
+    /// Columns (`"table.column"`) whose TEXT holds JSON and is read as a nested document,
+    /// besides those declared `JSON` or `JSONB`. Other TEXT stays a string, whatever it
+    /// looks like. Checked against the database by `check`.
+    #[serde(default)]
+    pub json_columns: Vec<String>,
 }
 
 fn default_poll() -> Duration {

@@ -259,7 +259,7 @@ async fn run_demo(listen: SocketAddr, data: Option<PathBuf>, rate: u32) -> anyho
         .collect();
     let config_text = demo::config_toml(&db, &addr.to_string(), &secret);
     let config_path = dir.join("changecast.toml");
-    std::fs::write(&config_path, &config_text)?;
+    demo::write_config(&config_path, &config_text)?;
     let plan = Plan::compile(&Config::parse(&config_text)?)?;
 
     // Demo tokens live 24 h; CHANGECAST_DEMO_TOKEN_TTL (seconds) shortens them, to watch

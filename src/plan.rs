@@ -82,6 +82,9 @@ impl Plan {
             _ => None,
         };
         let catalog = catalog.as_ref().map(|c| c as &dyn Catalog);
+        if let (Some(SourcePlan::Sqlite(s)), Some(catalog)) = (&source, catalog) {
+            check_json_columns(&s.json_columns, catalog, &mut errors);
+        }
 
         // Every duration and size key: zero, too large, overflow.
         config.check_ranges(&mut errors);
@@ -419,6 +422,28 @@ fn redact(uri: &str) -> String {
             format!("{scheme}://{user}:***@{hosts}{}", &rest[host_end..])
         }
         None => uri.to_owned(),
+    }
+}
+
+/// `[source] json_columns`: each entry a `table.column` of the database.
+fn check_json_columns(listed: &[String], catalog: &dyn Catalog, errors: &mut Vec<ConfigError>) {
+    for entry in listed {
+        let problem = match crate::source::sqlite::split_json_column(entry) {
+            None => Some("expected `table.column`".to_string()),
+            Some((table, column)) => match catalog.collections().get(table) {
+                None => Some(format!("no table `{table}` in the database")),
+                Some(Some(cols)) if !cols.iter().any(|c| c == column) => {
+                    Some(format!("no column `{column}` in table `{table}`"))
+                }
+                Some(_) => None,
+            },
+        };
+        if let Some(p) = problem {
+            errors.push(ConfigError::new(
+                "source.json_columns",
+                format!("`{entry}`: {p}"),
+            ));
+        }
     }
 }
 

@@ -231,7 +231,8 @@ pub async fn start(
         SourcePlan::Sqlite(config) => {
             let watched: Vec<String> = plan.watched().into_keys().collect();
             let config = config.clone();
-            let from = resume_from.as_ref().and_then(Position::as_seq);
+            let config_json_columns = config.json_columns.clone();
+            let from = resume_from.clone();
             let source =
                 tokio::task::spawn_blocking(move || SqliteSource::open(&config, &watched, from))
                     .await??;
@@ -240,7 +241,10 @@ pub async fn start(
                 checkpoint = source.checkpoint(),
                 "sqlite source open"
             );
-            let lookup = Arc::new(SqliteLookup::new(source.path()));
+            let lookup = Arc::new(SqliteLookup::with_json_columns(
+                source.path(),
+                &config_json_columns,
+            ));
             (Box::new(source), lookup)
         }
         SourcePlan::Mongodb(config) => {

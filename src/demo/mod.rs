@@ -21,7 +21,7 @@ pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS businesses (
     _id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
-    owner TEXT NOT NULL            -- JSON: {\"_id\": ..., \"name\": ...}
+    owner JSON NOT NULL            -- {\"_id\": ..., \"name\": ...}, read as a nested document
 );
 CREATE TABLE IF NOT EXISTS users (
     _id TEXT PRIMARY KEY,
@@ -152,8 +152,27 @@ fn email(name: &str, domain: &str) -> String {
     format!("{first}@{domain}")
 }
 
+/// Writes the generated config; it holds the JWT secret, so only its owner may read it
+/// (0600 on Unix, also when it replaces an earlier one).
+pub fn write_config(path: &Path, text: &str) -> std::io::Result<()> {
+    crate::hub::store::create_private(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    std::fs::write(path, text)
+}
+
 /// Creates the schema and, if the database is new, the seed data.
 pub fn create_database(path: &Path) -> rusqlite::Result<()> {
+    // Private like every file the demo writes (SQLite gives -wal/-shm the same mode).
+    crate::hub::store::create_private(path).map_err(|e| {
+        rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+            Some(format!("cannot create {}: {e}", path.display())),
+        )
+    })?;
     let mut conn = Connection::open(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.execute_batch(SCHEMA)?;
@@ -340,6 +359,25 @@ mod tests {
         let plan = crate::plan::Plan::compile(&config).unwrap();
         assert_eq!(plan.routes.len(), 2);
         assert_eq!(plan.alerts.len(), 1);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn demo_files_are_created_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("mercury.db");
+        create_database(&db).unwrap();
+        let config = dir.path().join("changecast.toml");
+        write_config(&config, "secret").unwrap();
+        // Written again over a file that exists with a wider mode: still private.
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_config(&config, "secret 2").unwrap();
+        assert_eq!(std::fs::read_to_string(&config).unwrap(), "secret 2");
+        for path in [&db, &config] {
+            let mode = std::fs::metadata(path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}: {mode:o}", path.display());
+        }
     }
 
     #[test]

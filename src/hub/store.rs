@@ -141,6 +141,21 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Creates an empty file only its owner can read and write (0600 on Unix) if there is none
+/// at `path`, so that SQLite opens it instead of creating it with the umask's mode; SQLite
+/// gives the -wal and -shm files the main file's mode. An existing file is left as it is.
+pub fn create_private(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Opened history: the store and what it remembers.
 pub struct Opened {
     pub store: Arc<HistoryStore>,
@@ -161,6 +176,13 @@ impl HistoryStore {
         {
             let _ = std::fs::create_dir_all(dir);
         }
+        // Every event is in this file: private from the start (issue 11).
+        create_private(path).map_err(|e| {
+            rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                Some(format!("cannot create {}: {e}", path.display())),
+            )
+        })?;
         let mut conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -467,6 +489,30 @@ mod tests {
 
     fn users(list: &[&str]) -> Vec<UserId> {
         list.iter().map(|s| UserId::from(*s)).collect()
+    }
+
+    /// Issue 11 item 14: the history holds every event; only its owner may read it. The
+    /// -wal and -shm files take the main file's mode (SQLite copies it).
+    #[cfg(unix)]
+    #[test]
+    fn history_files_are_created_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let h = open(dir.path());
+        let u1 = users(&["u1"]);
+        let rec = Record {
+            seq: 1,
+            json: "{}",
+            recipients: &u1,
+        };
+        h.store.append(&[rec], None).unwrap();
+        for name in ["history.db", "history.db-wal", "history.db-shm"] {
+            let mode = std::fs::metadata(dir.path().join(name))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{name}: {mode:o}");
+        }
     }
 
     #[test]

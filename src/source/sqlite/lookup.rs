@@ -1,7 +1,8 @@
 //! Queries against the SQLite database for the rules (owner lookups, user resolution).
 //!
-//! In: a [`Query`]. Out: matching rows as JSON documents (JSON text columns nested, as the
-//! change feed does). Queries run on read-only connections from a small pool, on tokio's
+//! In: a [`Query`]. Out: matching rows as JSON documents (JSON columns nested, as the
+//! change feed does: declared `JSON`/`JSONB` or listed in `[source] json_columns`; other
+//! TEXT stays a string). Queries run on read-only connections from a small pool, on tokio's
 //! blocking threads, so a slow query never blocks the runtime.
 //!
 //! As of a change (`Query::as_of` = `AsOf::Seq(p)`, routing change-log row `p`), the
@@ -17,7 +18,7 @@
 //! state is read instead, logged and counted in
 //! `changecast_lookups_not_as_of_total{collection, reason="log_pruned"}`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -27,7 +28,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use serde_json::{Map, Value};
 
 use super::{
-    CHECKPOINT_TABLE, LOG_TABLE, columns, ident, key_expr, nest_json_columns, open, parse_json_text,
+    CHECKPOINT_TABLE, LOG_TABLE, META_TABLE, columns, hex, ident, is_json_decl, key_expr,
+    nest_json_columns, open, parse_json_text, split_json_column,
 };
 use crate::change::AsOf;
 use crate::path::FieldPath;
@@ -44,15 +46,29 @@ pub struct SqliteLookup {
 
 struct Pool {
     path: PathBuf,
+    /// `[source] json_columns`: (table, column) pairs read as nested JSON besides the
+    /// columns declared `JSON`/`JSONB`.
+    json_columns: HashSet<(String, String)>,
     /// Idle connections; taken for one query, returned after.
     idle: Mutex<Vec<Connection>>,
 }
 
 impl SqliteLookup {
     pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self::with_json_columns(path, &[])
+    }
+
+    /// Also reads these `table.column`s as nested JSON (`[source] json_columns`).
+    pub fn with_json_columns(path: impl Into<PathBuf>, listed: &[String]) -> Self {
+        let json_columns = listed
+            .iter()
+            .filter_map(|e| split_json_column(e))
+            .map(|(t, c)| (t.to_string(), c.to_string()))
+            .collect();
         SqliteLookup {
             inner: Arc::new(Pool {
                 path: path.into(),
+                json_columns,
                 idle: Mutex::new(Vec::new()),
             }),
         }
@@ -66,9 +82,14 @@ impl Pool {
             _ => open(&self.path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|e| e.to_string())?,
         };
         let result = match query.as_of {
-            Some(AsOf::Seq(p)) => execute_as_of(&conn, query, i64::try_from(p).unwrap_or(i64::MAX)),
+            Some(AsOf::Seq(p)) => execute_as_of(
+                &conn,
+                query,
+                i64::try_from(p).unwrap_or(i64::MAX),
+                &self.json_columns,
+            ),
             // A cluster time means nothing here; the current state is all there is.
-            _ => execute(&conn, query),
+            _ => execute(&conn, query, &self.json_columns),
         }
         .map_err(|e| e.to_string());
         if let Ok(mut pool) = self.idle.lock()
@@ -137,21 +158,31 @@ fn json_path(path: &FieldPath) -> String {
 /// (the row's log key, not part of the document).
 fn rows(
     conn: &Connection,
-    sql: &str,
-    args: Vec<SqlValue>,
+    query: &Query,
+    (sql, args): (String, Vec<SqlValue>),
     keyed: bool,
+    listed: &HashSet<(String, String)>,
 ) -> rusqlite::Result<Vec<(Option<String>, Value)>> {
-    let mut stmt = conn.prepare_cached(sql)?;
+    let mut stmt = conn.prepare_cached(&sql)?;
     let mut names: Vec<String> = stmt.column_names().iter().map(|s| s.to_string()).collect();
     if keyed {
         names.pop();
     }
+    // Which columns nest: known from the prepared statement, no extra query.
+    let json: Vec<bool> = stmt
+        .columns()
+        .iter()
+        .map(|c| {
+            c.decl_type().is_some_and(is_json_decl)
+                || listed.contains(&(query.collection.clone(), c.name().to_string()))
+        })
+        .collect();
     let mut rows = stmt.query(rusqlite::params_from_iter(args))?;
     let mut out = Vec::new();
     while let Some(row) = rows.next()? {
         let mut doc = Map::with_capacity(names.len());
         for (i, name) in names.iter().enumerate() {
-            doc.insert(name.clone(), from_sql(row.get_ref(i)?));
+            doc.insert(name.clone(), from_sql(row.get_ref(i)?, json[i]));
         }
         let key = if keyed {
             row.get::<_, Option<String>>(names.len())?
@@ -164,24 +195,39 @@ fn rows(
 }
 
 /// Builds and runs the SQL for one query, on the current state.
-fn execute(conn: &Connection, query: &Query) -> rusqlite::Result<Vec<Value>> {
-    let (sql, args) = query_sql(query, None, true);
-    Ok(rows(conn, &sql, args, false)?
-        .into_iter()
-        .map(|(_, d)| d)
-        .collect())
+fn execute(
+    conn: &Connection,
+    query: &Query,
+    listed: &HashSet<(String, String)>,
+) -> rusqlite::Result<Vec<Value>> {
+    Ok(
+        rows(conn, query, query_sql(query, None, true), false, listed)?
+            .into_iter()
+            .map(|(_, d)| d)
+            .collect(),
+    )
 }
 
 /// A log row after `p`: op, key, before and after images.
 type LaterRow = (String, Option<String>, Option<String>, Option<String>);
 
 /// The answer to `query` as of log row `p`; see the module doc.
-fn execute_as_of(conn: &Connection, query: &Query, p: i64) -> rusqlite::Result<Vec<Value>> {
+fn execute_as_of(
+    conn: &Connection,
+    query: &Query,
+    p: i64,
+    listed: &HashSet<(String, String)>,
+) -> rusqlite::Result<Vec<Value>> {
     // One read transaction: the table and its log from the same snapshot.
     let tx = conn.unchecked_transaction()?;
+    // The checkpoint of this log only: one of an earlier log (recreated, restored) says
+    // nothing about what this log still holds.
     let checkpoint: i64 = tx
         .query_row(
-            &format!("SELECT seq FROM {CHECKPOINT_TABLE} WHERE id = 1"),
+            &format!(
+                "SELECT c.seq FROM {CHECKPOINT_TABLE} c JOIN {META_TABLE} m \
+                 ON m.key = 'log_id' AND m.value = c.log_id WHERE c.id = 1"
+            ),
             [],
             |r| r.get(0),
         )
@@ -196,7 +242,7 @@ fn execute_as_of(conn: &Connection, query: &Query, p: i64) -> rusqlite::Result<V
         metrics::counter!("changecast_lookups_not_as_of_total",
             "collection" => query.collection.clone(), "reason" => "log_pruned")
         .increment(1);
-        return execute(&tx, query);
+        return execute(&tx, query, listed);
     }
     let mut stmt = tx.prepare_cached(&format!(
         "SELECT op, CAST(key AS TEXT), before, after FROM {LOG_TABLE} \
@@ -210,10 +256,23 @@ fn execute_as_of(conn: &Connection, query: &Query, p: i64) -> rusqlite::Result<V
     drop(stmt);
     if later.is_empty() {
         // Nothing in this table changed since `p`: the current state is the state at `p`.
-        return execute(&tx, query);
+        return execute(&tx, query, listed);
     }
 
     let cols = columns(&tx, &query.collection)?;
+    // The images in the log nest the same columns as the rows read from the table.
+    let json: HashSet<String> = cols
+        .iter()
+        .filter(|c| is_json_decl(&c.decl))
+        .map(|c| c.name.clone())
+        .chain(
+            listed
+                .iter()
+                .filter(|(t, _)| *t == query.collection)
+                .map(|(_, c)| c.clone()),
+        )
+        .collect();
+    let nest = |doc: Value| nest_json_columns(doc, Some(&json));
     // Each key changed after `p`, with its image at `p` (None: no row at `p`), in the
     // order first touched.
     let mut at_p: Vec<(String, Option<Value>)> = Vec::new();
@@ -231,7 +290,7 @@ fn execute_as_of(conn: &Connection, query: &Query, p: i64) -> rusqlite::Result<V
             .and_then(|b| serde_json::from_str::<Value>(b).ok());
         match op.as_str() {
             "insert" => touch(key, None),
-            "delete" => touch(key, image.map(nest_json_columns)),
+            "delete" => touch(key, image.map(nest)),
             _ => {
                 // An update that changed the key: the row at `p` had the old key.
                 let old = match (&before, &after) {
@@ -240,10 +299,10 @@ fn execute_as_of(conn: &Connection, query: &Query, p: i64) -> rusqlite::Result<V
                 };
                 match old {
                     Some(old) if old != key => {
-                        touch(old, image.map(nest_json_columns));
+                        touch(old, image.map(nest));
                         touch(key, None);
                     }
-                    _ => touch(key, image.map(nest_json_columns)),
+                    _ => touch(key, image.map(nest)),
                 }
             }
         }
@@ -257,8 +316,8 @@ fn execute_as_of(conn: &Connection, query: &Query, p: i64) -> rusqlite::Result<V
         "CAST({} AS TEXT)",
         key_expr(&ident(&query.collection), &cols)
     );
-    let (sql, args) = query_sql(query, Some(&key_sql), false);
-    let mut out: Vec<Value> = rows(&tx, &sql, args, true)?
+    let sql = query_sql(query, Some(&key_sql), false);
+    let mut out: Vec<Value> = rows(&tx, query, sql, true, listed)?
         .into_iter()
         .filter(|(key, _)| key.as_ref().is_none_or(|k| !touched.contains_key(k)))
         .map(|(_, doc)| doc)
@@ -443,7 +502,7 @@ fn to_sql(v: &Value) -> SqlValue {
     }
 }
 
-fn from_sql(v: ValueRef<'_>) -> Value {
+fn from_sql(v: ValueRef<'_>, json: bool) -> Value {
     match v {
         ValueRef::Null => Value::Null,
         ValueRef::Integer(i) => Value::from(i),
@@ -452,9 +511,11 @@ fn from_sql(v: ValueRef<'_>) -> Value {
             .unwrap_or(Value::Null),
         ValueRef::Text(t) => {
             let s = String::from_utf8_lossy(t);
-            parse_json_text(&s).unwrap_or_else(|| Value::String(s.into_owned()))
+            json.then(|| parse_json_text(&s))
+                .flatten()
+                .unwrap_or_else(|| Value::String(s.into_owned()))
         }
-        ValueRef::Blob(b) => Value::String(b.iter().map(|x| format!("{x:02X}")).collect()),
+        ValueRef::Blob(b) => Value::String(hex(b)),
     }
 }
 
@@ -469,9 +530,9 @@ mod tests {
         let path = dir.path().join("t.db");
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch(
-            "CREATE TABLE businesses(_id TEXT PRIMARY KEY, name TEXT, owner TEXT);
-             INSERT INTO businesses VALUES ('b1', 'Acme', '{\"_id\": \"u1\"}');
-             INSERT INTO businesses VALUES ('b2', 'Beta', '{\"_id\": \"u2\"}');
+            "CREATE TABLE businesses(_id TEXT PRIMARY KEY, name TEXT, owner JSON, note TEXT);
+             INSERT INTO businesses VALUES ('b1', 'Acme', '{\"_id\": \"u1\"}', '[\"typed\"]');
+             INSERT INTO businesses VALUES ('b2', 'Beta', '{\"_id\": \"u2\"}', NULL);
              CREATE TABLE users(_id TEXT PRIMARY KEY, business_id TEXT, age INTEGER);
              INSERT INTO users VALUES ('u1', 'b1', 30), ('u3', 'b1', 40), ('u2', 'b2', 50);",
         )
@@ -494,7 +555,10 @@ mod tests {
             .unwrap();
         assert_eq!(
             by_id,
-            vec![json!({"_id": "b1", "name": "Acme", "owner": {"_id": "u1"}})]
+            vec![
+                json!({"_id": "b1", "name": "Acme", "owner": {"_id": "u1"}, "note": "[\"typed\"]"})
+            ],
+            "a JSON column nests; TEXT that looks like JSON stays a string"
         );
 
         let by_owner = lookup
@@ -528,7 +592,7 @@ mod tests {
         let mut conn = Connection::open(&path).unwrap();
         conn.execute_batch("CREATE TABLE nums(k INTEGER PRIMARY KEY, n INTEGER, t TEXT);")
             .unwrap();
-        super::super::install(&mut conn, &["businesses".into(), "nums".into()]).unwrap();
+        super::super::install(&mut conn, &["businesses".into(), "nums".into()], &[], true).unwrap();
         (dir, path, conn)
     }
 
