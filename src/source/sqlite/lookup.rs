@@ -624,14 +624,16 @@ mod tests {
     async fn as_of_reads_updated_deleted_and_inserted_rows_as_they_were() {
         let (_dir, path, conn) = watched();
         let lookup = SqliteLookup::new(&path);
-        conn.execute_batch("INSERT INTO businesses VALUES ('b9', 'Nine', '{\"_id\": \"u1\"}');")
-            .unwrap();
+        conn.execute_batch(
+            "INSERT INTO businesses(_id, name, owner) VALUES ('b9', 'Nine', '{\"_id\": \"u1\"}');",
+        )
+        .unwrap();
         let p = last_seq(&conn);
         // After p: b1 moves to u2, b9 is deleted, b5 is inserted for u1, b2 moves to u1.
         conn.execute_batch(
             "UPDATE businesses SET owner = '{\"_id\": \"u2\"}' WHERE _id = 'b1';
              DELETE FROM businesses WHERE _id = 'b9';
-             INSERT INTO businesses VALUES ('b5', 'Five', '{\"_id\": \"u1\"}');
+             INSERT INTO businesses(_id, name, owner) VALUES ('b5', 'Five', '{\"_id\": \"u1\"}');
              UPDATE businesses SET owner = '{\"_id\": \"u1\"}' WHERE _id = 'b2';
              UPDATE businesses SET name = 'Acme 2' WHERE _id = 'b1';",
         )
@@ -670,7 +672,7 @@ mod tests {
     async fn as_of_follows_a_changed_primary_key_and_honours_limit() {
         let (_dir, path, conn) = watched();
         let lookup = SqliteLookup::new(&path);
-        conn.execute_batch("INSERT INTO businesses VALUES ('b7', 'Seven', 'x');")
+        conn.execute_batch("INSERT INTO businesses(_id, name, owner) VALUES ('b7', 'Seven', 'x');")
             .unwrap();
         let p = last_seq(&conn);
         conn.execute_batch("UPDATE businesses SET _id = 'b8' WHERE _id = 'b7';")
