@@ -189,7 +189,7 @@ fn init(db: &str, users: usize, businesses: usize) -> anyhow::Result<()> {
     let mut conn = rusqlite::Connection::open(db)?;
     conn.pragma_update(None, "journal_mode", "wal")?;
     conn.execute_batch(
-        "CREATE TABLE businesses (_id TEXT PRIMARY KEY, name TEXT NOT NULL, owner TEXT NOT NULL);
+        "CREATE TABLE businesses (_id TEXT PRIMARY KEY, name TEXT NOT NULL, owner JSON NOT NULL);
          CREATE TABLE users (_id TEXT PRIMARY KEY, email TEXT NOT NULL UNIQUE, name TEXT NOT NULL,
                              business_id TEXT NOT NULL);
          CREATE INDEX users_business ON users(business_id);
