@@ -15,6 +15,10 @@
 //! plain return — is logged, counted (`changecast_task_failures_total{task}`) and makes
 //! `/readyz` answer 503 with its reason until the process restarts; it never vanishes. The
 //! source and the router are the pipeline: when either ends the gateway stops.
+//!
+//! Readiness: besides dead tasks, each component that can fail and recover — the source,
+//! the history store (`persist`), pruning — sets and clears its own problem in [`Health`];
+//! `/readyz` is ready only when none is set, and names them all.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -45,7 +49,7 @@ use crate::plan::{Plan, SourcePlan};
 use crate::route::Router;
 use crate::source::mongodb::MongoSource;
 use crate::source::sqlite::{SqliteLookup, SqliteSource};
-use crate::source::{Batch, Health, Lookup, Source};
+use crate::source::{Batch, Component, Health, Lookup, Source};
 
 /// Batches in flight between the source and the router: enough to keep both busy, small
 /// enough that a stalled router stops the source from reading ahead.
@@ -60,7 +64,8 @@ pub struct App {
     pub shutdown: CancellationToken,
     /// Set when the source task has ended.
     pub source_stopped: AtomicBool,
-    /// The source's own account of whether it is delivering.
+    /// What is failing now, by component (the source, the history store, pruning): a
+    /// `/readyz` reason each, cleared when that component works again.
     pub health: Arc<Health>,
     /// Messages for the router from `POST /v1/publish`.
     pub publish: mpsc::Sender<PublishRequest>,
@@ -320,8 +325,13 @@ pub async fn start(
     );
     tasks.spawn(
         "pruning",
-        prune(Arc::clone(&hub), plan.history.clone(), shutdown.clone())
-            .map(Ok::<(), std::convert::Infallible>),
+        prune(
+            Arc::clone(&hub),
+            plan.history.clone(),
+            Arc::clone(&app.health),
+            shutdown.clone(),
+        )
+        .map(Ok::<(), std::convert::Infallible>),
     );
 
     let http = crate::transport::router(Arc::clone(&app));
@@ -492,20 +502,21 @@ where
         let w = Arc::clone(&write);
         match tokio::task::spawn_blocking(move || w()).await {
             Ok(Ok(())) => {
-                if app
-                    .health
-                    .problem()
-                    .is_some_and(|p| p.starts_with("history"))
-                {
-                    app.health.up();
-                }
+                app.health.up(Component::History);
                 return true;
             }
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "{what} failed; retrying");
-                app.health.down(format!("history: {what} failed: {e}"));
+                app.health
+                    .down(Component::History, format!("history: {what} failed: {e}"));
             }
-            Err(e) => tracing::error!(error = %e, "{what} task failed; retrying"),
+            Err(e) => {
+                tracing::error!(error = %e, "{what} task failed; retrying");
+                app.health.down(
+                    Component::History,
+                    format!("history: {what} task failed: {e}"),
+                );
+            }
         }
         metrics::counter!("changecast_history_errors_total").increment(1);
         if app.shutdown.is_cancelled() {
@@ -525,8 +536,15 @@ where
 /// Applies retention every `prune_interval` until shutdown: prunes the store, then drops
 /// what expired from the hub's memory, with the users left with nothing (item 8 of issue
 /// 11: memory for every user id ever published to was never released). Without a store,
-/// events older than `max_age` are found from the head sampled at each tick.
-async fn prune(hub: Arc<Hub>, config: HistoryConfig, shutdown: CancellationToken) {
+/// events older than `max_age` are found from the head sampled at each tick. A pass that
+/// fails is counted (`changecast_history_prune_failures_total`) and keeps `/readyz` down
+/// (`Component::Pruning`) until a pass succeeds: retention never stops silently.
+async fn prune(
+    hub: Arc<Hub>,
+    config: HistoryConfig,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(config.prune_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Memory only: (when, head then); every event up to a head sampled `max_age` ago is
@@ -540,25 +558,34 @@ async fn prune(hub: Arc<Hub>, config: HistoryConfig, shutdown: CancellationToken
         let expired = match hub.store().cloned() {
             Some(store) => {
                 let (age, per_user) = (config.max_age, config.max_per_user);
-                match tokio::task::spawn_blocking(move || {
+                let pass = match tokio::task::spawn_blocking(move || {
                     store
                         .prune(age, per_user)
                         .and_then(|p| Ok((p, store.len()?)))
                 })
                 .await
                 {
-                    Ok(Ok((pruned, len))) => {
+                    Ok(pass) => pass.map_err(|e| format!("history pruning failed: {e}")),
+                    Err(e) => Err(format!("history pruning task failed: {e}")),
+                };
+                match pass {
+                    Ok((pruned, len)) => {
                         metrics::counter!("changecast_history_pruned_total")
                             .increment(pruned.events);
                         metrics::gauge!("changecast_history_events").set(len as f64);
+                        if health.is_down(Component::Pruning) {
+                            tracing::info!("history: pruning works again");
+                            health.up(Component::Pruning);
+                        }
                         pruned.floor
                     }
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "history: pruning failed");
-                        continue;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "history: pruning task failed");
+                    Err(why) => {
+                        metrics::counter!("changecast_history_prune_failures_total").increment(1);
+                        // Logged when it starts failing; every failure is counted.
+                        if !health.is_down(Component::Pruning) {
+                            tracing::warn!("{why}; retrying every prune_interval");
+                        }
+                        health.down(Component::Pruning, why);
                         continue;
                     }
                 }

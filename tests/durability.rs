@@ -2,6 +2,7 @@
 
 mod common;
 
+use changecast::source::Component;
 use common::*;
 use serde_json::{Value, json};
 
@@ -341,7 +342,7 @@ async fn readyz_explains_itself() {
     running
         .app
         .health
-        .down("mongodb: no answer from the server");
+        .down(Component::Source, "mongodb: no answer from the server");
     let addr = running.local_addr;
     let res = reqwest::get(format!("http://{addr}/readyz")).await.unwrap();
     assert_eq!(res.status(), 503);

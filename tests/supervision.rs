@@ -1,13 +1,18 @@
-//! A background task that dies is never silent (issue 11, item 10): the real pruning task
-//! panics on a zero interval (tokio's `interval` refuses a zero period) when handed a plan
-//! that skipped validation, and `/readyz` must turn false with the reason, the failure be
-//! counted, and delivery go on.
+//! Readiness tells the truth about every component (issue 11, items 5 and 10).
+//!
+//! A background task that dies is never silent: the real pruning task panics on a zero
+//! interval (tokio's `interval` refuses a zero period) when handed a plan that skipped
+//! validation, and `/readyz` must turn false with the reason, the failure be counted, and
+//! delivery go on. A pruning pass that keeps failing (the history database locked by
+//! another connection) makes `/readyz` false until a pass succeeds; and one component's
+//! recovery never hides another's failure (the history store recovers while the change log
+//! still cannot be read).
 
 mod common;
 
 use std::time::Duration;
 
-use common::{Db, WAIT, Ws};
+use common::{Db, Gateway, WAIT, Ws};
 use tokio::net::TcpListener;
 
 use changecast::config::Config;
@@ -85,4 +90,139 @@ async fn a_panicking_pruning_task_makes_readyz_false_and_is_counted() {
         .await
         .expect("stops in time")
         .unwrap();
+}
+
+async fn readyz(gw: &Gateway) -> (u16, serde_json::Value) {
+    let res = reqwest::get(gw.http("/readyz")).await.unwrap();
+    (res.status().as_u16(), res.json().await.unwrap())
+}
+
+/// Polls `/readyz` until `want` holds, for at most `within`; returns the body that held.
+async fn wait_readyz(
+    gw: &Gateway,
+    what: &str,
+    within: Duration,
+    want: impl Fn(u16, &str) -> bool,
+) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let (status, body) = readyz(gw).await;
+        if want(status, body["reason"].as_str().unwrap_or("")) {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/readyz never {what}: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The history database with its write lock taken by another connection, as a backup tool
+/// or a stray `sqlite3` shell would (file modes do not stop root): every write changecast
+/// makes to it fails once its 5 s busy timeout runs out.
+fn lock_history(db: &Db) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(db.dir.path().join("history.db")).unwrap();
+    conn.busy_timeout(Duration::from_secs(5)).unwrap();
+    conn.execute_batch("BEGIN EXCLUSIVE;").unwrap();
+    conn
+}
+
+/// Long enough for a write to wait out the store's 5 s busy timeout and fail.
+const LOCKED_WAIT: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_pruning_pass_makes_readyz_false_until_a_pass_succeeds() {
+    let db = Db::new();
+    let config = db
+        .config("", 100)
+        .replace("[history]\n", "[history]\nprune_interval = \"100ms\"\n");
+    let metric = "changecast_history_prune_failures_total";
+    let before = series(&changecast::server::metrics_handle().render(), metric);
+    let gw = Gateway::start(&config).await;
+    wait_readyz(&gw, "ready at start", WAIT, |s, _| s == 200).await;
+
+    let lock = lock_history(&db);
+    let body = wait_readyz(&gw, "named pruning", LOCKED_WAIT, |s, reason| {
+        s == 503 && reason.contains("pruning")
+    })
+    .await;
+    assert_eq!(body["ready"], false, "{body}");
+    let reason = body["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("history pruning failed: "),
+        "the reason says what failed: {body}"
+    );
+    let text = reqwest::get(gw.http("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(series(&text, metric) - before >= 1.0, "{text}");
+
+    lock.execute_batch("ROLLBACK;").unwrap();
+    wait_readyz(
+        &gw,
+        "ready again after a pass succeeds",
+        LOCKED_WAIT,
+        |s, _| s == 200,
+    )
+    .await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_recovering_does_not_hide_a_failing_change_log() {
+    const KEY: &str = "publish-key-0123456789";
+    let db = Db::new();
+    let config = format!(
+        "{}\n[publish]\napi_keys = [\"{KEY}\"]\n",
+        db.config("", 100)
+    );
+    let gw = Gateway::start(&config).await;
+    wait_readyz(&gw, "ready at start", WAIT, |s, _| s == 200).await;
+
+    // The source fails first: a column the reader selects disappears.
+    db.exec("ALTER TABLE _changecast_log DROP COLUMN at;");
+    db.exec(&common::insert_order("o1", "b1"));
+    wait_readyz(&gw, "reported the log", WAIT, |s, reason| {
+        s == 503 && reason.contains("change log")
+    })
+    .await;
+
+    // Then the history store: a publish cannot be stored while the lock is held.
+    let lock = lock_history(&db);
+    let publish = tokio::spawn(
+        reqwest::Client::new()
+            .post(gw.http("/v1/publish"))
+            .bearer_auth(KEY)
+            .json(&serde_json::json!({"to": ["u1"], "event": {"n": 1}}))
+            .send(),
+    );
+    let body = wait_readyz(&gw, "named both", LOCKED_WAIT, |s, reason| {
+        s == 503 && reason.contains("history append") && reason.contains("change log")
+    })
+    .await;
+    assert_eq!(body["ready"], false, "{body}");
+
+    // The history recovers (the publish is stored); the log is still broken.
+    lock.execute_batch("ROLLBACK;").unwrap();
+    let res = tokio::time::timeout(LOCKED_WAIT, publish)
+        .await
+        .expect("the publish is stored once the lock is gone")
+        .unwrap()
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    let (status, body) = readyz(&gw).await;
+    assert_eq!(status, 503, "the change log still fails: {body}");
+    let reason = body["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("change log") && !reason.contains("history append"),
+        "{body}"
+    );
+
+    db.exec("ALTER TABLE _changecast_log ADD COLUMN at TEXT;");
+    wait_readyz(&gw, "ready again", WAIT, |s, _| s == 200).await;
+    gw.stop().await;
 }

@@ -12,8 +12,8 @@ pub mod mongodb;
 pub mod sqlite;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use futures_util::future::BoxFuture;
 use serde_json::Value;
@@ -44,40 +44,65 @@ impl Batch {
     }
 }
 
-/// Whether the source is connected and delivering, for `/readyz`.
-#[derive(Debug)]
-pub struct Health {
-    ok: AtomicBool,
-    reason: Mutex<String>,
+/// A part of the gateway that can be unable to do its work while the process runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Component {
+    /// The source: reading the database's changes.
+    Source,
+    /// The durable history: storing events before they are delivered.
+    History,
+    /// Retention: the periodic pruning pass.
+    Pruning,
 }
 
-impl Default for Health {
-    fn default() -> Self {
-        Health {
-            ok: AtomicBool::new(true),
-            reason: Mutex::new(String::new()),
-        }
+impl Component {
+    fn bit(self) -> u8 {
+        1 << self as u8
     }
+}
+
+/// What is wrong now, for `/readyz`: at most one problem per [`Component`], each set
+/// (`down`) and cleared (`up`) only by its own component, so one recovering never hides
+/// another still failing. Ready when none is set.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// One bit per component that is down: `up` on the hot path (every stored batch)
+    /// is one atomic load while all is well. Changed only under `problems`' lock.
+    down: AtomicU8,
+    problems: Mutex<BTreeMap<Component, String>>,
 }
 
 impl Health {
-    pub fn up(&self) {
-        self.ok.store(true, Ordering::Release);
+    /// `component` cannot do its work, because of `reason` (replacing its earlier one).
+    pub fn down(&self, component: Component, reason: impl Into<String>) {
+        let mut problems = self.problems.lock().unwrap_or_else(PoisonError::into_inner);
+        problems.insert(component, reason.into());
+        self.down.fetch_or(component.bit(), Ordering::Release);
     }
 
-    pub fn down(&self, reason: impl Into<String>) {
-        if let Ok(mut r) = self.reason.lock() {
-            *r = reason.into();
+    /// `component` works (again).
+    pub fn up(&self, component: Component) {
+        if !self.is_down(component) {
+            return;
         }
-        self.ok.store(false, Ordering::Release);
+        let mut problems = self.problems.lock().unwrap_or_else(PoisonError::into_inner);
+        problems.remove(&component);
+        self.down.fetch_and(!component.bit(), Ordering::Release);
     }
 
-    /// `None` when up, the reason when down.
+    pub fn is_down(&self, component: Component) -> bool {
+        self.down.load(Ordering::Acquire) & component.bit() != 0
+    }
+
+    /// `None` when every component is up; otherwise every reason, `; `-separated, in
+    /// [`Component`] order.
     pub fn problem(&self) -> Option<String> {
-        if self.ok.load(Ordering::Acquire) {
+        if self.down.load(Ordering::Acquire) == 0 {
             return None;
         }
-        Some(self.reason.lock().map(|r| r.clone()).unwrap_or_default())
+        let problems = self.problems.lock().unwrap_or_else(PoisonError::into_inner);
+        let reasons: Vec<&str> = problems.values().map(String::as_str).collect();
+        (!reasons.is_empty()).then(|| reasons.join("; "))
     }
 }
 
@@ -110,7 +135,8 @@ pub trait Source: Send + 'static {
     /// Reads changes into `out` until `shutdown` fires, checkpointing each position that
     /// arrives on `acks`. On shutdown it stops reading, drops `out`, waits for the ack
     /// sender to close (the router has drained), writes the last checkpoint and returns.
-    /// `health` is set down (with a reason) while the source cannot deliver.
+    /// `health`'s [`Component::Source`] is down (with a reason) while the source cannot
+    /// deliver, and only the source sets or clears it.
     fn run(
         self: Box<Self>,
         out: mpsc::Sender<Batch>,
@@ -158,4 +184,46 @@ pub enum SourceError {
 pub enum LookupError {
     #[error("lookup in `{collection}` failed: {message}")]
     Failed { collection: String, message: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_waits_for_every_component_and_names_each_one_down() {
+        let health = Health::default();
+        assert_eq!(health.problem(), None);
+        health.down(Component::History, "history: history append failed: locked");
+        health.down(
+            Component::Source,
+            "sqlite source: the change log cannot be read",
+        );
+        assert_eq!(
+            health.problem().as_deref(),
+            Some(
+                "sqlite source: the change log cannot be read; \
+                 history: history append failed: locked"
+            )
+        );
+
+        // One recovers: still not ready, and the reason names only the other.
+        health.up(Component::History);
+        assert!(!health.is_down(Component::History));
+        assert!(health.is_down(Component::Source));
+        assert_eq!(
+            health.problem().as_deref(),
+            Some("sqlite source: the change log cannot be read")
+        );
+
+        // A component's new reason replaces its old one; `up` of one never down is a no-op.
+        health.down(Component::Source, "sqlite source: trigger missing");
+        health.up(Component::Pruning);
+        assert_eq!(
+            health.problem().as_deref(),
+            Some("sqlite source: trigger missing")
+        );
+        health.up(Component::Source);
+        assert_eq!(health.problem(), None);
+    }
 }

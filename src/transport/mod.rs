@@ -70,14 +70,19 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
         )
             .into_response();
     }
-    let problem = if let Some(died) = app.tasks.problem() {
-        Some(died)
-    } else if app.source_stopped.load(Ordering::Acquire) {
-        Some("source stopped".to_string())
-    } else {
-        app.health.problem()
-    };
-    if let Some(reason) = problem {
+    // Every problem at once: tasks that died, then each failing component.
+    let problems: Vec<String> = [
+        app.tasks.problem(),
+        app.source_stopped
+            .load(Ordering::Acquire)
+            .then(|| "source stopped".to_string()),
+        app.health.problem(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if !problems.is_empty() {
+        let reason = problems.join("; ");
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"ready": false, "reason": reason})),

@@ -45,7 +45,7 @@ use mongodb::{Client, Collection, Database};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{Batch, ChangeCounters, Health, Source, SourceError};
+use super::{Batch, ChangeCounters, Component, Health, Source, SourceError};
 use crate::change::{Op, Position};
 use crate::config::{CheckpointStore, Images, MongoSourceConfig};
 use decode::{Decoded, decode, token_bytes};
@@ -417,7 +417,7 @@ impl MongoSource {
                                 _ = shutdown.cancelled() => break 'streams,
                                 r = self.pass_too_large(&mut start, &mut last_sent, &out, &health, read_limit) => r?,
                             }
-                            if health.problem().is_some() {
+                            if health.is_down(Component::Source) {
                                 let wait = delays.next().unwrap_or(Duration::from_secs(30));
                                 tokio::select! {
                                     _ = shutdown.cancelled() => break 'streams,
@@ -427,7 +427,10 @@ impl MongoSource {
                             continue;
                         }
                         Failure::Transient => {
-                            health.down(format!("mongodb: cannot open the change stream: {e}"));
+                            health.down(
+                                Component::Source,
+                                format!("mongodb: cannot open the change stream: {e}"),
+                            );
                             tracing::warn!(error = %e, "mongodb: cannot open the change stream; retrying");
                             let wait = delays.next().unwrap_or(Duration::from_secs(30));
                             tokio::select! {
@@ -438,7 +441,7 @@ impl MongoSource {
                     },
                 },
             };
-            health.up();
+            health.up(Component::Source);
             delays = backoff();
             if lost_history && let Some(bytes) = s.resume_token().as_ref().and_then(bytes_of) {
                 // Tell clients now, and replace the dead checkpoint with the new stream's
@@ -475,7 +478,7 @@ impl MongoSource {
                         tracing::warn!(
                             "mongodb: no answer from the server; reopening the change stream"
                         );
-                        health.down("mongodb: no answer from the server");
+                        health.down(Component::Source, "mongodb: no answer from the server");
                         break;
                     }
                 };
@@ -582,7 +585,7 @@ impl MongoSource {
                                 _ = shutdown.cancelled() => break 'streams,
                                 r = self.pass_too_large(&mut start, &mut last_sent, &out, &health, read_limit) => r?,
                             }
-                            if health.problem().is_some() {
+                            if health.is_down(Component::Source) {
                                 let wait = delays.next().unwrap_or(Duration::from_secs(30));
                                 tokio::select! {
                                     _ = shutdown.cancelled() => break 'streams,
@@ -597,7 +600,10 @@ impl MongoSource {
                                     .increment(1);
                             }
                             // The driver already tried to resume once; reopen from our token.
-                            health.down(format!("mongodb: change stream failed: {e}"));
+                            health.down(
+                                Component::Source,
+                                format!("mongodb: change stream failed: {e}"),
+                            );
                             tracing::warn!(error = %e, "mongodb: change stream failed; reopening");
                             let wait = delays.next().unwrap_or(Duration::from_secs(30));
                             tokio::select! {
@@ -631,16 +637,20 @@ impl MongoSource {
         let event = match self.identify_too_large(start, limit).await {
             Ok(Some(event)) => event,
             Ok(None) => {
-                health.down("mongodb: an event over 16 MB could not be identified yet");
+                health.down(
+                    Component::Source,
+                    "mongodb: an event over 16 MB could not be identified yet",
+                );
                 tracing::warn!(
                     "mongodb: the event over 16 MB did not arrive on the identifying stream; retrying"
                 );
                 return Ok(());
             }
             Err(e) => {
-                health.down(format!(
-                    "mongodb: an event over 16 MB could not be identified: {e}"
-                ));
+                health.down(
+                    Component::Source,
+                    format!("mongodb: an event over 16 MB could not be identified: {e}"),
+                );
                 tracing::warn!(error = %e, "mongodb: cannot identify the event over 16 MB; retrying");
                 return Ok(());
             }
@@ -648,7 +658,10 @@ impl MongoSource {
         let token = match token_bytes(&event) {
             Ok(t) => t,
             Err(why) => {
-                health.down(format!("mongodb: an event over 16 MB has no token: {why}"));
+                health.down(
+                    Component::Source,
+                    format!("mongodb: an event over 16 MB has no token: {why}"),
+                );
                 return Ok(());
             }
         };
@@ -664,7 +677,7 @@ impl MongoSource {
         metrics::counter!("changecast_source_skipped_total", "reason" => "too_large").increment(1);
         *start = Start::After(token_from(&token).map_err(SourceError::Mongo)?);
         *last_sent = Some(token.clone());
-        health.up();
+        health.up(Component::Source);
         let batch = Batch {
             changes: Vec::new(),
             end: Position(token),
@@ -746,7 +759,7 @@ async fn hand_over(out: &mpsc::Sender<Batch>, batch: Batch) -> Result<(), Source
 
 /// Reports a fatal stream error on `/readyz` and turns it into the task's error.
 fn fatal(health: &Health, msg: String) -> SourceError {
-    health.down(msg.clone());
+    health.down(Component::Source, msg.clone());
     SourceError::Mongo(msg)
 }
 

@@ -44,7 +44,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{Batch, Catalog, ChangeCounters, Health, Source, SourceError};
+use super::{Batch, Catalog, ChangeCounters, Component, Health, Source, SourceError};
 use crate::change::{AsOf, Change, Op, Position, changed_fields};
 use crate::config::SqliteSourceConfig;
 
@@ -282,7 +282,7 @@ impl Trouble {
     fn report(&mut self, reason: String) {
         if self.now.as_deref() != Some(reason.as_str()) {
             tracing::warn!("{reason}");
-            self.health.down(reason.clone());
+            self.health.down(Component::Source, reason.clone());
             self.now = Some(reason);
         }
     }
@@ -302,14 +302,7 @@ impl Trouble {
         self.backoff = None;
         if let Some(was) = self.now.take() {
             tracing::info!(was = %was, "sqlite source: recovered");
-            // The router reports history failures through the same health: leave those.
-            if self
-                .health
-                .problem()
-                .is_some_and(|p| p.starts_with("sqlite"))
-            {
-                self.health.up();
-            }
+            self.health.up(Component::Source);
         }
     }
 }
