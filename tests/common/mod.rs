@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test binary uses part of the harness
 
+pub mod binary;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
