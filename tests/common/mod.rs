@@ -316,6 +316,24 @@ impl Sse {
     }
 }
 
+/// An SSE stream of `user` that will not read: a raw socket with a 4 KiB receive buffer,
+/// so that its stall reaches the server quickly; returned once the `200` head arrived.
+pub async fn stalled_sse_reader(gw: &Gateway, user: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut raw = socket.connect(gw.addr).await.unwrap();
+    let request = format!(
+        "GET /v1/sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        token_for(user)
+    );
+    raw.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 256];
+    let n = raw.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    raw
+}
+
 /// Orders in business `b` (owned by u1/u2/u3 for b1/b2/b3).
 pub fn insert_order(id: &str, business: &str) -> String {
     format!("INSERT INTO orders VALUES ('{id}', '{business}', 'i1', 1, 'pending');")
