@@ -20,7 +20,6 @@ use mongo_peer::{
     MongoPeer, Reply, Versioned, change_event, first_batch, next_batch, read_concern_at,
 };
 use mongodb::bson::{Document, Timestamp, doc};
-use serde_json::Map;
 use tokio::net::TcpListener;
 
 use changecast::config::Config;
@@ -179,13 +178,7 @@ to = {{ lookup = "businesses", where = {{ _id = "$creator_id" }}, pick = "owner.
 }
 
 async fn client(running: &Running, user: &str) -> Ws {
-    let email = format!("{user}@asof.example");
-    let mut claims = Map::new();
-    claims.insert("user_id".into(), email.clone().into());
-    let token = changecast::auth::mint(SECRET.as_bytes(), &email, 600, &claims);
-    let mut ws = Ws::connect(&format!("ws://{}/v1/ws?token={token}", running.local_addr)).await;
-    let ready = ws.next().await;
-    assert_eq!(ready["type"], "ready", "{ready}");
+    let (ws, ready) = Ws::by_email(running.local_addr, &format!("{user}@asof.example")).await;
     assert_eq!(ready["user"], user);
     ws
 }

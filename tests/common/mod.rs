@@ -149,9 +149,14 @@ pub fn token_for(user: &str) -> String {
 }
 
 pub fn token_with_ttl(user: &str, ttl: u64) -> String {
+    token_for_email(email_of(user), ttl)
+}
+
+/// A token for `email`, in the `user_id` claim every test config looks users up by.
+pub fn token_for_email(email: &str, ttl: u64) -> String {
     let mut claims = Map::new();
-    claims.insert("user_id".into(), json!(email_of(user)));
-    changecast::auth::mint(SECRET.as_bytes(), email_of(user), ttl, &claims)
+    claims.insert("user_id".into(), json!(email));
+    changecast::auth::mint(SECRET.as_bytes(), email, ttl, &claims)
 }
 
 type Socket =
@@ -197,6 +202,16 @@ impl Ws {
         let ready = ws.next().await;
         assert_eq!(ready["type"], "ready", "{ready}");
         assert_eq!(ready["user"], user);
+        (ws, ready)
+    }
+
+    /// Connects to the gateway at `addr` as the user whose email is `email` (a token of
+    /// 600 s) and reads `ready`.
+    pub async fn by_email(addr: std::net::SocketAddr, email: &str) -> (Ws, Value) {
+        let token = token_for_email(email, 600);
+        let mut ws = Ws::connect(&format!("ws://{addr}/v1/ws?token={token}")).await;
+        let ready = ws.next().await;
+        assert_eq!(ready["type"], "ready", "{ready}");
         (ws, ready)
     }
 
