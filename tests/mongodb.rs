@@ -5,13 +5,12 @@ mod common;
 mod mongo_peer;
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{SECRET, Ws, counter, metrics_lock};
 use mongo_peer::{
-    MongoPeer, Reply, change_event, change_stream_stage, filter_matches, first_batch, next_batch,
-    token,
+    Reply, Script, Scripted, change_event, change_stream_stage, filter_matches, first_batch,
+    next_batch, token,
 };
 use mongodb::bson::{Document, doc};
 use serde_json::Map;
@@ -65,7 +64,9 @@ impl World {
         }
         (events, self.last_token.clone())
     }
+}
 
+impl Script for World {
     fn answer(&mut self, name: &str, body: &Document) -> Reply {
         match name {
             "collMod" => Reply::Ok(doc! {}),
@@ -130,19 +131,9 @@ impl World {
     }
 }
 
-struct Setup {
-    peer: MongoPeer,
-    world: Arc<Mutex<World>>,
-}
+type Setup = Scripted<World>;
 
 impl Setup {
-    async fn new(world: World) -> Setup {
-        let world = Arc::new(Mutex::new(world));
-        let w = Arc::clone(&world);
-        let peer = MongoPeer::start(move |name, body| w.lock().unwrap().answer(name, body)).await;
-        Setup { peer, world }
-    }
-
     fn config(&self, extra_source: &str) -> String {
         format!(
             r#"

@@ -12,12 +12,11 @@ mod common;
 mod mongo_peer;
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{SECRET, Ws};
 use mongo_peer::{
-    MongoPeer, Reply, Versioned, change_event, first_batch, next_batch, read_concern_at,
+    Reply, Script, Scripted, Versioned, change_event, first_batch, next_batch, read_concern_at,
 };
 use mongodb::bson::{Document, Timestamp, doc};
 use tokio::net::TcpListener;
@@ -69,7 +68,9 @@ impl World {
             ..World::default()
         }
     }
+}
 
+impl Script for World {
     fn answer(&mut self, name: &str, body: &Document) -> Reply {
         match name {
             "collMod" => Reply::Ok(doc! {}),
@@ -118,19 +119,9 @@ impl World {
     }
 }
 
-struct Setup {
-    peer: MongoPeer,
-    world: Arc<Mutex<World>>,
-}
+type Setup = Scripted<World>;
 
 impl Setup {
-    async fn new(world: World) -> Setup {
-        let world = Arc::new(Mutex::new(world));
-        let w = Arc::clone(&world);
-        let peer = MongoPeer::start(move |name, body| w.lock().unwrap().answer(name, body)).await;
-        Setup { peer, world }
-    }
-
     async fn start(&self) -> Running {
         let config = format!(
             r#"

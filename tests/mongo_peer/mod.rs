@@ -237,6 +237,27 @@ impl Drop for MongoPeer {
     }
 }
 
+/// A test's model of the deployment: it answers every command the peer does not answer
+/// itself.
+pub trait Script: Send + 'static {
+    fn answer(&mut self, name: &str, body: &Document) -> Reply;
+}
+
+/// A peer answering from a script the test keeps a handle to, to change it as it runs.
+pub struct Scripted<W> {
+    pub peer: MongoPeer,
+    pub world: Arc<Mutex<W>>,
+}
+
+impl<W: Script> Scripted<W> {
+    pub async fn new(world: W) -> Scripted<W> {
+        let world = Arc::new(Mutex::new(world));
+        let w = Arc::clone(&world);
+        let peer = MongoPeer::start(move |name, body| w.lock().unwrap().answer(name, body)).await;
+        Scripted { peer, world }
+    }
+}
+
 /// The name of a command: its first key.
 pub fn command_name(body: &Document) -> &str {
     body.keys().next().map(String::as_str).unwrap_or("")
