@@ -5,6 +5,8 @@
 //! handshake and monitoring commands (`hello`, `isMaster`, `ismaster`), `ping`, `endSessions`,
 //! `killCursors` and `buildInfo` itself and hands every other command to the test's handler, which
 //! scripts the reply (a body, a command error, a hang-up, or a delayed reply).
+//! [`Scripted`] pairs a peer with the test's model of the deployment (a [`Script`]), kept
+//! behind a mutex the test scripts it through as it runs.
 //!
 //! Notes on what the driver needs (checked against mongodb 3.9.1):
 //! - `maxBsonObjectSize` and `maxMessageSizeBytes` are required in the hello reply; without them the
