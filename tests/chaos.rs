@@ -5,12 +5,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::binary::{BINARY, Served};
 use common::{Db, Ws, WsEnd, token_for};
 
 const CHANGES: usize = 1500;
@@ -21,64 +21,14 @@ const DEADLINE: Duration = Duration::from_secs(120);
 static LOG: std::sync::LazyLock<Arc<Mutex<Vec<String>>>> =
     std::sync::LazyLock::new(Default::default);
 
-/// A running `changecast serve`.
-struct Server {
-    child: Child,
-}
-
-/// Starts the binary and returns it with the address it listens on (read from its JSON
-/// log, since it binds port 0).
-fn spawn(config: &std::path::Path) -> (Server, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_changecast"))
-        .args(["--log-format", "json", "serve", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "changecast=info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the binary starts");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    // Keep draining the log so the child never blocks on a full pipe.
-    let log = Arc::clone(&LOG);
-    let lines = Arc::clone(&log);
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if !sent && line.contains("changecast listening") {
-                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-                let addr: SocketAddr = v["fields"]["addr"].as_str().unwrap().parse().unwrap();
-                let _ = tx.send(addr);
-                sent = true;
-            }
-            lines.lock().unwrap().push(line);
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .unwrap_or_else(|_| {
-            panic!(
-                "the server did not start:\n{}",
-                log.lock().unwrap().join("\n")
-            )
-        });
-    (Server { child }, addr)
-}
-
-impl Server {
-    fn kill(mut self) {
-        // SIGKILL: no shutdown, no last checkpoint, mid-write.
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Server {
-    /// A failing test must not leave a server running: kill it (a no-op once it exited).
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts the binary and returns it with the address it listens on.
+fn spawn(config: &std::path::Path) -> (Served, SocketAddr) {
+    Served::start(
+        Command::new(BINARY),
+        config,
+        Arc::clone(&LOG),
+        Duration::from_secs(20),
+    )
 }
 
 /// The next event, or how the connection ended; a silent server is reported, not hung on.

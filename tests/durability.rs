@@ -358,20 +358,9 @@ async fn readyz_explains_itself() {
 /// overflows and leaves the hub, though the server's writes to it are blocked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_sse_reader_that_stops_reading_leaves_the_hub() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let db = Db::new();
     let gw = Gateway::start(&db.config("", 5000)).await;
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut raw = socket.connect(gw.addr).await.unwrap();
-    let request = format!(
-        "GET /v1/sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
-        token_for("u1")
-    );
-    raw.write_all(request.as_bytes()).await.unwrap();
-    let mut buf = [0u8; 256];
-    let n = raw.read(&mut buf).await.unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let raw = stalled_sse_reader(&gw, "u1").await;
     let hub = std::sync::Arc::clone(&gw.running.app.hub);
     assert_eq!(hub.connection_count(), 1);
 

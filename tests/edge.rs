@@ -207,17 +207,7 @@ async fn a_stalled_sse_reader_frees_its_slots_at_once_and_its_socket_is_closed()
     ))
     .await;
     let hub = std::sync::Arc::clone(&gw.running.app.hub);
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut raw = socket.connect(gw.addr).await.unwrap();
-    let request = format!(
-        "GET /v1/sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
-        token_for("u1")
-    );
-    raw.write_all(request.as_bytes()).await.unwrap();
-    let mut buf = [0u8; 256];
-    let n = raw.read(&mut buf).await.unwrap();
-    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let mut raw = stalled_sse_reader(&gw, "u1").await;
     assert_eq!(hub.registered(), 1);
     // The per-user limit is in force while it is registered.
     let (status, _, _) = Sse::open(&gw, Some(&token_for("u1")), "", None).await;

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::Db;
+use common::binary::{BINARY, Served};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
 
@@ -27,41 +28,13 @@ const FLOOD_WITHIN: Duration = Duration::from_secs(90);
 /// Each probe must be answered within this (several attempts allowed).
 const PROBE_WITHIN: Duration = Duration::from_secs(15);
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(config: &std::path::Path, log: Arc<Mutex<Vec<String>>>) -> (Server, SocketAddr) {
-    let mut child = Command::new("prlimit")
+/// Starts the binary under `prlimit`, its log lines going to `log`.
+fn start(config: &std::path::Path, log: Arc<Mutex<Vec<String>>>) -> (Served, SocketAddr) {
+    let mut prlimit = Command::new("prlimit");
+    prlimit
         .arg(format!("--nofile={SERVER_NOFILE}:{SERVER_NOFILE}"))
-        .arg(env!("CARGO_BIN_EXE_changecast"))
-        .args(["--log-format", "json", "serve", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "changecast=info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("prlimit and the binary start");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("changecast listening") {
-                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-                let _ = tx.send(v["fields"]["addr"].as_str().unwrap().parse().unwrap());
-            }
-            log.lock().unwrap().push(line);
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the server starts");
-    (Server(child), addr)
+        .arg(BINARY);
+    Served::start(prlimit, config, log, Duration::from_secs(30))
 }
 
 /// Opens an idle connection from one of 127.0.0.1..=4 (more ports than one address has).

@@ -410,16 +410,35 @@ fn last_event_id_headers_on_a_real_sse_stream_get_ready_then_gap_or_resume() {
 
 const TOKEN_SECRET: &str = "fuzz-secret";
 
-/// An HS256 authenticator that names users by `sub` (no lookup is made).
-fn authenticator(rt: &tokio::runtime::Runtime, dir: &tempfile::TempDir) -> Authenticator {
+/// What the token tests run against: an HS256 authenticator that names users by `sub`
+/// (no lookup is made), the runtime it runs on, and the folder of its (empty) lookup
+/// database.
+struct Tokens {
+    rt: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+    auth: Authenticator,
+}
+
+fn tokens() -> Tokens {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
     let config: AuthConfig =
         toml::from_str(&format!("jwt_secret = \"{TOKEN_SECRET}\"\nleeway = \"0s\"")).unwrap();
     let mut errors = Vec::new();
     let plan = AuthPlan::compile(&config, &mut errors).unwrap_or_else(|| panic!("{errors:?}"));
     let empty = dir.path().join("empty.db");
     rusqlite::Connection::open(&empty).unwrap();
-    rt.block_on(plan.build(Arc::new(SqliteLookup::new(empty))))
-        .unwrap()
+    let auth = rt
+        .block_on(plan.build(Arc::new(SqliteLookup::new(empty))))
+        .unwrap();
+    Tokens {
+        rt,
+        _dir: dir,
+        auth,
+    }
 }
 
 /// Numbers a hostile issuer might put in `exp` / `nbf` / `iat`.
@@ -476,12 +495,7 @@ fn sign(claims: &Value) -> String {
 /// Arbitrary strings (and JWT-shaped ones) into the verifier: refused, never a panic.
 #[test]
 fn arbitrary_token_strings_are_refused_without_panicking() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let auth = authenticator(&rt, &dir);
+    let Tokens { rt, _dir, auth } = tokens();
     let strategy = prop_oneof![
         ".{0,200}",
         "[A-Za-z0-9_-]{0,40}\\.[A-Za-z0-9_-]{0,80}\\.[A-Za-z0-9_-]{0,40}",
@@ -510,12 +524,7 @@ fn arbitrary_token_strings_are_refused_without_panicking() {
 /// Validly signed tokens with arbitrary claims: never a panic.
 #[test]
 fn arbitrary_claims_never_panic_the_verifier() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let auth = authenticator(&rt, &dir);
+    let Tokens { rt, _dir, auth } = tokens();
     let mut runner = TestRunner::new(cases(2000));
     runner
         .run(&claims(), |claims| {
@@ -533,12 +542,7 @@ fn arbitrary_claims_never_panic_the_verifier() {
 /// rounded, as the verifier reads it), and `nbf`, when present, is not in the future.
 #[test]
 fn an_accepted_token_has_an_honourable_exp_and_no_future_nbf() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let auth = authenticator(&rt, &dir);
+    let Tokens { rt, _dir, auth } = tokens();
     let mut runner = TestRunner::new(cases(3000));
     runner
         .run(&claims(), |claims| {

@@ -5,14 +5,14 @@ mod common;
 mod mongo_peer;
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{SECRET, Ws, counter, metrics_lock};
 use mongo_peer::{
-    MongoPeer, Reply, change_event, change_stream_stage, first_batch, next_batch, token,
+    Reply, Script, Scripted, change_event, change_stream_stage, filter_matches, first_batch,
+    next_batch, token,
 };
-use mongodb::bson::{Bson, Document, doc};
+use mongodb::bson::{Document, doc};
 use serde_json::Map;
 use tokio::net::TcpListener;
 
@@ -64,7 +64,9 @@ impl World {
         }
         (events, self.last_token.clone())
     }
+}
 
+impl Script for World {
     fn answer(&mut self, name: &str, body: &Document) -> Reply {
         match name {
             "collMod" => Reply::Ok(doc! {}),
@@ -98,7 +100,10 @@ impl World {
                     "changecast_checkpoints" => self.checkpoint.iter().cloned().collect(),
                     _ => vec![],
                 };
-                let found = docs.into_iter().filter(|d| matches(d, &filter)).collect();
+                let found = docs
+                    .into_iter()
+                    .filter(|d| filter_matches(d, &filter))
+                    .collect();
                 Reply::Ok(first_batch(0, &format!("{DB}.{coll}"), found, None))
             }
             "update" if body.get_str("update") == Ok("changecast_checkpoints") => {
@@ -126,33 +131,9 @@ impl World {
     }
 }
 
-/// Equality on top-level fields, `{$in: [...]}` included: what changecast's lookups send.
-fn matches(d: &Document, filter: &Document) -> bool {
-    filter.iter().all(|(k, v)| {
-        let actual = d.get(k);
-        match v {
-            Bson::Document(op) if op.contains_key("$in") => op
-                .get_array("$in")
-                .map(|a| a.iter().any(|x| Some(x) == actual))
-                .unwrap_or(false),
-            other => actual == Some(other),
-        }
-    })
-}
-
-struct Setup {
-    peer: MongoPeer,
-    world: Arc<Mutex<World>>,
-}
+type Setup = Scripted<World>;
 
 impl Setup {
-    async fn new(world: World) -> Setup {
-        let world = Arc::new(Mutex::new(world));
-        let w = Arc::clone(&world);
-        let peer = MongoPeer::start(move |name, body| w.lock().unwrap().answer(name, body)).await;
-        Setup { peer, world }
-    }
-
     fn config(&self, extra_source: &str) -> String {
         format!(
             r#"
@@ -235,13 +216,7 @@ message = "Stock low: {{{{ doc.name }}}} has {{{{ doc.quantity_in_stock }}}} lef
 }
 
 async fn client(running: &Running, email: &str) -> Ws {
-    let mut claims = Map::new();
-    claims.insert("user_id".into(), email.into());
-    let token = changecast::auth::mint(SECRET.as_bytes(), email, 600, &claims);
-    let mut ws = Ws::connect(&format!("ws://{}/v1/ws?token={token}", running.local_addr)).await;
-    let ready = ws.next().await;
-    assert_eq!(ready["type"], "ready", "{ready}");
-    ws
+    Ws::by_email(running.local_addr, email).await.0
 }
 
 /// The gateway's `/metrics` text. Metrics are process-wide: the tests that move and

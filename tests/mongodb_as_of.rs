@@ -12,15 +12,13 @@ mod common;
 mod mongo_peer;
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{SECRET, Ws};
 use mongo_peer::{
-    MongoPeer, Reply, Versioned, change_event, first_batch, next_batch, read_concern_at,
+    Reply, Script, Scripted, Versioned, change_event, first_batch, next_batch, read_concern_at,
 };
 use mongodb::bson::{Document, Timestamp, doc};
-use serde_json::Map;
 use tokio::net::TcpListener;
 
 use changecast::config::Config;
@@ -70,7 +68,9 @@ impl World {
             ..World::default()
         }
     }
+}
 
+impl Script for World {
     fn answer(&mut self, name: &str, body: &Document) -> Reply {
         match name {
             "collMod" => Reply::Ok(doc! {}),
@@ -119,19 +119,9 @@ impl World {
     }
 }
 
-struct Setup {
-    peer: MongoPeer,
-    world: Arc<Mutex<World>>,
-}
+type Setup = Scripted<World>;
 
 impl Setup {
-    async fn new(world: World) -> Setup {
-        let world = Arc::new(Mutex::new(world));
-        let w = Arc::clone(&world);
-        let peer = MongoPeer::start(move |name, body| w.lock().unwrap().answer(name, body)).await;
-        Setup { peer, world }
-    }
-
     async fn start(&self) -> Running {
         let config = format!(
             r#"
@@ -179,13 +169,7 @@ to = {{ lookup = "businesses", where = {{ _id = "$creator_id" }}, pick = "owner.
 }
 
 async fn client(running: &Running, user: &str) -> Ws {
-    let email = format!("{user}@asof.example");
-    let mut claims = Map::new();
-    claims.insert("user_id".into(), email.clone().into());
-    let token = changecast::auth::mint(SECRET.as_bytes(), &email, 600, &claims);
-    let mut ws = Ws::connect(&format!("ws://{}/v1/ws?token={token}", running.local_addr)).await;
-    let ready = ws.next().await;
-    assert_eq!(ready["type"], "ready", "{ready}");
+    let (ws, ready) = Ws::by_email(running.local_addr, &format!("{user}@asof.example")).await;
     assert_eq!(ready["user"], user);
     ws
 }

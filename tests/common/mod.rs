@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test binary uses part of the harness
 
+pub mod binary;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -147,9 +149,14 @@ pub fn token_for(user: &str) -> String {
 }
 
 pub fn token_with_ttl(user: &str, ttl: u64) -> String {
+    token_for_email(email_of(user), ttl)
+}
+
+/// A token for `email`, in the `user_id` claim every test config looks users up by.
+pub fn token_for_email(email: &str, ttl: u64) -> String {
     let mut claims = Map::new();
-    claims.insert("user_id".into(), json!(email_of(user)));
-    changecast::auth::mint(SECRET.as_bytes(), email_of(user), ttl, &claims)
+    claims.insert("user_id".into(), json!(email));
+    changecast::auth::mint(SECRET.as_bytes(), email, ttl, &claims)
 }
 
 type Socket =
@@ -195,6 +202,16 @@ impl Ws {
         let ready = ws.next().await;
         assert_eq!(ready["type"], "ready", "{ready}");
         assert_eq!(ready["user"], user);
+        (ws, ready)
+    }
+
+    /// Connects to the gateway at `addr` as the user whose email is `email` (a token of
+    /// 600 s) and reads `ready`.
+    pub async fn by_email(addr: std::net::SocketAddr, email: &str) -> (Ws, Value) {
+        let token = token_for_email(email, 600);
+        let mut ws = Ws::connect(&format!("ws://{addr}/v1/ws?token={token}")).await;
+        let ready = ws.next().await;
+        assert_eq!(ready["type"], "ready", "{ready}");
         (ws, ready)
     }
 
@@ -312,6 +329,24 @@ impl Sse {
             .expect("well-formed SSE");
         (ev.id, serde_json::from_str(&ev.data).unwrap())
     }
+}
+
+/// An SSE stream of `user` that will not read: a raw socket with a 4 KiB receive buffer,
+/// so that its stall reaches the server quickly; returned once the `200` head arrived.
+pub async fn stalled_sse_reader(gw: &Gateway, user: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut raw = socket.connect(gw.addr).await.unwrap();
+    let request = format!(
+        "GET /v1/sse HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+        token_for(user)
+    );
+    raw.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 256];
+    let n = raw.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    raw
 }
 
 /// Orders in business `b` (owned by u1/u2/u3 for b1/b2/b3).

@@ -5,6 +5,8 @@
 //! handshake and monitoring commands (`hello`, `isMaster`, `ismaster`), `ping`, `endSessions`,
 //! `killCursors` and `buildInfo` itself and hands every other command to the test's handler, which
 //! scripts the reply (a body, a command error, a hang-up, or a delayed reply).
+//! [`Scripted`] pairs a peer with the test's model of the deployment (a [`Script`]), kept
+//! behind a mutex the test scripts it through as it runs.
 //!
 //! Notes on what the driver needs (checked against mongodb 3.9.1):
 //! - `maxBsonObjectSize` and `maxMessageSizeBytes` are required in the hello reply; without them the
@@ -234,6 +236,27 @@ impl Drop for MongoPeer {
         if !panics.is_empty() && !std::thread::panicking() {
             panic!("mongo_peer: the handler panicked: {panics:?}");
         }
+    }
+}
+
+/// A test's model of the deployment: it answers every command the peer does not answer
+/// itself.
+pub trait Script: Send + 'static {
+    fn answer(&mut self, name: &str, body: &Document) -> Reply;
+}
+
+/// A peer answering from a script the test keeps a handle to, to change it as it runs.
+pub struct Scripted<W> {
+    pub peer: MongoPeer,
+    pub world: Arc<Mutex<W>>,
+}
+
+impl<W: Script> Scripted<W> {
+    pub async fn new(world: W) -> Scripted<W> {
+        let world = Arc::new(Mutex::new(world));
+        let w = Arc::clone(&world);
+        let peer = MongoPeer::start(move |name, body| w.lock().unwrap().answer(name, body)).await;
+        Scripted { peer, world }
     }
 }
 
