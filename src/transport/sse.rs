@@ -30,10 +30,10 @@ use super::{StreamParams, bearer};
 use crate::auth::{AuthError, now_secs};
 use crate::event::CloseReason;
 use crate::hub::{Opening, Subscription};
+use crate::server::App;
 
 /// How long a closing comment may wait on shutdown.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
-use crate::server::App;
 
 pub async fn handler(
     State(app): State<Arc<App>>,
@@ -210,6 +210,12 @@ async fn send(
     stopping: Pin<&mut impl Future<Output = ()>>,
     patience: Duration,
 ) -> Result<(), Ended> {
+    // The common case, a reader keeping up: no timer armed per event.
+    let chunk = match tx.try_send(chunk) {
+        Ok(()) => return Ok(()),
+        Err(mpsc::error::TrySendError::Closed(_)) => return Err(Ended::Gone),
+        Err(mpsc::error::TrySendError::Full(chunk)) => chunk,
+    };
     tokio::select! {
         biased;
         sent = tx.send(chunk) => sent.map_err(|_| Ended::Gone),
