@@ -203,6 +203,8 @@ pub struct SqliteSource {
     lost_history: bool,
     /// `PRAGMA schema_version` when the log and triggers were last seen complete.
     schema_version: Option<i64>,
+    /// The watched tables' columns the triggers were built for (see [`table_shapes`]).
+    shapes: String,
     /// Retrying a schema repair that failed: when next, and the delays.
     schema_retry: Option<(Instant, Retry)>,
     /// Watched tables gone from the database, for `/readyz` (see `note_absent_tables`).
@@ -368,6 +370,7 @@ impl SqliteSource {
             );
         }
         let schema_version = conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
+        let shapes = table_shapes(&conn, tables)?;
         Ok(SqliteSource {
             path,
             conn,
@@ -381,6 +384,7 @@ impl SqliteSource {
             checkpoint: start,
             lost_history: lost.is_some(),
             schema_version: Some(schema_version),
+            shapes,
             schema_retry: None,
             schema_problem: None,
             counters: ChangeCounters::default(),
@@ -558,6 +562,38 @@ impl SqliteSource {
         )
     }
 
+    /// After a schema change with every object in place: when a watched table's columns
+    /// changed (`ALTER TABLE … ADD COLUMN`, a table recreated with other columns), rebuilds
+    /// the triggers so the next images carry the new columns. No change is lost meanwhile:
+    /// writes before the rebuild were logged by the old triggers, with the old columns.
+    /// False when the rebuild failed (it is retried on the next commit).
+    fn rebuild_if_reshaped(&mut self) -> bool {
+        let shapes = match table_shapes(&self.conn, &self.tables) {
+            Ok(s) if s == self.shapes => return true,
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "sqlite source: reading the watched tables' columns failed");
+                return false;
+            }
+        };
+        match install(&mut self.conn, &self.tables, &self.json_listed, false) {
+            Ok(installed) => {
+                tracing::info!(
+                    "sqlite source: a watched table's columns changed; triggers rebuilt"
+                );
+                self.json = installed.json;
+                self.shapes = shapes;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "sqlite source: rebuilding the triggers after a schema change failed; retrying");
+                metrics::counter!("changecast_source_errors_total", "kind" => "schema")
+                    .increment(1);
+                false
+            }
+        }
+    }
+
     /// After a commit: when `PRAGMA schema_version` moved, checks that the log and every
     /// trigger are still there, and reinstalls what is missing (changes made meanwhile
     /// were not recorded: the caller reports lost history). `Err` says what is wrong
@@ -574,6 +610,10 @@ impl SqliteSource {
         let (missing, absent) =
             missing_objects(&self.conn, &self.tables).map_err(|e| self.read_failure(&e))?;
         if missing.is_empty() {
+            if !self.rebuild_if_reshaped() {
+                // Retried on the next commit (the version is not marked as seen).
+                return Ok(Schema::Intact);
+            }
             self.schema_version = Some(version);
             self.schema_retry = None;
             self.note_absent_tables(&absent, trouble);
@@ -612,6 +652,7 @@ impl SqliteSource {
                 );
                 self.json = installed.json;
                 self.log_id = installed.log_id;
+                self.shapes = table_shapes(&self.conn, &self.tables).unwrap_or_default();
                 self.schema_version = self
                     .conn
                     .query_row("PRAGMA schema_version", [], |r| r.get(0))
@@ -769,6 +810,21 @@ fn missing_objects(
         }
     }
     Ok((missing, absent_tables))
+}
+
+/// The columns (name, declared type, key position) of each watched table, as one string:
+/// the triggers build a row's images from this list, so when it changes they are rebuilt.
+fn table_shapes(conn: &Connection, tables: &[String]) -> rusqlite::Result<String> {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for table in tables {
+        let _ = write!(out, "{table}:");
+        for c in columns(conn, table)? {
+            let _ = write!(out, "{}/{}/{},", c.name, c.decl, c.pk);
+        }
+        out.push(';');
+    }
+    Ok(out)
 }
 
 fn trigger_name(table: &str, op: &str) -> String {
