@@ -143,7 +143,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Creates an empty file only its owner can read and write (0600 on Unix) if there is none
 /// at `path`, so that SQLite opens it instead of creating it with the umask's mode; SQLite
-/// gives the -wal and -shm files the main file's mode. An existing file is left as it is.
+/// gives the -wal and -shm files the main file's mode. An existing file that others may
+/// read (one written by an earlier changecast, which created it 0644) is made private
+/// too, with its -wal and -shm, and a warning says so.
 pub fn create_private(path: &Path) -> std::io::Result<()> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
@@ -151,9 +153,35 @@ pub fn create_private(path: &Path) -> std::io::Result<()> {
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     match options.open(path) {
         Ok(_) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => make_private(path),
         Err(e) => Err(e),
     }
+}
+
+#[cfg(unix)]
+fn make_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut files = vec![path.to_path_buf()];
+    for ext in ["-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(ext);
+        files.push(name.into());
+    }
+    for file in files {
+        let Ok(meta) = std::fs::metadata(&file) else {
+            continue; // no -wal / -shm yet
+        };
+        if meta.permissions().mode() & 0o077 != 0 {
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))?;
+            tracing::warn!(file = %file.display(), "made private (0600): it holds every event");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn make_private(_: &Path) -> std::io::Result<()> {
+    Ok(())
 }
 
 /// Opened history: the store and what it remembers.
@@ -507,6 +535,26 @@ mod tests {
         };
         h.store.append(&[rec], None).unwrap();
         for name in ["history.db", "history.db-wal", "history.db-shm"] {
+            let mode = std::fs::metadata(dir.path().join(name))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{name}: {mode:o}");
+        }
+    }
+
+    #[test]
+    fn an_existing_history_readable_by_others_is_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("history.db");
+        for name in ["history.db", "history.db-wal"] {
+            let file = dir.path().join(name);
+            std::fs::write(&file, b"").unwrap();
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        create_private(&path).unwrap();
+        for name in ["history.db", "history.db-wal"] {
             let mode = std::fs::metadata(dir.path().join(name))
                 .unwrap()
                 .permissions()
