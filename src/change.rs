@@ -53,7 +53,8 @@ impl fmt::Display for Op {
 }
 
 /// A source's position: opaque to everyone but the source that made it, and persistable
-/// as bytes (an SQLite log sequence number, a MongoDB resume token as BSON).
+/// as bytes (an SQLite log sequence number followed by the log's identity, a MongoDB
+/// resume token as BSON).
 #[derive(Clone, PartialEq, Eq, Hash, Default)]
 pub struct Position(pub Vec<u8>);
 

@@ -519,12 +519,24 @@ mod tests {
         list.iter().map(|s| UserId::from(*s)).collect()
     }
 
+    /// Each of `names` in `dir` is readable and writable by its owner only.
+    #[cfg(unix)]
+    fn assert_private(dir: &Path, names: &[&str]) {
+        use std::os::unix::fs::PermissionsExt;
+        for name in names {
+            let mode = std::fs::metadata(dir.join(name))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{name}: {mode:o}");
+        }
+    }
+
     /// Issue 11 item 14: the history holds every event; only its owner may read it. The
     /// -wal and -shm files take the main file's mode (SQLite copies it).
     #[cfg(unix)]
     #[test]
     fn history_files_are_created_private() {
-        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let h = open(dir.path());
         let u1 = users(&["u1"]);
@@ -534,13 +546,10 @@ mod tests {
             recipients: &u1,
         };
         h.store.append(&[rec], None).unwrap();
-        for name in ["history.db", "history.db-wal", "history.db-shm"] {
-            let mode = std::fs::metadata(dir.path().join(name))
-                .unwrap()
-                .permissions()
-                .mode();
-            assert_eq!(mode & 0o777, 0o600, "{name}: {mode:o}");
-        }
+        assert_private(
+            dir.path(),
+            &["history.db", "history.db-wal", "history.db-shm"],
+        );
     }
 
     #[test]
@@ -554,13 +563,7 @@ mod tests {
             std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
         }
         create_private(&path).unwrap();
-        for name in ["history.db", "history.db-wal"] {
-            let mode = std::fs::metadata(dir.path().join(name))
-                .unwrap()
-                .permissions()
-                .mode();
-            assert_eq!(mode & 0o777, 0o600, "{name}: {mode:o}");
-        }
+        assert_private(dir.path(), &["history.db", "history.db-wal"]);
     }
 
     #[test]

@@ -232,9 +232,9 @@ fn retry_backoff() -> Retry {
 /// A position in one log: the sequence number (big-endian, so byte order is numeric
 /// order) followed by the log's identity.
 fn position(seq: i64, log_id: &str) -> Position {
-    let mut bytes = (seq.max(0) as u64).to_be_bytes().to_vec();
-    bytes.extend_from_slice(log_id.as_bytes());
-    Position(bytes)
+    let mut p = Position::from_seq(seq.max(0) as u64);
+    p.0.extend_from_slice(log_id.as_bytes());
+    p
 }
 
 /// The sequence number and log identity of a position; a plain 8-byte sequence number
