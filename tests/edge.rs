@@ -251,3 +251,25 @@ async fn a_stalled_sse_reader_frees_its_slots_at_once_and_its_socket_is_closed()
     assert!(closed - written < Duration::from_secs(6) + CLOSE_WITHIN);
     gw.stop().await;
 }
+
+/// An SSE client that goes away leaves the hub at once, not at the next write (the next
+/// event or keepalive comment, which may be minutes away): its slots are free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sse_client_that_disconnects_leaves_the_hub_without_waiting_for_a_write() {
+    let db = Db::new();
+    // Nothing is written to the stream for a minute after `ready`.
+    let gw = Gateway::start(&db.config("keepalive = \"60s\"", 5000)).await;
+    let hub = std::sync::Arc::clone(&gw.running.app.hub);
+    let (sse, _) = Sse::user(&gw, "u1").await;
+    assert_eq!(hub.registered(), 1);
+    drop(sse);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hub.registered() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the closed SSE stream still holds its slot"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gw.stop().await;
+}

@@ -145,26 +145,34 @@ async fn pump(
     }
     let ended = match ended {
         Some(e) => e,
-        None => loop {
-            let chunk = tokio::select! {
-                biased;
-                reason = &mut kicked => break Ended::Close(reason),
-                _ = &mut stopping => break Ended::Close(CloseReason::Restarting),
-                _ = &mut expiry => break Ended::Close(CloseReason::TokenExpired),
-                frame = sub.recv() => match frame {
-                    Some(frame) => frame.sse(),
-                    // The hub dropped this connection; the kick says why.
-                    None => break Ended::Close((&mut kicked).await),
-                },
-                _ = &mut comment => {
-                    comment.as_mut().reset(Instant::now() + keepalive);
-                    Bytes::from_static(b": keepalive\n\n")
+        None => {
+            // The response body was dropped (the peer went away): leave the hub now, not
+            // at the next write, which may be a keepalive period away.
+            let gone = tx.closed();
+            tokio::pin!(gone);
+            loop {
+                let chunk = tokio::select! {
+                    biased;
+                    reason = &mut kicked => break Ended::Close(reason),
+                    _ = &mut stopping => break Ended::Close(CloseReason::Restarting),
+                    _ = &mut expiry => break Ended::Close(CloseReason::TokenExpired),
+                    _ = &mut gone => break Ended::Gone,
+                    frame = sub.recv() => match frame {
+                        Some(frame) => frame.sse(),
+                        // The hub dropped this connection; the kick says why.
+                        None => break Ended::Close((&mut kicked).await),
+                    },
+                    _ = &mut comment => {
+                        comment.as_mut().reset(Instant::now() + keepalive);
+                        Bytes::from_static(b": keepalive\n\n")
+                    }
+                };
+                if let Err(e) = send(&tx, chunk, kicked.as_mut(), stopping.as_mut(), patience).await
+                {
+                    break e;
                 }
-            };
-            if let Err(e) = send(&tx, chunk, kicked.as_mut(), stopping.as_mut(), patience).await {
-                break e;
             }
-        },
+        }
     };
     // Leave the hub first: queue, per-user and global slots are free from here on.
     drop(sub);
