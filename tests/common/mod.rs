@@ -4,6 +4,9 @@
 #![allow(dead_code)] // each test binary uses part of the harness
 
 pub mod binary;
+pub mod cluster;
+pub mod nats;
+pub mod proxy;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
