@@ -148,7 +148,7 @@ impl Node {
 
     /// Waits until `/readyz` is 200.
     pub async fn wait_ready(&self, within: Duration) {
-        wait_until(&format!("{} is ready", self.name), within, || async {
+        wait_until(&format!("{} is ready", self.name), within, || async move {
             matches!(self.readyz().await, Some((200, _)))
         })
         .await;
@@ -242,7 +242,7 @@ where
 
 /// The one routing node among `nodes`, once exactly one of the running ones says so.
 pub async fn router(nodes: &[Node], within: Duration) -> usize {
-    wait_for("exactly one node routes", within, || async {
+    wait_for("exactly one node routes", within, || async move {
         let mut routing = Vec::new();
         for (i, n) in nodes.iter().enumerate() {
             if n.is_running() && n.routes().await == Some(true) {
