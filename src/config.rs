@@ -39,6 +39,90 @@ pub struct Config {
     /// `POST /v1/publish`: server-side publishing with API keys.
     #[serde(default)]
     pub publish: PublishConfig,
+    /// `[cluster]`: several nodes over NATS JetStream. Absent: one process.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: this node's part in a cluster (see `crate::cluster`). Every node has the
+/// same config but for `name`, `[server] listen` and `[history] path`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The NATS server(s): one URL or a list.
+    pub nats: NatsUrls,
+    /// This node's name, unique in the cluster (the lease holder's name).
+    pub name: String,
+    /// Prefix of the stream, its subjects and the key-value buckets.
+    #[serde(default = "default_stream_prefix")]
+    pub stream: String,
+    /// How long the router's lease lasts without renewal: a dead router's lease lapses
+    /// after it, and a standby takes over.
+    #[serde(default = "default_lease_ttl", deserialize_with = "duration")]
+    pub lease_ttl: Duration,
+    /// Replicas of the stream and buckets (a NATS cluster of 3 or 5 servers: 3).
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
+    /// How long JetStream remembers message ids: a router that re-reads changes after a
+    /// failover later than this could publish them twice.
+    #[serde(default = "default_duplicate_window", deserialize_with = "duration")]
+    pub duplicate_window: Duration,
+    /// A NATS credentials file (JWT and NKey seed).
+    #[serde(default)]
+    pub creds_file: Option<PathBuf>,
+    /// Environment variable holding a NATS token.
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// User name for user/password authentication (with `password_env`).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Environment variable holding the NATS password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// Require TLS to NATS.
+    #[serde(default)]
+    pub tls_required: bool,
+    /// CA certificate(s) (PEM) to verify the NATS server with.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM), for NATS servers that verify clients.
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
+}
+
+/// `[cluster] nats`: one URL or several.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum NatsUrls {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl NatsUrls {
+    pub fn list(&self) -> Vec<String> {
+        match self {
+            NatsUrls::One(u) => vec![u.clone()],
+            NatsUrls::Many(v) => v.clone(),
+        }
+    }
+}
+
+fn default_stream_prefix() -> String {
+    "changecast".into()
+}
+
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(4)
+}
+
+fn default_replicas() -> usize {
+    1
+}
+
+fn default_duplicate_window() -> Duration {
+    Duration::from_secs(600)
 }
 
 /// `[publish]`. Without keys the endpoint answers 403.
@@ -567,6 +651,15 @@ impl Config {
             h.prune_interval,
             r(ms(1), secs(DAY)),
         );
+        if let Some(c) = &self.cluster {
+            // Renewed every quarter of it; under a second leaves too little for a round trip.
+            duration("cluster.lease_ttl", c.lease_ttl, r(secs(1), secs(HOUR)));
+            duration(
+                "cluster.duplicate_window",
+                c.duplicate_window,
+                r(secs(1), secs(DAY)),
+            );
+        }
         match &self.source {
             SourceConfig::Sqlite(q) => {
                 duration("source.poll_interval", q.poll_interval, r(ms(1), secs(60)))

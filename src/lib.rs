@@ -6,14 +6,18 @@
 //!
 //! # Layout
 //!
-//! The modules follow the data: `source → change → route → hub → transport`, with `auth`
-//! beside the transports and `server` wiring them together.
+//! The modules follow the data: `source → router → stream → gateway → hub → transport`,
+//! with `auth` beside the transports and `server` wiring them together. In one process the
+//! stream is in-process; in a cluster it is a NATS JetStream stream every node reads.
 //!
 //! - [`config`]: the TOML file, parsed strictly; errors name the config path.
 //! - [`plan`]: a config compiled and validated as a whole, before anything starts.
 //! - [`source`]: change feeds behind one trait; [`source::sqlite`] is the embedded default.
 //! - [`change`]: the one normalised change type every source produces.
 //! - [`route`]: compiled `[[route]]`s that turn a change into deliveries (who gets what).
+//! - [`router`]: the routing loop: source batches → routed events → the stream.
+//! - [`cluster`]: several nodes over NATS JetStream: the stream, the router lease.
+//! - [`gateway`]: the stream → this node's history and connections.
 //! - [`hub`]: per-user fan-out, bounded queues, history and resume; events encoded once.
 //! - [`transport`]: `/v1/ws`, `/v1/sse` and the operational endpoints.
 //! - [`auth`]: JWT verification and user resolution.
@@ -23,13 +27,16 @@
 
 pub mod auth;
 pub mod change;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod event;
+pub mod gateway;
 pub mod hub;
 pub mod path;
 pub mod plan;
 pub mod route;
+pub mod router;
 pub mod server;
 pub mod source;
 pub mod transport;

@@ -41,6 +41,8 @@ pub struct Plan {
     pub publish_keys: Vec<String>,
     /// `[auth] expiry_warning`.
     pub expiry_warning: std::time::Duration,
+    /// `[cluster]`: this node's part in a cluster (`None`: one process).
+    pub cluster: Option<crate::config::ClusterConfig>,
 }
 
 impl Plan {
@@ -88,6 +90,9 @@ impl Plan {
 
         // Every duration and size key: zero, too large, overflow.
         config.check_ranges(&mut errors);
+        if let Some(c) = &config.cluster {
+            crate::cluster::validate(c, &mut errors);
+        }
 
         let auth = AuthPlan::compile(&config.auth, &mut errors);
         if let (Some(auth), Some(catalog)) = (&auth, catalog)
@@ -156,6 +161,7 @@ impl Plan {
                 lookups: config.lookups.clone(),
                 publish_keys,
                 expiry_warning: config.auth.expiry_warning,
+                cluster: config.cluster.clone(),
             }),
             _ => Err(ConfigErrors(vec![ConfigError::new("config", "invalid")])),
         }
@@ -295,6 +301,9 @@ impl Plan {
                 };
                 s.push_str(&self.stream_spec(c).describe());
             }
+        }
+        if let Some(c) = &self.cluster {
+            s.push_str(&crate::cluster::describe(c, &self.history));
         }
         let _ = writeln!(s, "listen: {}", self.server.listen);
         let _ = writeln!(s, "auth: {}", self.auth.describe());

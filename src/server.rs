@@ -1,24 +1,32 @@
-//! The running gateway: wires source → router → hub → transports, and stops them in order.
+//! The running gateway: wires source → router → stream → gateway → transports, and stops
+//! them in order.
 //!
 //! In: a [`Plan`] and a bound listener. Out: a [`Running`] handle with the address, the
 //! hub, and `stop()`.
 //!
-//! Tasks: the source (one blocking thread for SQLite) feeds batches on a bounded channel to
-//! the one router task, which resolves recipients, publishes to the hub and then
-//! acknowledges the batch's end position back to the source for checkpointing. Each client
-//! connection is one task (see `transport`). Shutdown is one [`CancellationToken`]: the
-//! source stops reading, the router drains what was read, the source writes its last
-//! checkpoint, every client gets 1012, and the listener closes.
+//! One process (no `[cluster]`): the source (one blocking thread for SQLite) feeds batches
+//! on a bounded channel to the one router task ([`router`]), whose stream is in-process
+//! ([`Local`]: numbered by the hub, stored, delivered); the batch's end position is then
+//! acknowledged back to the source for checkpointing.
 //!
-//! Supervision: every long-running task (source, router, pruning, HTTP, the JWKS refresh)
-//! runs under a [`Supervisor`]. One that ends before shutdown — a panic, an error or a
-//! plain return — is logged, counted (`changecast_task_failures_total{task}`) and makes
-//! `/readyz` answer 503 with its reason until the process restarts; it never vanishes. The
-//! source and the router are the pipeline: when either ends the gateway stops.
+//! A cluster node (`[cluster]`): the same router runs only while this node holds the lease
+//! ([`lead`]), and its stream is the JetStream stream ([`Publisher`]); every node's gateway
+//! ([`gateway::follow`]) reads that stream into its own history and connections.
+//!
+//! Each client connection is one task (see `transport`). Shutdown is one
+//! [`CancellationToken`]: the source stops reading, the router drains what was read, the
+//! source writes its last checkpoint, every client gets 1012, and the listener closes.
+//!
+//! Supervision: every long-running task (source, router, gateway, pruning, HTTP, the JWKS
+//! refresh) runs under a [`Supervisor`]. One that ends before shutdown — a panic, an error
+//! or a plain return — is logged, counted (`changecast_task_failures_total{task}`) and
+//! makes `/readyz` answer 503 with its reason until the process restarts; it never
+//! vanishes. The pipeline's tasks (source and router; in a cluster the gateway, the router
+//! role and the monitor) stop the gateway when one ends.
 //!
 //! Readiness: besides dead tasks, each component that can fail and recover — the source,
-//! the history store (`persist`), pruning — sets and clears its own problem in [`Health`];
-//! `/readyz` is ready only when none is set, and names them all.
+//! the history store (`persist`), pruning, NATS, catching up — sets and clears its own
+//! problem in [`Health`]; `/readyz` is ready only when none is set, and names them all.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -32,24 +40,27 @@ use anyhow::Context;
 use futures_util::FutureExt;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Authenticator;
-use crate::change::{Position, UserId};
+use crate::change::Position;
+use crate::cluster::lease::Lease;
+use crate::cluster::publish::{self, Publisher};
+use crate::cluster::{self, Nats};
 use crate::config::ServerConfig;
 use crate::config::{HistoryConfig, HistoryKind};
-use crate::event::ServerEvent;
-use crate::hub::Prepared;
+use crate::gateway::{self, Deliver, Local};
 use crate::hub::new_epoch;
-use crate::hub::store::{HistoryStore, Record};
+use crate::hub::store::{HistoryStore, Opened};
 use crate::hub::{Hub, HubConfig};
 use crate::plan::{Plan, SourcePlan};
 use crate::route::Router;
+use crate::router::{self, EventStream, PublishRequest, StreamError};
 use crate::source::mongodb::MongoSource;
 use crate::source::sqlite::{SqliteLookup, SqliteSource};
-use crate::source::{Batch, Component, Health, Lookup, Source};
+use crate::source::{Component, Health, Lookup, Source, SourceError};
 
 /// Batches in flight between the source and the router: enough to keep both busy, small
 /// enough that a stalled router stops the source from reading ahead.
@@ -203,6 +214,94 @@ impl Running {
     }
 }
 
+/// Opens the history: the durable store (its epoch, head, floor and checkpoint) or none
+/// (memory). `epoch` is the cluster stream's: a store of another epoch holds ids nobody
+/// can resume from any more, and is started afresh.
+async fn open_history(
+    config: &HistoryConfig,
+    epoch: Option<String>,
+) -> anyhow::Result<Option<Opened>> {
+    if config.store == HistoryKind::Memory {
+        return Ok(None);
+    }
+    let path = config.path.clone();
+    let opened = tokio::task::spawn_blocking(move || {
+        let want = epoch.clone();
+        let opened = HistoryStore::open(&path, || want.unwrap_or_else(new_epoch))?;
+        match epoch {
+            Some(epoch) if opened.epoch != epoch => {
+                tracing::warn!(
+                    path = %path.display(), stored = %opened.epoch, stream = %epoch,
+                    "history: the cluster stream is a new one (another epoch); starting this node's history afresh"
+                );
+                drop(opened);
+                for suffix in ["", "-wal", "-shm"] {
+                    let mut p = path.clone().into_os_string();
+                    p.push(suffix);
+                    let _ = std::fs::remove_file(p);
+                }
+                HistoryStore::open(&path, || epoch)
+            }
+            _ => Ok(opened),
+        }
+    })
+    .await?
+    .with_context(|| format!("cannot open the history at {}", config.path.display()))?;
+    tracing::info!(
+        path = %config.path.display(), epoch = %opened.epoch, head = opened.head,
+        "history open"
+    );
+    Ok(Some(opened))
+}
+
+/// Opens the source, resuming after `from`; with the lookups it answers.
+async fn open_source(
+    plan: &Plan,
+    from: Option<Position>,
+) -> Result<(Box<dyn Source>, Arc<dyn Lookup>), SourceError> {
+    match &plan.source {
+        SourcePlan::Sqlite(config) => {
+            let watched: Vec<String> = plan.watched().into_keys().collect();
+            let config = config.clone();
+            let json_columns = config.json_columns.clone();
+            let source =
+                tokio::task::spawn_blocking(move || SqliteSource::open(&config, &watched, from))
+                    .await
+                    .map_err(|e| SourceError::Setup(format!("opening the source: {e}")))??;
+            tracing::info!(
+                path = %source.path().display(),
+                checkpoint = source.checkpoint(),
+                "sqlite source open"
+            );
+            let lookup = Arc::new(SqliteLookup::with_json_columns(
+                source.path(),
+                &json_columns,
+            ));
+            Ok((Box::new(source), lookup))
+        }
+        SourcePlan::Mongodb(config) => {
+            let from = from.map(|p| p.0);
+            let source = MongoSource::connect(config, plan.stream_spec(config), from).await?;
+            tracing::info!(database = %config.database, "mongodb source open");
+            let lookup = Arc::new(source.lookup());
+            Ok((Box::new(source), lookup))
+        }
+    }
+}
+
+/// Lookups without a source (a cluster node that does not route answers auth lookups).
+async fn open_lookup(plan: &Plan) -> Result<Arc<dyn Lookup>, SourceError> {
+    Ok(match &plan.source {
+        SourcePlan::Sqlite(config) => Arc::new(SqliteLookup::with_json_columns(
+            &config.path,
+            &config.json_columns,
+        )),
+        SourcePlan::Mongodb(config) => {
+            Arc::new(crate::source::mongodb::MongoLookup::connect(config).await?)
+        }
+    })
+}
+
 /// Opens the source and starts every task. `extra` routes (the demo page) are merged into
 /// the HTTP router.
 pub async fn start(
@@ -213,52 +312,28 @@ pub async fn start(
     let local_addr = listener.local_addr()?;
     // Installed before anything resolves its metric handles.
     let metrics = metrics_handle();
-    // The durable history, first: its checkpoint is where the source resumes, because it
-    // was committed together with the events it covers.
-    let history = match plan.history.store {
-        HistoryKind::Sqlite => {
-            let path = plan.history.path.clone();
-            let opened = tokio::task::spawn_blocking(move || HistoryStore::open(&path, new_epoch))
-                .await?
-                .with_context(|| {
-                    format!("cannot open the history at {}", plan.history.path.display())
-                })?;
-            tracing::info!(
-                path = %plan.history.path.display(), epoch = %opened.epoch, head = opened.head,
-                "history open"
-            );
-            Some(opened)
+    let shutdown = CancellationToken::new();
+    // A cluster node numbers events by the stream: its epoch comes first.
+    let nats = match &plan.cluster {
+        Some(c) => {
+            tracing::info!(node = %c.name, nats = %c.nats.list().join(","), "cluster: connecting");
+            let nats = cluster::connect(c, &plan.history, &shutdown).await?;
+            tracing::info!(stream = %nats.names.stream, epoch = %nats.epoch, "cluster: stream ready");
+            Some(nats)
         }
-        HistoryKind::Memory => None,
+        None => None,
     };
+    // The durable history: in one process its checkpoint is where the source resumes,
+    // because it was committed together with the events it covers.
+    let history = open_history(&plan.history, nats.as_ref().map(|n| n.epoch.clone())).await?;
     let resume_from = history.as_ref().and_then(|h| h.checkpoint.clone());
-    let (source, lookup): (Box<dyn Source>, Arc<dyn Lookup>) = match &plan.source {
-        SourcePlan::Sqlite(config) => {
-            let watched: Vec<String> = plan.watched().into_keys().collect();
-            let config = config.clone();
-            let config_json_columns = config.json_columns.clone();
-            let from = resume_from.clone();
-            let source =
-                tokio::task::spawn_blocking(move || SqliteSource::open(&config, &watched, from))
-                    .await??;
-            tracing::info!(
-                path = %source.path().display(),
-                checkpoint = source.checkpoint(),
-                "sqlite source open"
-            );
-            let lookup = Arc::new(SqliteLookup::with_json_columns(
-                source.path(),
-                &config_json_columns,
-            ));
-            (Box::new(source), lookup)
+    let (source, lookup) = match &nats {
+        None => {
+            let (source, lookup) = open_source(&plan, resume_from).await?;
+            (Some(source), lookup)
         }
-        SourcePlan::Mongodb(config) => {
-            let from = resume_from.map(|p| p.0);
-            let source = MongoSource::connect(config, plan.stream_spec(config), from).await?;
-            tracing::info!(database = %config.database, "mongodb source open");
-            let lookup = Arc::new(source.lookup());
-            (Box::new(source), lookup)
-        }
+        // Opened by whichever node holds the router lease, when it takes it.
+        Some(_) => (None, open_lookup(&plan).await?),
     };
     let health = Arc::new(Health::default());
 
@@ -272,17 +347,18 @@ pub async fn start(
         max_connections: plan.server.max_connections,
         max_connections_per_user: plan.server.max_connections_per_user,
     };
-    let hub = Arc::new(match &history {
-        Some(opened) => Hub::durable(opened, hub_config),
-        None => Hub::new(hub_config),
+    let hub = Arc::new(match (&history, &nats) {
+        (Some(opened), _) => Hub::durable(opened, hub_config),
+        (None, Some(nats)) => Hub::with_epoch(nats.epoch.clone(), hub_config),
+        (None, None) => Hub::new(hub_config),
     });
-    let shutdown = CancellationToken::new();
     let tasks = Supervisor::new(shutdown.clone());
-    // Publishing waits for the router; a small queue bounds how many wait.
+    // Publishing waits for the stream; a small queue bounds how many wait.
     let (publish_tx, publish_rx) = mpsc::channel(64);
     let publish_keys = plan.publish_keys.clone();
     let auth = plan
         .auth
+        .clone()
         .build(Arc::clone(&lookup))
         .await
         .map_err(anyhow::Error::msg)?;
@@ -303,26 +379,26 @@ pub async fn start(
         expiry_warning: plan.expiry_warning,
         tasks: Arc::clone(&tasks),
     });
-    let router = Router::new(plan.routes, plan.alerts, lookup, plan.lookups.cache_entries);
-
-    let (batch_tx, batch_rx) = mpsc::channel(BATCH_QUEUE);
-    let (ack_tx, ack_rx) = watch::channel(None);
-    let source_task = tasks.spawn(
-        "source",
-        source.run(batch_tx, ack_rx, health, shutdown.clone()),
-    );
-    let router_task = tasks.spawn(
-        "router",
-        route_changes(
-            batch_rx,
+    let deliver = Deliver {
+        hub: Arc::clone(&hub),
+        health: Arc::clone(&health),
+        shutdown: shutdown.clone(),
+    };
+    let pipeline = match (nats, source) {
+        (None, Some(source)) => single_process(
+            &tasks, &plan, source, lookup, deliver, publish_rx, &shutdown,
+        ),
+        (Some(nats), _) => cluster_node(
+            &tasks,
+            Arc::new(plan.clone()),
+            nats,
+            lookup,
+            deliver,
             publish_rx,
-            router,
-            Arc::clone(&hub),
-            ack_tx,
-            Arc::clone(&app),
-        )
-        .map(Ok::<(), std::convert::Infallible>),
-    );
+            &shutdown,
+        ),
+        (None, None) => unreachable!("one process always opens its source"),
+    };
     tasks.spawn(
         "pruning",
         prune(
@@ -347,38 +423,13 @@ pub async fn start(
 
     let app2 = Arc::clone(&app);
     let joined = tokio::spawn(async move {
-        // The pipeline is the source and the router: when either ends (on shutdown, or by
-        // itself after a fatal error or a panic, already logged), stop everything.
-        let (mut source_task, mut router_task) = (source_task, router_task);
-        let mut router_result = None;
-        let source_result = tokio::select! {
-            r = &mut source_task => r,
-            r = &mut router_task => {
-                // Nothing can be delivered any more: the source stops reading.
-                app2.shutdown.cancel();
-                router_result = Some(r);
-                source_task.await
-            }
-        };
+        let result = pipeline.await;
         app2.source_stopped.store(true, Ordering::Release);
-        let source_result: anyhow::Result<()> = match source_result {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(anyhow::anyhow!("source task {e}")),
-            Err(e) => Err(anyhow::anyhow!("source task failed: {e}")),
-        };
-        if source_result.is_err() {
-            tracing::error!("the source stopped; stopping");
-        }
         app2.shutdown.cancel();
-        let router_result = match router_result {
-            Some(r) => r,
-            None => router_task.await,
-        };
-        router_result?.map_err(|e| anyhow::anyhow!("router task {e}"))?;
         http_task
             .await?
             .map_err(|e| anyhow::anyhow!("http task {e}"))?;
-        source_result
+        result
     });
     Ok(Running {
         local_addr,
@@ -387,149 +438,330 @@ pub async fn start(
     })
 }
 
-/// A message for `POST /v1/publish`, stored and delivered by the router like routed
-/// events (one writer keeps ids in order); `done` gets the event's id.
-pub struct PublishRequest {
-    pub to: Vec<String>,
-    pub event: serde_json::Value,
-    pub done: oneshot::Sender<String>,
-}
+/// The pipeline's end: `Ok` on shutdown, the first failure otherwise.
+type Pipeline = futures_util::future::BoxFuture<'static, anyhow::Result<()>>;
 
-/// The router task: every change of a batch is routed, stored with the batch's end
-/// position in one transaction, then delivered; only then is the position acknowledged to
-/// the source. Published messages take the same path. With the in-memory history the
-/// store step is skipped.
-async fn route_changes(
-    mut batches: mpsc::Receiver<Batch>,
-    mut publishes: mpsc::Receiver<PublishRequest>,
-    router: Router,
-    hub: Arc<Hub>,
-    acks: watch::Sender<Option<Position>>,
-    app: Arc<App>,
-) {
-    loop {
-        let batch = tokio::select! {
-            // Changes first: they hold the source's checkpoint back.
-            biased;
-            batch = batches.recv() => match batch {
-                Some(b) => b,
-                None => return, // the source stopped: shutdown
-            },
-            Some(req) = publishes.recv() => {
-                let mut sorted = req.to;
-                sorted.sort();
-                sorted.dedup();
-                let sorted = sorted.into_iter().map(UserId::from).collect();
-                if let Some(p) = hub.prepare(sorted, |id| ServerEvent::Message { id, event: &req.event }.to_json()) {
-                    let id = p.frame.id.to_string();
-                    if !store_and_deliver(&app, &hub, vec![p], None).await {
-                        return; // shutting down with the store failing: the publisher gets 503
-                    }
-                    let _ = req.done.send(id);
-                }
-                continue;
+/// One process: the source feeds the router, whose stream is this process's hub and
+/// history ([`Local`]). When either task ends, everything stops.
+fn single_process(
+    tasks: &Arc<Supervisor>,
+    plan: &Plan,
+    source: Box<dyn Source>,
+    lookup: Arc<dyn Lookup>,
+    deliver: Deliver,
+    publish_rx: mpsc::Receiver<PublishRequest>,
+    shutdown: &CancellationToken,
+) -> Pipeline {
+    let router = Router::new(
+        plan.routes.clone(),
+        plan.alerts.clone(),
+        lookup,
+        plan.lookups.cache_entries,
+    );
+    let (batch_tx, batch_rx) = mpsc::channel(BATCH_QUEUE);
+    let (ack_tx, ack_rx) = watch::channel(None);
+    let health = Arc::clone(&deliver.health);
+    let source_task = tasks.spawn(
+        "source",
+        source.run(batch_tx, ack_rx, health, shutdown.clone()),
+    );
+    let stream = Local(deliver);
+    let router_task = tasks.spawn("router", async move {
+        match router::run(batch_rx, Some(publish_rx), &router, &stream, ack_tx, None).await {
+            // Stopped: shutting down while the store failed (already logged).
+            Ok(()) | Err(StreamError::Stopped) => Ok(()),
+            Err(e) => Err(e),
+        }
+    });
+    let shutdown = shutdown.clone();
+    Box::pin(async move {
+        // The pipeline is the source and the router: when either ends (on shutdown, or by
+        // itself after a fatal error or a panic, already logged), stop everything.
+        let (mut source_task, mut router_task) = (source_task, router_task);
+        let mut router_result = None;
+        let source_result = tokio::select! {
+            r = &mut source_task => r,
+            r = &mut router_task => {
+                // Nothing can be delivered any more: the source stops reading.
+                shutdown.cancel();
+                router_result = Some(r);
+                source_task.await
             }
         };
-        if batch.lost_history {
-            let floor = hub.history_lost();
-            if let Some(store) = hub.store().cloned()
-                && !persist(&app, "history floor", move || store.set_floor(floor)).await
-            {
-                return;
-            }
+        let source_result: anyhow::Result<()> = match source_result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(anyhow::anyhow!("source task {e}")),
+            Err(e) => Err(anyhow::anyhow!("source task failed: {e}")),
+        };
+        if source_result.is_err() {
+            tracing::error!("the source stopped; stopping");
         }
-        let mut prepared = Vec::new();
-        for change in &batch.changes {
-            for mut d in router.route(change).await {
-                let recipients = std::mem::take(&mut d.recipients);
-                if let Some(p) = hub.prepare(recipients, |id| d.encode(id, change)) {
-                    prepared.push(p);
+        shutdown.cancel();
+        let router_result = match router_result {
+            Some(r) => r,
+            None => router_task.await,
+        };
+        router_result?.map_err(|e| anyhow::anyhow!("router task {e}"))?;
+        source_result
+    })
+}
+
+/// A cluster node: its gateway follows the stream; it routes while it holds the lease;
+/// publish requests go to the stream; a monitor watches NATS. When the gateway or the
+/// monitor fails (NATS's stream recreated under it), everything stops.
+fn cluster_node(
+    tasks: &Arc<Supervisor>,
+    plan: Arc<Plan>,
+    nats: Nats,
+    lookup: Arc<dyn Lookup>,
+    deliver: Deliver,
+    mut publish_rx: mpsc::Receiver<PublishRequest>,
+    shutdown: &CancellationToken,
+) -> Pipeline {
+    let Some(config) = plan.cluster.clone() else {
+        unreachable!("a cluster node has [cluster]")
+    };
+    let caught_up = Arc::new(AtomicBool::new(false));
+    let gateway = tasks.spawn(
+        "gateway",
+        gateway::follow(nats.clone(), deliver.clone(), Arc::clone(&caught_up)),
+    );
+    let lease = Lease::new(nats.lease.clone(), &config.name, config.lease_ttl);
+    let router = tasks.spawn(
+        "router",
+        lead(
+            nats.clone(),
+            lease.clone(),
+            Arc::clone(&plan),
+            lookup,
+            Arc::clone(&deliver.health),
+            shutdown.clone(),
+        )
+        .map(Ok::<(), std::convert::Infallible>),
+    );
+    let publisher = Publisher::new(nats.clone(), None);
+    let s = shutdown.clone();
+    tasks.spawn(
+        "publish",
+        async move {
+            loop {
+                let req = tokio::select! {
+                    _ = s.cancelled() => return,
+                    r = publish_rx.recv() => match r { Some(r) => r, None => return },
+                };
+                let (recipients, template, done) = req.into_parts();
+                match publisher.publish(recipients, template).await {
+                    Ok(id) => {
+                        let _ = done.send(id);
+                    }
+                    // The caller gets 503 (its answer channel is dropped).
+                    Err(e) => {
+                        tracing::warn!(error = %e, "publish: the stream did not take the message")
+                    }
                 }
             }
         }
-        if !store_and_deliver(&app, &hub, prepared, Some(batch.end.clone())).await {
-            // Not stored, so not delivered and not acknowledged: the source reads these
-            // changes again after the restart.
-            return;
+        .map(Ok::<(), std::convert::Infallible>),
+    );
+    let monitor = tasks.spawn(
+        "cluster monitor",
+        monitor(nats, lease, Arc::clone(&deliver.health), shutdown.clone()),
+    );
+    let shutdown = shutdown.clone();
+    Box::pin(async move {
+        let (mut gateway, mut router, mut monitor) = (gateway, router, monitor);
+        let first = tokio::select! {
+            r = &mut gateway => r,
+            r = &mut monitor => r,
+            r = &mut router => r,
+        };
+        shutdown.cancel();
+        // The router releases its lease and its source writes its checkpoint.
+        let _ = router.await;
+        let _ = gateway.await;
+        let _ = monitor.await;
+        match first {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(anyhow::anyhow!("cluster: {e}")),
+            Err(e) => Err(anyhow::anyhow!("cluster task failed: {e}")),
         }
-        acks.send_replace(Some(batch.end));
-    }
+    })
 }
 
-/// Stores prepared events (and the source position they bring the history to), then
-/// delivers them. False when the store kept failing until shutdown: nothing delivered.
-async fn store_and_deliver(
-    app: &App,
-    hub: &Hub,
-    prepared: Vec<Prepared>,
-    end: Option<Position>,
-) -> bool {
-    let prepared = Arc::new(prepared);
-    if let Some(store) = hub.store().cloned() {
-        let events = Arc::clone(&prepared);
-        if !persist(app, "history append", move || {
-            let records: Vec<Record> = events
-                .iter()
-                .map(|p| Record {
-                    seq: p.frame.seq,
-                    json: p.frame.json.as_str(),
-                    recipients: &p.recipients,
-                })
-                .collect();
-            store.append(&records, end.as_ref())
-        })
-        .await
-        {
-            return false;
-        }
-    }
-    for p in prepared.iter() {
-        hub.deliver(p);
-    }
-    true
-}
+/// Pause after a routing term failed before this node tries to take the lease again, so
+/// that another node gets the chance.
+const TERM_RETRY: Duration = Duration::from_secs(2);
 
-/// Runs a store write on a blocking thread until it succeeds: an event is never delivered
-/// before it is stored, and never dropped. While it fails, `/readyz` says why. Gives up
-/// (false) only when the gateway is shutting down.
-async fn persist<F>(app: &App, what: &'static str, write: F) -> bool
-where
-    F: Fn() -> rusqlite::Result<()> + Send + Sync + 'static,
-{
-    let write = Arc::new(write);
-    let mut delay = Duration::from_millis(100);
-    loop {
-        let w = Arc::clone(&write);
-        match tokio::task::spawn_blocking(move || w()).await {
-            Ok(Ok(())) => {
-                app.health.up(Component::History);
-                return true;
-            }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "{what} failed; retrying");
-                app.health
-                    .down(Component::History, format!("history: {what} failed: {e}"));
+/// The router role of a cluster node: takes the lease when it is free, routes while it
+/// holds it, and gives it up when the source or the stream fails.
+async fn lead(
+    nats: Nats,
+    lease: Lease,
+    plan: Arc<Plan>,
+    lookup: Arc<dyn Lookup>,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) {
+    let routing = metrics::gauge!("changecast_cluster_router");
+    routing.set(0.0);
+    while !shutdown.is_cancelled() {
+        let held = match lease.acquire().await {
+            Ok(Some(held)) => Arc::new(held),
+            Ok(None) => {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(lease.poll_interval()) => continue,
+                }
             }
             Err(e) => {
-                tracing::error!(error = %e, "{what} task failed; retrying");
-                app.health.down(
-                    Component::History,
-                    format!("history: {what} task failed: {e}"),
-                );
+                tracing::debug!(error = %e, "cluster: cannot reach the lease");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(lease.poll_interval()) => continue,
+                }
+            }
+        };
+        tracing::info!("cluster: this node holds the router lease; routing");
+        metrics::counter!("changecast_cluster_takeovers_total").increment(1);
+        routing.set(1.0);
+        let term = shutdown.child_token();
+        let keeper = {
+            let (lease, held, term) = (lease.clone(), Arc::clone(&held), term.clone());
+            tokio::spawn(async move { lease.keep(&held, &term).await })
+        };
+        let outcome = route_term(&nats, &held, &plan, &lookup, &health, &term).await;
+        term.cancel();
+        routing.set(0.0);
+        let revision = keeper.await.ok();
+        if let Err(e) = &outcome {
+            tracing::warn!(error = %e, "cluster: routing stopped");
+        }
+        if let Some(revision) = revision
+            && held.valid()
+        {
+            lease.release(revision).await;
+        }
+        if outcome.is_err() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(TERM_RETRY) => {}
             }
         }
-        metrics::counter!("changecast_history_errors_total").increment(1);
-        if app.shutdown.is_cancelled() {
-            tracing::error!(
-                "{what}: giving up on shutdown; the source re-reads these changes on restart"
-            );
-            return false;
+    }
+}
+
+/// One routing term: from the stream's last position, until `term` ends (the lease or
+/// shutdown) or the source or the stream fails.
+async fn route_term(
+    nats: &Nats,
+    held: &Arc<crate::cluster::lease::Held>,
+    plan: &Plan,
+    lookup: &Arc<dyn Lookup>,
+    health: &Arc<Health>,
+    term: &CancellationToken,
+) -> Result<(), String> {
+    let from = publish::resume_position(nats)
+        .await
+        .map_err(|e| e.to_string())?;
+    let router = Router::new(
+        plan.routes.clone(),
+        plan.alerts.clone(),
+        Arc::clone(lookup),
+        plan.lookups.cache_entries,
+    );
+    if let Some(window) = router.longest_cooldown() {
+        let fired = publish::recent_alerts(nats, window)
+            .await
+            .map_err(|e| e.to_string())?;
+        tracing::info!(
+            alerts = fired.len(),
+            "cluster: alert cooldowns restored from the stream"
+        );
+        for (name, key, ago) in fired {
+            router.restore_cooldown(&name, key, ago);
         }
+    }
+    let (source, _) = open_source(plan, from.clone())
+        .await
+        .map_err(|e| format!("cannot open the source: {e}"))?;
+    let (batch_tx, batch_rx) = mpsc::channel(BATCH_QUEUE);
+    let (ack_tx, ack_rx) = watch::channel(None);
+    let source_task = tokio::spawn(source.run(batch_tx, ack_rx, Arc::clone(health), term.clone()));
+    let stream = Publisher::new(nats.clone(), Some(Arc::clone(held)));
+    let routed = router::run(batch_rx, None, &router, &stream, ack_tx, from).await;
+    // The router stopped first (the stream failed): the source stops too.
+    term.cancel();
+    let sourced = match source_task.await {
+        Ok(r) => r.map_err(|e| format!("source: {e}")),
+        Err(e) => Err(format!("source task failed: {e}")),
+    };
+    match routed {
+        Ok(()) => sourced,
+        Err(e) => Err(format!("stream: {e}")),
+    }
+}
+
+/// Watches the link to NATS every second: the connection (`/readyz`,
+/// `changecast_cluster_connected`), the lease holder
+/// (`changecast_cluster_lease_holder{node}`), and the stream's epoch — a stream deleted
+/// and recreated under a running node ends it with an error (its ids belong to the old
+/// one; a restart starts this node's history afresh and clients get `gap`).
+async fn monitor(
+    nats: Nats,
+    lease: Lease,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    let connected = metrics::gauge!("changecast_cluster_connected");
+    let mut holder: Option<String> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
         tokio::select! {
-            _ = app.shutdown.cancelled() => {}
-            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
         }
-        delay = (delay * 2).min(Duration::from_secs(5));
+        let state = nats.client.connection_state();
+        let answer = match state {
+            async_nats::connection::State::Connected => {
+                nats.state().await.map_err(|e| e.to_string())
+            }
+            other => Err(format!("not connected to NATS ({other:?})")),
+        };
+        match answer {
+            Ok((epoch, _, _)) => {
+                if epoch != nats.epoch {
+                    return Err(format!(
+                        "the stream {} was recreated (epoch {} → {epoch}): restart this node",
+                        nats.names.stream, nats.epoch
+                    ));
+                }
+                connected.set(1.0);
+                if health.is_down(Component::Nats) {
+                    tracing::info!("cluster: NATS answers again");
+                    health.up(Component::Nats);
+                }
+            }
+            Err(why) => {
+                connected.set(0.0);
+                if !health.is_down(Component::Nats) {
+                    tracing::warn!("cluster: {why}");
+                }
+                health.down(Component::Nats, format!("cluster: {why}"));
+                continue;
+            }
+        }
+        if let Ok(now) = lease.holder().await
+            && now != holder
+        {
+            if let Some(old) = holder.take() {
+                metrics::gauge!("changecast_cluster_lease_holder", "node" => old).set(0.0);
+            }
+            if let Some(new) = &now {
+                metrics::gauge!("changecast_cluster_lease_holder", "node" => new.clone()).set(1.0);
+            }
+            holder = now;
+        }
     }
 }
 

@@ -399,6 +399,32 @@ impl Hub {
         })
     }
 
+    /// Like [`Hub::prepare`], with the sequence number given (a cluster node numbers events
+    /// by their stream sequence). `seq` must be above every earlier one.
+    pub fn prepare_at(
+        &self,
+        seq: u64,
+        recipients: Recipients,
+        encode: impl FnOnce(&str) -> String,
+    ) -> Option<Prepared> {
+        debug_assert!(seq > self.assigned.load(Ordering::Acquire));
+        self.assigned.store(seq, Ordering::Release);
+        if recipients.is_empty() {
+            return None;
+        }
+        let id = format!("{}-{seq}", self.epoch);
+        let json = encode(&id);
+        Some(Prepared {
+            frame: Arc::new(Frame::new(id, seq, json)),
+            recipients,
+        })
+    }
+
+    /// Resuming needs `since` at or above this.
+    pub fn floor_seq(&self) -> u64 {
+        self.floor.load(Ordering::Acquire)
+    }
+
     /// Fans a prepared (and, with a store, stored) event out to its recipients' connections.
     pub fn deliver(&self, event: &Prepared) {
         let _order = self.deliver_lock.lock().unwrap_or_else(|p| p.into_inner());

@@ -209,6 +209,14 @@ impl AlertEngine {
         Ok(true)
     }
 
+    /// Records that alert `index` fired for `key` `ago` (restoring state after a failover).
+    pub fn fired(&self, index: usize, key: String, ago: std::time::Duration) {
+        let at = Instant::now().checked_sub(ago).unwrap_or_else(Instant::now);
+        let mut last = self.last_fired.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = last.entry((index, key)).or_insert(at);
+        *entry = (*entry).max(at);
+    }
+
     /// Renders alert `index`'s message for `change`.
     pub fn message(&self, index: usize, alert: &Alert, change: &Change) -> Result<String, String> {
         let template = self

@@ -198,6 +198,30 @@ impl Router {
         }
     }
 
+    /// The longest alert cooldown (`None`: no alert has one).
+    pub fn longest_cooldown(&self) -> Option<std::time::Duration> {
+        self.alerts
+            .values()
+            .flatten()
+            .filter_map(|(_, a)| a.cooldown)
+            .max()
+    }
+
+    /// Restores a cooldown clock: alert `name` fired for document `key` `ago` (a new
+    /// cluster router reads this from the stream).
+    pub fn restore_cooldown(&self, name: &str, key: String, ago: std::time::Duration) {
+        let found = self
+            .alerts
+            .values()
+            .flatten()
+            .find(|(_, a)| &*a.name == name);
+        if let Some((index, alert)) = found
+            && alert.cooldown.is_some_and(|c| ago < c)
+        {
+            self.engine.fired(*index, key, ago);
+        }
+    }
+
     /// The lookup cache (for inspection).
     pub fn cache(&self) -> &CachedLookup {
         &self.lookup

@@ -53,6 +53,10 @@ pub enum Component {
     History,
     /// Retention: the periodic pruning pass.
     Pruning,
+    /// A cluster node's link to NATS.
+    Nats,
+    /// A cluster node reading the stream up to where it stood when the node started.
+    CatchUp,
 }
 
 impl Component {

@@ -20,7 +20,8 @@ use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
 
 use super::bearer;
-use crate::server::{App, PublishRequest};
+use crate::router::PublishRequest;
+use crate::server::App;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;

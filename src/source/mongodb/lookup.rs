@@ -43,6 +43,16 @@ impl MongoLookup {
         }
     }
 
+    /// Lookups on a client of their own (a cluster node that does not read the stream).
+    pub async fn connect(
+        config: &crate::config::MongoSourceConfig,
+    ) -> Result<Self, crate::source::SourceError> {
+        let client = mongodb::Client::with_uri_str(&config.uri)
+            .await
+            .map_err(|e| crate::source::SourceError::Mongo(format!("bad uri: {e}")))?;
+        Ok(MongoLookup::new(client.database(&config.database)))
+    }
+
     /// The current state, through the typed `find`.
     async fn find_now(&self, query: &Query) -> mongodb::error::Result<Vec<serde_json::Value>> {
         let coll = self.db.collection::<Document>(&query.collection);
