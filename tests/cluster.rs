@@ -22,7 +22,9 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-use common::cluster::{LEASE_TTL, Node, publish, router, wait_for, wait_until};
+use common::cluster::{
+    LEASE_TTL, NODE_WAIT, Node, publish, router, wait_capturing, wait_for, wait_until,
+};
 use common::nats::NatsServer;
 use common::proxy::Proxy;
 use common::{Db, Ws, id_parts, token_for};
@@ -39,9 +41,6 @@ const OWNERS: [(&str, &str); 3] = [("b1", "u1"), ("b2", "u2"), ("b3", "u3")];
 fn owner_of(business: &str) -> &'static str {
     OWNERS.iter().find(|(b, _)| *b == business).unwrap().1
 }
-
-/// How long a node may take to start and catch up, or another node to take over.
-const NODE_WAIT: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------------
 // The application: a writer of orders.
@@ -444,23 +443,61 @@ async fn all_ready(nodes: &[Node]) {
 
 /// Waits until the clients spawned have read their first `ready`.
 async fn clients_connected(progress: &Progress, n: usize) {
-    let connected = Arc::clone(&progress.connected);
-    wait_until(&format!("{n} clients connected"), NODE_WAIT, move || {
-        let c = Arc::clone(&connected);
-        async move { c.load(Ordering::SeqCst) >= n }
-    })
+    wait_count(
+        &format!("{n} clients connected"),
+        &progress.connected,
+        n,
+        NODE_WAIT,
+    )
     .await;
 }
 
+/// The client tasks of a test; aborted if the test fails first, so that they do not
+/// report the teardown (its nodes killed) as failures of their own.
+#[derive(Default)]
+struct Clients(Vec<(&'static str, tokio::task::JoinHandle<Run>)>);
+
+impl std::ops::Deref for Clients {
+    type Target = Vec<(&'static str, tokio::task::JoinHandle<Run>)>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Clients {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Clients {
+    fn drop(&mut self) {
+        for (_, h) in &self.0 {
+            h.abort();
+        }
+    }
+}
+
 /// Joins the client tasks, each bounded by its own deadline.
-async fn join(
-    handles: Vec<(&'static str, tokio::task::JoinHandle<Run>)>,
-) -> Vec<(&'static str, Run)> {
+async fn join(mut clients: Clients) -> Vec<(&'static str, Run)> {
     let mut runs = Vec::new();
-    for (user, h) in handles {
+    for (user, h) in std::mem::take(&mut clients.0) {
         runs.push((user, h.await.unwrap()));
     }
     runs
+}
+
+/// Waits until `count` reaches `n`; fails naming `what` and how far it got.
+async fn wait_count(what: &str, count: &AtomicUsize, n: usize, within: Duration) {
+    let started = Instant::now();
+    while count.load(Ordering::SeqCst) < n {
+        assert!(
+            started.elapsed() < within,
+            "never happened within {within:?}: {what}: {} of {n}",
+            count.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -476,10 +513,11 @@ async fn three_nodes_deliver_each_client_exactly_its_events_with_the_same_ids_ev
     let nodes = start_nodes(&db, &[nats.url()], "t1", &["n1", "n2", "n3"]);
     all_ready(&nodes).await;
     router(&nodes, NODE_WAIT).await;
+    wait_capturing(&db).await;
 
     let addrs = addrs_of(&nodes);
     let progress = Progress::default();
-    let mut handles = Vec::new();
+    let mut handles = Clients::default();
     // u1–u3 on every node by WebSocket; u1 and u3 also by SSE; u4 (owns nothing) on n3.
     let mut spawn_ws = |user: &'static str, node: usize| {
         let b = Behaviour {
@@ -523,7 +561,20 @@ async fn three_nodes_deliver_each_client_exactly_its_events_with_the_same_ids_ev
     let written = tokio::task::spawn_blocking(move || written.join().unwrap())
         .await
         .unwrap();
-    // The end: one publish on n2 to every user, which every client reads last.
+    // The end: once the clients have had as many events as were written for them (the
+    // router reads the writes after they commit), one publish on n2 to every user, which
+    // every client must read last: an event repeated or foreign comes before it.
+    let want: usize = handles
+        .iter()
+        .map(|(u, _)| expected(&written, u).len())
+        .sum();
+    wait_count(
+        &format!("{want} events delivered"),
+        &progress.events,
+        want,
+        Duration::from_secs(60),
+    )
+    .await;
     let end = publish(
         nodes[1].addr,
         &["u1", "u2", "u3", "u4"],
@@ -579,10 +630,11 @@ async fn the_routing_node_killed_repeatedly_loses_and_repeats_nothing() {
     let mut nodes = start_nodes(&db, &[nats.url()], "t2", &["n1", "n2", "n3"]);
     all_ready(&nodes).await;
     router(&nodes, NODE_WAIT).await;
+    wait_capturing(&db).await;
 
     let addrs = addrs_of(&nodes);
     let progress = Progress::default();
-    let mut handles = Vec::new();
+    let mut handles = Clients::default();
     for (_, user) in OWNERS {
         for _ in 0..2 {
             let b = Behaviour {
@@ -683,13 +735,14 @@ async fn a_killed_gateway_s_clients_resume_on_another_node_exactly() {
     let mut nodes = start_nodes(&db, &[nats.url()], "t3", &["n1", "n2", "n3"]);
     all_ready(&nodes).await;
     let r = router(&nodes, NODE_WAIT).await;
+    wait_capturing(&db).await;
     let victim = (r + 1) % 3;
     let other = (r + 2) % 3;
 
     let addrs = addrs_of(&nodes);
     let progress = Progress::default();
     let victim_progress = Progress::default();
-    let mut handles = Vec::new();
+    let mut handles = Clients::default();
     for (_, user) in OWNERS {
         for (node, progress) in [(victim, &victim_progress), (other, &progress)] {
             let b = Behaviour {
@@ -721,14 +774,11 @@ async fn a_killed_gateway_s_clients_resume_on_another_node_exactly() {
         Arc::default(),
     );
     // Mid-stream: the victim's clients have had events from it.
-    let events = Arc::clone(&victim_progress.events);
-    wait_until(
+    wait_count(
         "the victim's clients received 90 events",
+        &victim_progress.events,
+        90,
         NODE_WAIT,
-        move || {
-            let e = Arc::clone(&events);
-            async move { e.load(Ordering::SeqCst) >= 90 }
-        },
     )
     .await;
     addrs.lock().unwrap()[victim] = None;
@@ -768,10 +818,11 @@ async fn nats_server_restarted_mid_run_loses_nothing() {
     let nodes = start_nodes(&db, &[nats.url()], "t4", &["n1", "n2"]);
     all_ready(&nodes).await;
     router(&nodes, NODE_WAIT).await;
+    wait_capturing(&db).await;
 
     let addrs = addrs_of(&nodes);
     let progress = Progress::default();
-    let mut handles = Vec::new();
+    let mut handles = Clients::default();
     for node in 0..2 {
         for (_, user) in OWNERS {
             let b = Behaviour {
@@ -802,12 +853,7 @@ async fn nats_server_restarted_mid_run_loses_nothing() {
         },
         Arc::clone(&written_so_far),
     );
-    let w = Arc::clone(&written_so_far);
-    wait_until("300 changes written", NODE_WAIT, move || {
-        let w = Arc::clone(&w);
-        async move { w.load(Ordering::SeqCst) >= 300 }
-    })
-    .await;
+    wait_count("300 changes written", &written_so_far, 300, NODE_WAIT).await;
     tokio::task::block_in_place(|| {
         nats.kill();
         println!(
@@ -847,6 +893,7 @@ async fn a_node_cut_off_from_nats_stops_routing_and_reports_not_ready() {
     let mut nodes = start_nodes(&db, &[proxy.url()], "t5", &["n1"]);
     nodes[0].wait_ready(NODE_WAIT).await;
     assert_eq!(router(&nodes, NODE_WAIT).await, 0, "n1 routes");
+    wait_capturing(&db).await;
     nodes.extend(start_nodes(&db, &[nats.url()], "t5", &["n2", "n3"]));
     all_ready(&nodes).await;
     assert_eq!(router(&nodes, NODE_WAIT).await, 0, "n1 still routes");
@@ -854,7 +901,7 @@ async fn a_node_cut_off_from_nats_stops_routing_and_reports_not_ready() {
     let addrs = addrs_of(&nodes);
     let on_n1 = Progress::default();
     let elsewhere = Progress::default();
-    let mut handles = Vec::new();
+    let mut handles = Clients::default();
     for (i, (_, user)) in OWNERS.iter().enumerate() {
         for (node, progress) in [(0, &on_n1), (1 + i % 2, &elsewhere)] {
             let b = Behaviour {
@@ -889,12 +936,7 @@ async fn a_node_cut_off_from_nats_stops_routing_and_reports_not_ready() {
         .unwrap();
     let n = first.len();
     for p in [&on_n1, &elsewhere] {
-        let events = Arc::clone(&p.events);
-        wait_until(&format!("phase 1: {n} events"), common::WAIT, move || {
-            let e = Arc::clone(&events);
-            async move { e.load(Ordering::SeqCst) >= n }
-        })
-        .await;
+        wait_count(&format!("phase 1: {n} events"), &p.events, n, common::WAIT).await;
     }
 
     proxy.cut();
@@ -954,14 +996,11 @@ async fn a_node_cut_off_from_nats_stops_routing_and_reports_not_ready() {
         .await
         .unwrap();
     let n = first.len() + second.len();
-    let events = Arc::clone(&elsewhere.events);
-    wait_until(
+    wait_count(
         &format!("phase 2: {n} events on n2 and n3"),
+        &elsewhere.events,
+        n,
         common::WAIT,
-        move || {
-            let e = Arc::clone(&events);
-            async move { e.load(Ordering::SeqCst) >= n }
-        },
     )
     .await;
 
@@ -971,14 +1010,11 @@ async fn a_node_cut_off_from_nats_stops_routing_and_reports_not_ready() {
     let restored = Instant::now();
     n1.wait_ready(NODE_WAIT).await;
     println!("n1 ready {:?} after restore", restored.elapsed());
-    let events = Arc::clone(&on_n1.events);
-    wait_until(
+    wait_count(
         &format!("phase 2: {n} events on n1 after restore"),
+        &on_n1.events,
+        n,
         NODE_WAIT,
-        move || {
-            let e = Arc::clone(&events);
-            async move { e.load(Ordering::SeqCst) >= n }
-        },
     )
     .await;
 
@@ -1014,6 +1050,7 @@ async fn a_recreated_stream_gives_gap() {
     let db = Db::new();
     let mut nodes = start_nodes(&db, &[nats.url()], "t6", &["n1"]);
     all_ready(&nodes).await;
+    wait_capturing(&db).await;
     let (mut u1, _) = by_user(&nodes[0], "u1", None).await;
     let mut last = String::new();
     for i in 0..5 {
@@ -1045,6 +1082,7 @@ async fn a_recreated_stream_gives_gap() {
     nodes.extend(start_nodes(&db, &[nats.url()], "t6", &["n2"]));
     all_ready(&nodes).await;
     router(&nodes, NODE_WAIT).await;
+    wait_capturing(&db).await;
     for (i, node) in nodes.iter().enumerate() {
         let (mut client, ready) = by_user(node, "u1", Some(&last)).await;
         assert_eq!(ready["resumed"], false, "{}: {ready}", node.name);

@@ -20,6 +20,8 @@ pub const LEASE_TTL: Duration = Duration::from_secs(2);
 pub const API_KEY: &str = "cluster-test-key";
 /// How long a node may take to log that it listens.
 const START_WITHIN: Duration = Duration::from_secs(30);
+/// How long a node may take to start and catch up, or another node to take over.
+pub const NODE_WAIT: Duration = Duration::from_secs(30);
 
 /// The config of node `name`: the Mercury config of `db` with the node's own history
 /// file, the publish API on, and a `[cluster]` block.
@@ -271,4 +273,35 @@ pub async fn publish(addr: SocketAddr, to: &[&str], event: serde_json::Value) ->
     let body: serde_json::Value = res.json().await.unwrap();
     assert_eq!(status, 200, "publish refused: {body}");
     body["id"].as_str().expect("an id").to_owned()
+}
+
+/// Waits until the SQLite source has installed its triggers on `orders` (the first router
+/// does, once it holds the lease): a write before that is not captured by design, and a
+/// node says it is ready as soon as it has read the stream, whichever node routes.
+pub async fn wait_capturing(db: &Db) {
+    let path = db.path.clone();
+    wait_until(
+        "the router installed its triggers on orders",
+        NODE_WAIT,
+        move || {
+            let path = path.clone();
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    let conn = rusqlite::Connection::open(path).ok()?;
+                    conn.query_row(
+                        "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' \
+                     AND name IN ('_changecast_orders_insert', '_changecast_orders_update')",
+                        [],
+                        |r| r.get::<_, i64>(0),
+                    )
+                    .ok()
+                })
+                .await
+                .ok()
+                .flatten()
+                    == Some(2)
+            }
+        },
+    )
+    .await;
 }
