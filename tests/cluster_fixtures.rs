@@ -8,6 +8,7 @@ mod common;
 use std::time::Duration;
 
 use async_nats::jetstream;
+use futures_util::StreamExt;
 use tokio::io::AsyncReadExt;
 
 use common::WAIT;
@@ -78,6 +79,10 @@ async fn the_proxy_forwards_a_cut_is_silent_and_restore_reconnects() {
         .unwrap();
     assert_eq!(ack.sequence, 1, "forwarded both ways");
 
+    // A core subscription made through the proxy before the cut.
+    let mut sub = client.subscribe("core.x").await.unwrap();
+    client.flush().await.unwrap();
+
     proxy.cut();
     // An existing connection: the publish is never acknowledged...
     let during = tokio::time::timeout(SILENCE, async {
@@ -131,4 +136,20 @@ async fn the_proxy_forwards_a_cut_is_silent_and_restore_reconnects() {
     .await
     .expect("publishes again after restore");
     assert!(ack.sequence >= 2, "{ack:?}");
+    // The client subscribed again on its new connection: a message published directly to
+    // the server reaches it (published until one arrives: the resubscription is async).
+    let direct = connect(&nats.url()).await;
+    let got = tokio::time::timeout(WAIT, async {
+        loop {
+            direct.publish("core.x", "hello".into()).await.unwrap();
+            direct.flush().await.unwrap();
+            if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await
+            {
+                return m;
+            }
+        }
+    })
+    .await
+    .expect("the subscription works again after restore");
+    assert_eq!(got.payload, "hello".as_bytes());
 }
