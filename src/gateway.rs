@@ -34,6 +34,9 @@ impl Deliver {
     /// Stores prepared events (and the position they bring the history to), then delivers
     /// them. False when the store kept failing until shutdown: nothing delivered.
     pub async fn store_and_deliver(&self, prepared: Vec<Prepared>, end: Option<Position>) -> bool {
+        if prepared.is_empty() && end.is_none() {
+            return true;
+        }
         let prepared = Arc::new(prepared);
         if let Some(store) = self.hub.store().cloned() {
             let events = Arc::clone(&prepared);
@@ -213,6 +216,7 @@ pub async fn follow(
         head = floor;
     }
     let target = last;
+    hub.stream_holds(last);
     let lag = metrics::gauge!("changecast_cluster_stream_lag");
     let redelivered = metrics::counter!("changecast_cluster_redeliveries_total");
     let catching_up =
@@ -226,24 +230,56 @@ pub async fn follow(
         deliver.health.up(Component::CatchUp);
     }
     tracing::info!(from = head + 1, target, epoch = %epoch, "cluster: reading the stream");
-    let consumer = nats
-        .stream
-        .create_consumer(pull::OrderedConfig {
-            deliver_policy: DeliverPolicy::ByStartSequence {
-                start_sequence: head + 1,
-            },
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| ClusterError::new("cannot read the stream", e))?;
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|e| ClusterError::new("cannot read the stream", e))?;
+    // The ordered consumer is ephemeral: a restarted NATS server forgets it, and the
+    // client notices only after missed heartbeats. A reconnect starts a new one at once.
+    let open = |from: u64| {
+        let stream = nats.stream.clone();
+        async move {
+            stream
+                .create_consumer(pull::OrderedConfig {
+                    deliver_policy: DeliverPolicy::ByStartSequence {
+                        start_sequence: from,
+                    },
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| ClusterError::new("cannot read the stream", e))?
+                .messages()
+                .await
+                .map_err(|e| ClusterError::new("cannot read the stream", e))
+        }
+    };
+    let stats = nats.client.statistics();
+    let mut connects = stats.connects.load(Ordering::Relaxed);
+    let mut messages = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
+        let reconnected = stats.connects.load(Ordering::Relaxed);
+        if reconnected != connects {
+            connects = reconnected;
+            tracing::info!(
+                from = head + 1,
+                "cluster: reconnected to NATS; reading the stream again"
+            );
+            messages = None;
+        }
+        let stream = match &mut messages {
+            Some(m) => m,
+            None => match open(head + 1).await {
+                Ok(m) => messages.insert(m),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster: retrying");
+                    tokio::select! {
+                        _ = deliver.shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            },
+        };
         let first = tokio::select! {
             _ = deliver.shutdown.cancelled() => return Ok(()),
-            m = messages.next() => m,
+            _ = tick.tick() => continue,
+            m = stream.next() => m,
         };
         let mut batch = match first {
             Some(Ok(m)) => vec![m],
@@ -252,11 +288,14 @@ pub async fn follow(
                 tracing::warn!(error = %e, "cluster: reading the stream failed; retrying");
                 continue;
             }
-            None => return Err(ClusterError("the stream consumer ended".into())),
+            None => {
+                messages = None;
+                continue;
+            }
         };
         // Whatever else has arrived goes into the same transaction.
         while batch.len() < FOLLOW_BATCH {
-            match futures_util::FutureExt::now_or_never(messages.next()) {
+            match futures_util::FutureExt::now_or_never(stream.next()) {
                 Some(Some(Ok(m))) => batch.push(m),
                 _ => break,
             }
@@ -270,6 +309,7 @@ pub async fn follow(
             };
             let seq = info.stream_sequence;
             pending = info.pending;
+            hub.stream_holds(seq + pending);
             if seq <= head {
                 redelivered.increment(1);
                 continue;

@@ -87,6 +87,31 @@ pub struct App {
     pub metrics: PrometheusHandle,
     /// The background tasks' account: a task that died is a `/readyz` reason.
     pub tasks: Arc<Supervisor>,
+    /// A cluster node's link to the stream.
+    pub nats: Option<Nats>,
+}
+
+impl App {
+    /// Before a client resumes on a cluster node: when its `since` is newer than anything
+    /// this node has seen of the stream (it came from a node a few milliseconds ahead),
+    /// asks the stream how far it reaches, so the resume is honoured instead of a `gap`.
+    pub async fn learn_stream_head(&self, since: Option<&str>) {
+        let (Some(nats), Some(since)) = (&self.nats, since) else {
+            return;
+        };
+        let Some((epoch, seq)) = since.rsplit_once('-') else {
+            return;
+        };
+        let Ok(seq) = seq.parse::<u64>() else { return };
+        if epoch != self.hub.epoch() || seq <= self.hub.known() {
+            return;
+        }
+        if let Ok(Ok((_, _, last))) =
+            tokio::time::timeout(Duration::from_secs(2), nats.state()).await
+        {
+            self.hub.stream_holds(last);
+        }
+    }
 }
 
 /// Watches the tasks that must run until shutdown. Written only when a task ends.
@@ -378,6 +403,7 @@ pub async fn start(
         publish_keys,
         expiry_warning: plan.expiry_warning,
         tasks: Arc::clone(&tasks),
+        nats: nats.clone(),
     });
     let deliver = Deliver {
         hub: Arc::clone(&hub),
@@ -632,6 +658,8 @@ async fn lead(
         let outcome = route_term(&nats, &held, &plan, &lookup, &health, &term).await;
         term.cancel();
         routing.set(0.0);
+        // The source's trouble was this term's; a standby reads nothing.
+        health.up(Component::Source);
         let revision = keeper.await.ok();
         if let Err(e) = &outcome {
             tracing::warn!(error = %e, "cluster: routing stopped");
@@ -680,6 +708,9 @@ async fn route_term(
         for (name, key, ago) in fired {
             router.restore_cooldown(&name, key, ago);
         }
+    }
+    if term.is_cancelled() {
+        return Ok(());
     }
     let (source, _) = open_source(plan, from.clone())
         .await

@@ -52,16 +52,14 @@ impl Publisher {
                 .publish_with_headers(self.nats.names.subject(kind), headers, payload)
                 .await
                 .map_err(|e| StreamError::Failed(format!("publish to the stream: {e}")))?;
-            acks.push(ack);
+            acks.push(std::future::IntoFuture::into_future(ack));
         }
-        let mut last = 0;
-        for ack in acks {
-            let ack = ack.await.map_err(|e| {
-                StreamError::Failed(format!("the stream did not take an event: {e}"))
-            })?;
-            last = ack.sequence;
-        }
-        Ok(last)
+        // Awaited together: each ack has its own timeout, and a partition must not cost
+        // one timeout per message.
+        let acks = futures_util::future::try_join_all(acks)
+            .await
+            .map_err(|e| StreamError::Failed(format!("the stream did not take an event: {e}")))?;
+        Ok(acks.last().map_or(0, |a| a.sequence))
     }
 }
 
