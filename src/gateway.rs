@@ -253,6 +253,7 @@ pub async fn follow(
     let mut connects = stats.connects.load(Ordering::Relaxed);
     let mut messages = None;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut audiences = wire::Audiences::default();
     loop {
         let reconnected = stats.connects.load(Ordering::Relaxed);
         if reconnected != connects {
@@ -316,19 +317,21 @@ pub async fn follow(
             }
             head = seq;
             match Kind::of_subject(&m.subject) {
-                Some(Kind::Change | Kind::Alert | Kind::Message) => match wire::parse(&m.payload) {
-                    Ok((recipients, template)) => {
-                        if let Some(p) =
-                            hub.prepare_at(seq, recipients, |id| wire::with_id(template, id))
-                        {
-                            prepared.push(p);
+                Some(Kind::Change | Kind::Alert | Kind::Message) => {
+                    match wire::parse_with(&m.payload, &mut audiences) {
+                        Ok((recipients, template)) => {
+                            if let Some(p) =
+                                hub.prepare_at(seq, recipients, |id| wire::with_id(template, id))
+                            {
+                                prepared.push(p);
+                            }
+                        }
+                        Err(e) => {
+                            metrics::counter!("changecast_cluster_skipped_total").increment(1);
+                            tracing::warn!(seq, error = %e, "cluster: a malformed stream message; skipped");
                         }
                     }
-                    Err(e) => {
-                        metrics::counter!("changecast_cluster_skipped_total").increment(1);
-                        tracing::warn!(seq, error = %e, "cluster: a malformed stream message; skipped");
-                    }
-                },
+                }
                 Some(Kind::Gap) => {
                     // Everything before it first, then the gap, in stream order.
                     if !deliver
