@@ -181,6 +181,7 @@ const FOLLOW_BATCH: usize = 512;
 pub async fn follow(
     nats: Nats,
     deliver: Deliver,
+    checkpoint: Option<u64>,
     caught_up: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<(), ClusterError> {
     use async_nats::jetstream::consumer::{DeliverPolicy, pull};
@@ -194,7 +195,9 @@ pub async fn follow(
             hub.epoch()
         )));
     }
-    let mut head = hub.head().max(hub.floor_seq());
+    // Where this node's history stands in the stream: the last message it stored or
+    // passed (marks and gaps are not events, but were read).
+    let mut head = hub.head().max(hub.floor_seq()).max(checkpoint.unwrap_or(0));
     // Events the stream no longer has (its max age) and this node never stored: resuming
     // from before them is a gap.
     if first > head + 1 && last > 0 {
@@ -334,8 +337,9 @@ pub async fn follow(
                 }
                 Some(Kind::Gap) => {
                     // Everything before it first, then the gap, in stream order.
+                    let before = Some(Position::from_seq(seq.saturating_sub(1)));
                     if !deliver
-                        .store_and_deliver(std::mem::take(&mut prepared), None)
+                        .store_and_deliver(std::mem::take(&mut prepared), before)
                         .await
                         || !deliver.history_lost().await
                     {
@@ -349,7 +353,10 @@ pub async fn follow(
                 }
             }
         }
-        if !deliver.store_and_deliver(prepared, None).await {
+        if !deliver
+            .store_and_deliver(prepared, Some(Position::from_seq(head)))
+            .await
+        {
             return Ok(());
         }
         lag.set(pending as f64);

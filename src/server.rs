@@ -354,7 +354,7 @@ pub async fn start(
     let resume_from = history.as_ref().and_then(|h| h.checkpoint.clone());
     let (source, lookup) = match &nats {
         None => {
-            let (source, lookup) = open_source(&plan, resume_from).await?;
+            let (source, lookup) = open_source(&plan, resume_from.clone()).await?;
             (Some(source), lookup)
         }
         // Opened by whichever node holds the router lease, when it takes it.
@@ -418,6 +418,7 @@ pub async fn start(
             &tasks,
             Arc::new(plan.clone()),
             nats,
+            resume_from.as_ref().and_then(Position::as_seq),
             lookup,
             deliver,
             publish_rx,
@@ -535,10 +536,12 @@ fn single_process(
 /// A cluster node: its gateway follows the stream; it routes while it holds the lease;
 /// publish requests go to the stream; a monitor watches NATS. When the gateway or the
 /// monitor fails (NATS's stream recreated under it), everything stops.
+#[allow(clippy::too_many_arguments)]
 fn cluster_node(
     tasks: &Arc<Supervisor>,
     plan: Arc<Plan>,
     nats: Nats,
+    checkpoint: Option<u64>,
     lookup: Arc<dyn Lookup>,
     deliver: Deliver,
     mut publish_rx: mpsc::Receiver<PublishRequest>,
@@ -550,7 +553,12 @@ fn cluster_node(
     let caught_up = Arc::new(AtomicBool::new(false));
     let gateway = tasks.spawn(
         "gateway",
-        gateway::follow(nats.clone(), deliver.clone(), Arc::clone(&caught_up)),
+        gateway::follow(
+            nats.clone(),
+            deliver.clone(),
+            checkpoint,
+            Arc::clone(&caught_up),
+        ),
     );
     let lease = Lease::new(nats.lease.clone(), &config.name, config.lease_ttl);
     let router = tasks.spawn(
