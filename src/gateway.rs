@@ -34,6 +34,9 @@ impl Deliver {
     /// Stores prepared events (and the position they bring the history to), then delivers
     /// them. False when the store kept failing until shutdown: nothing delivered.
     pub async fn store_and_deliver(&self, prepared: Vec<Prepared>, end: Option<Position>) -> bool {
+        if prepared.is_empty() && end.is_none() {
+            return true;
+        }
         let prepared = Arc::new(prepared);
         if let Some(store) = self.hub.store().cloned() {
             let events = Arc::clone(&prepared);
@@ -178,6 +181,7 @@ const FOLLOW_BATCH: usize = 512;
 pub async fn follow(
     nats: Nats,
     deliver: Deliver,
+    checkpoint: Option<u64>,
     caught_up: Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<(), ClusterError> {
     use async_nats::jetstream::consumer::{DeliverPolicy, pull};
@@ -191,7 +195,9 @@ pub async fn follow(
             hub.epoch()
         )));
     }
-    let mut head = hub.head().max(hub.floor_seq());
+    // Where this node's history stands in the stream: the last message it stored or
+    // passed (marks and gaps are not events, but were read).
+    let mut head = hub.head().max(hub.floor_seq()).max(checkpoint.unwrap_or(0));
     // Events the stream no longer has (its max age) and this node never stored: resuming
     // from before them is a gap.
     if first > head + 1 && last > 0 {
@@ -213,6 +219,7 @@ pub async fn follow(
         head = floor;
     }
     let target = last;
+    hub.stream_holds(last);
     let lag = metrics::gauge!("changecast_cluster_stream_lag");
     let redelivered = metrics::counter!("changecast_cluster_redeliveries_total");
     let catching_up =
@@ -226,24 +233,57 @@ pub async fn follow(
         deliver.health.up(Component::CatchUp);
     }
     tracing::info!(from = head + 1, target, epoch = %epoch, "cluster: reading the stream");
-    let consumer = nats
-        .stream
-        .create_consumer(pull::OrderedConfig {
-            deliver_policy: DeliverPolicy::ByStartSequence {
-                start_sequence: head + 1,
-            },
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| ClusterError::new("cannot read the stream", e))?;
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|e| ClusterError::new("cannot read the stream", e))?;
+    // The ordered consumer is ephemeral: a restarted NATS server forgets it, and the
+    // client notices only after missed heartbeats. A reconnect starts a new one at once.
+    let open = |from: u64| {
+        let stream = nats.stream.clone();
+        async move {
+            stream
+                .create_consumer(pull::OrderedConfig {
+                    deliver_policy: DeliverPolicy::ByStartSequence {
+                        start_sequence: from,
+                    },
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| ClusterError::new("cannot read the stream", e))?
+                .messages()
+                .await
+                .map_err(|e| ClusterError::new("cannot read the stream", e))
+        }
+    };
+    let stats = nats.client.statistics();
+    let mut connects = stats.connects.load(Ordering::Relaxed);
+    let mut messages = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut audiences = wire::Audiences::default();
     loop {
+        let reconnected = stats.connects.load(Ordering::Relaxed);
+        if reconnected != connects {
+            connects = reconnected;
+            tracing::info!(
+                from = head + 1,
+                "cluster: reconnected to NATS; reading the stream again"
+            );
+            messages = None;
+        }
+        let stream = match &mut messages {
+            Some(m) => m,
+            None => match open(head + 1).await {
+                Ok(m) => messages.insert(m),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster: retrying");
+                    tokio::select! {
+                        _ = deliver.shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            },
+        };
         let first = tokio::select! {
             _ = deliver.shutdown.cancelled() => return Ok(()),
-            m = messages.next() => m,
+            _ = tick.tick() => continue,
+            m = stream.next() => m,
         };
         let mut batch = match first {
             Some(Ok(m)) => vec![m],
@@ -252,11 +292,14 @@ pub async fn follow(
                 tracing::warn!(error = %e, "cluster: reading the stream failed; retrying");
                 continue;
             }
-            None => return Err(ClusterError("the stream consumer ended".into())),
+            None => {
+                messages = None;
+                continue;
+            }
         };
         // Whatever else has arrived goes into the same transaction.
         while batch.len() < FOLLOW_BATCH {
-            match futures_util::FutureExt::now_or_never(messages.next()) {
+            match futures_util::FutureExt::now_or_never(stream.next()) {
                 Some(Some(Ok(m))) => batch.push(m),
                 _ => break,
             }
@@ -270,29 +313,33 @@ pub async fn follow(
             };
             let seq = info.stream_sequence;
             pending = info.pending;
+            hub.stream_holds(seq + pending);
             if seq <= head {
                 redelivered.increment(1);
                 continue;
             }
             head = seq;
             match Kind::of_subject(&m.subject) {
-                Some(Kind::Change | Kind::Alert | Kind::Message) => match wire::parse(&m.payload) {
-                    Ok((recipients, template)) => {
-                        if let Some(p) =
-                            hub.prepare_at(seq, recipients, |id| wire::with_id(template, id))
-                        {
-                            prepared.push(p);
+                Some(Kind::Change | Kind::Alert | Kind::Message) => {
+                    match wire::parse_with(&m.payload, &mut audiences) {
+                        Ok((recipients, template)) => {
+                            if let Some(p) =
+                                hub.prepare_at(seq, recipients, |id| wire::with_id(template, id))
+                            {
+                                prepared.push(p);
+                            }
+                        }
+                        Err(e) => {
+                            metrics::counter!("changecast_cluster_skipped_total").increment(1);
+                            tracing::warn!(seq, error = %e, "cluster: a malformed stream message; skipped");
                         }
                     }
-                    Err(e) => {
-                        metrics::counter!("changecast_cluster_skipped_total").increment(1);
-                        tracing::warn!(seq, error = %e, "cluster: a malformed stream message; skipped");
-                    }
-                },
+                }
                 Some(Kind::Gap) => {
                     // Everything before it first, then the gap, in stream order.
+                    let before = Some(Position::from_seq(seq.saturating_sub(1)));
                     if !deliver
-                        .store_and_deliver(std::mem::take(&mut prepared), None)
+                        .store_and_deliver(std::mem::take(&mut prepared), before)
                         .await
                         || !deliver.history_lost().await
                     {
@@ -306,7 +353,10 @@ pub async fn follow(
                 }
             }
         }
-        if !deliver.store_and_deliver(prepared, None).await {
+        if !deliver
+            .store_and_deliver(prepared, Some(Position::from_seq(head)))
+            .await
+        {
             return Ok(());
         }
         lag.set(pending as f64);

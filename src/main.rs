@@ -53,6 +53,13 @@ enum Command {
         /// Simulated changes per second (0: none).
         #[arg(long, default_value_t = 5)]
         rate: u32,
+        /// Run as a cluster node on this NATS server (nats://HOST:PORT), with `--name`.
+        /// Nodes given the same `--data` share the database and the demo secret.
+        #[arg(long, requires = "name")]
+        nats: Option<String>,
+        /// This cluster node's name (unique per node).
+        #[arg(long, requires = "nats")]
+        name: Option<String>,
     },
     /// Validate a config without starting and print the compiled plan.
     Check {
@@ -109,7 +116,13 @@ fn main() -> ExitCode {
             claims,
         } => token(&sub, secret, secret_env, ttl, claims),
         Command::Serve { config } => run_async(serve(config)),
-        Command::Demo { listen, data, rate } => run_async(run_demo(listen, data, rate)),
+        Command::Demo {
+            listen,
+            data,
+            rate,
+            nats,
+            name,
+        } => run_async(run_demo(listen, data, rate, nats.zip(name))),
     }
 }
 
@@ -234,7 +247,12 @@ async fn serve(config: PathBuf) -> anyhow::Result<()> {
     run_until_stopped(running).await
 }
 
-async fn run_demo(listen: SocketAddr, data: Option<PathBuf>, rate: u32) -> anyhow::Result<()> {
+async fn run_demo(
+    listen: SocketAddr,
+    data: Option<PathBuf>,
+    rate: u32,
+    cluster: Option<(String, String)>,
+) -> anyhow::Result<()> {
     // A temporary folder lives as long as this function; a given one is kept.
     let (dir, _temp) = match data {
         Some(d) => {
@@ -254,11 +272,38 @@ async fn run_demo(listen: SocketAddr, data: Option<PathBuf>, rate: u32) -> anyho
 
     let listener = bind(listen).await?;
     let addr = listener.local_addr()?;
-    let secret: String = std::iter::repeat_with(fastrand::alphanumeric)
-        .take(32)
-        .collect();
-    let config_text = demo::config_toml(&db, &addr.to_string(), &secret);
-    let config_path = dir.join("changecast.toml");
+    let fresh = || -> String {
+        std::iter::repeat_with(fastrand::alphanumeric)
+            .take(32)
+            .collect()
+    };
+    let (config_text, config_path) = match &cluster {
+        None => (
+            demo::config_toml(&db, &addr.to_string(), &fresh()),
+            dir.join("changecast.toml"),
+        ),
+        Some((nats, name)) => {
+            // Every node of the demo cluster signs and checks tokens with one secret.
+            let path = dir.join("demo-secret");
+            let secret = match std::fs::read_to_string(&path) {
+                Ok(s) if !s.trim().is_empty() => s.trim().to_owned(),
+                _ => {
+                    let s = fresh();
+                    demo::write_config(&path, &s)?;
+                    s
+                }
+            };
+            (
+                demo::cluster_config_toml(&db, &addr.to_string(), &secret, nats, name),
+                dir.join(format!("changecast-{name}.toml")),
+            )
+        }
+    };
+    let secret = Config::parse(&config_text)?
+        .auth
+        .jwt_secret
+        .clone()
+        .unwrap_or_default();
     demo::write_config(&config_path, &config_text)?;
     let plan = Plan::compile(&Config::parse(&config_text)?)?;
 
@@ -281,7 +326,12 @@ async fn run_demo(listen: SocketAddr, data: Option<PathBuf>, rate: u32) -> anyho
         std::thread::spawn(move || demo::simulate(&db, rate, stop))
     };
 
-    println!("changecast demo: the Mercury app on SQLite");
+    match &cluster {
+        None => println!("changecast demo: the Mercury app on SQLite"),
+        Some((nats, name)) => {
+            println!("changecast demo: the Mercury app on SQLite, cluster node {name} on {nats}")
+        }
+    }
     println!("  database: {}", db.display());
     println!(
         "  config:   {} (run it with `changecast serve --config ...`)",

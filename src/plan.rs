@@ -513,3 +513,84 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod cluster_tests {
+    use super::*;
+
+    const BASE: &str = r#"
+        [source]
+        type = "mongodb"
+        uri = "mongodb://localhost/?replicaSet=rs0"
+        database = "m"
+        [auth]
+        jwt_secret = "s"
+        [[route]]
+        name = "orders"
+        collection = "orders"
+        to = "$owner"
+    "#;
+
+    fn compile(cluster: &str) -> Result<Plan, Vec<String>> {
+        let config = Config::parse(&format!("{BASE}\n[cluster]\n{cluster}")).map_err(|e| {
+            e.0.iter()
+                .map(|e| format!("{}: {}", e.path, e.message))
+                .collect::<Vec<_>>()
+        })?;
+        Plan::compile(&config).map_err(|e| {
+            e.0.iter()
+                .map(|e| format!("{}: {}", e.path, e.message))
+                .collect()
+        })
+    }
+
+    #[test]
+    fn a_cluster_plan_names_its_stream_subjects_bucket_and_retention() {
+        let plan = compile("nats = [\"nats://10.0.0.1:4222\", \"nats://10.0.0.2:4222\"]\nname = \"n1\"\nlease_ttl = \"6s\"").unwrap();
+        let text = plan.describe();
+        assert!(
+            text.contains("cluster: node n1 on NATS nats://10.0.0.1:4222, nats://10.0.0.2:4222"),
+            "{text}"
+        );
+        assert!(
+            text.contains("stream changecast: subjects changecast.event.*, file storage, 1 replica(s), max age 1day"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "router lease: bucket changecast-lease key `router`, TTL 6s (renewed every 1s 500ms"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn every_bad_cluster_key_is_reported_by_its_path() {
+        let errors = compile(
+            "nats = [\"nats://ok:4222\", \"http://\"]\nname = \"n 1\"\nstream = \"a.b\"\n\
+             lease_ttl = \"0s\"\nreplicas = 7\nuser = \"u\"\ntoken_env = \"CHANGECAST_TEST_UNSET_VAR\"",
+        )
+        .err()
+        .expect("refused");
+        let paths: Vec<&str> = errors
+            .iter()
+            .map(|e| e.split(':').next().unwrap())
+            .collect();
+        for path in [
+            "cluster.nats[1]",
+            "cluster.name",
+            "cluster.stream",
+            "cluster.lease_ttl",
+            "cluster.replicas",
+            "cluster.password_env",
+            "cluster.token_env",
+        ] {
+            assert!(paths.contains(&path), "{path} not in {errors:#?}");
+        }
+        // No [cluster] without its node name.
+        let missing = compile("nats = \"nats://127.0.0.1:4222\"")
+            .err()
+            .expect("refused");
+        assert!(missing[0].contains("name"), "{missing:?}");
+    }
+}

@@ -87,6 +87,31 @@ pub struct App {
     pub metrics: PrometheusHandle,
     /// The background tasks' account: a task that died is a `/readyz` reason.
     pub tasks: Arc<Supervisor>,
+    /// A cluster node's link to the stream.
+    pub nats: Option<Nats>,
+}
+
+impl App {
+    /// Before a client resumes on a cluster node: when its `since` is newer than anything
+    /// this node has seen of the stream (it came from a node a few milliseconds ahead),
+    /// asks the stream how far it reaches, so the resume is honoured instead of a `gap`.
+    pub async fn learn_stream_head(&self, since: Option<&str>) {
+        let (Some(nats), Some(since)) = (&self.nats, since) else {
+            return;
+        };
+        let Some((epoch, seq)) = since.rsplit_once('-') else {
+            return;
+        };
+        let Ok(seq) = seq.parse::<u64>() else { return };
+        if epoch != self.hub.epoch() || seq <= self.hub.known() {
+            return;
+        }
+        if let Ok(Ok((_, _, last))) =
+            tokio::time::timeout(Duration::from_secs(2), nats.state()).await
+        {
+            self.hub.stream_holds(last);
+        }
+    }
 }
 
 /// Watches the tasks that must run until shutdown. Written only when a task ends.
@@ -329,7 +354,7 @@ pub async fn start(
     let resume_from = history.as_ref().and_then(|h| h.checkpoint.clone());
     let (source, lookup) = match &nats {
         None => {
-            let (source, lookup) = open_source(&plan, resume_from).await?;
+            let (source, lookup) = open_source(&plan, resume_from.clone()).await?;
             (Some(source), lookup)
         }
         // Opened by whichever node holds the router lease, when it takes it.
@@ -378,6 +403,7 @@ pub async fn start(
         publish_keys,
         expiry_warning: plan.expiry_warning,
         tasks: Arc::clone(&tasks),
+        nats: nats.clone(),
     });
     let deliver = Deliver {
         hub: Arc::clone(&hub),
@@ -392,6 +418,7 @@ pub async fn start(
             &tasks,
             Arc::new(plan.clone()),
             nats,
+            resume_from.as_ref().and_then(Position::as_seq),
             lookup,
             deliver,
             publish_rx,
@@ -509,10 +536,12 @@ fn single_process(
 /// A cluster node: its gateway follows the stream; it routes while it holds the lease;
 /// publish requests go to the stream; a monitor watches NATS. When the gateway or the
 /// monitor fails (NATS's stream recreated under it), everything stops.
+#[allow(clippy::too_many_arguments)]
 fn cluster_node(
     tasks: &Arc<Supervisor>,
     plan: Arc<Plan>,
     nats: Nats,
+    checkpoint: Option<u64>,
     lookup: Arc<dyn Lookup>,
     deliver: Deliver,
     mut publish_rx: mpsc::Receiver<PublishRequest>,
@@ -524,7 +553,12 @@ fn cluster_node(
     let caught_up = Arc::new(AtomicBool::new(false));
     let gateway = tasks.spawn(
         "gateway",
-        gateway::follow(nats.clone(), deliver.clone(), Arc::clone(&caught_up)),
+        gateway::follow(
+            nats.clone(),
+            deliver.clone(),
+            checkpoint,
+            Arc::clone(&caught_up),
+        ),
     );
     let lease = Lease::new(nats.lease.clone(), &config.name, config.lease_ttl);
     let router = tasks.spawn(
@@ -632,6 +666,8 @@ async fn lead(
         let outcome = route_term(&nats, &held, &plan, &lookup, &health, &term).await;
         term.cancel();
         routing.set(0.0);
+        // The source's trouble was this term's; a standby reads nothing.
+        health.up(Component::Source);
         let revision = keeper.await.ok();
         if let Err(e) = &outcome {
             tracing::warn!(error = %e, "cluster: routing stopped");
@@ -680,6 +716,9 @@ async fn route_term(
         for (name, key, ago) in fired {
             router.restore_cooldown(&name, key, ago);
         }
+    }
+    if term.is_cancelled() {
+        return Ok(());
     }
     let (source, _) = open_source(plan, from.clone())
         .await

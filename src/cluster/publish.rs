@@ -52,16 +52,14 @@ impl Publisher {
                 .publish_with_headers(self.nats.names.subject(kind), headers, payload)
                 .await
                 .map_err(|e| StreamError::Failed(format!("publish to the stream: {e}")))?;
-            acks.push(ack);
+            acks.push(std::future::IntoFuture::into_future(ack));
         }
-        let mut last = 0;
-        for ack in acks {
-            let ack = ack.await.map_err(|e| {
-                StreamError::Failed(format!("the stream did not take an event: {e}"))
-            })?;
-            last = ack.sequence;
-        }
-        Ok(last)
+        // Awaited together: each ack has its own timeout, and a partition must not cost
+        // one timeout per message.
+        let acks = futures_util::future::try_join_all(acks)
+            .await
+            .map_err(|e| StreamError::Failed(format!("the stream did not take an event: {e}")))?;
+        Ok(acks.last().map_or(0, |a| a.sequence))
     }
 }
 
@@ -75,10 +73,14 @@ impl EventStream for Publisher {
                 return Err(StreamError::LostLease);
             }
             let end_hex = wire::hex(&batch.end);
+            let start = batch.start.as_ref().map(wire::hex);
             let mut messages: Vec<(Kind, HeaderMap, Bytes)> = Vec::new();
             if batch.lost_history {
+                // Named by where reading started: a router that starts there again finds
+                // the same loss, and the same message id.
                 let mut h = HeaderMap::new();
-                h.insert("Nats-Msg-Id", format!("{end_hex}:gap").as_str());
+                let at = start.as_deref().unwrap_or("start");
+                h.insert("Nats-Msg-Id", format!("{at}:gap").as_str());
                 messages.push((Kind::Gap, h, Bytes::new()));
             }
             for e in &batch.events {
@@ -111,7 +113,6 @@ impl EventStream for Publisher {
             }
             // Re-reading from `start` reproduces a message and all after it; from `end`,
             // only what follows the last one.
-            let start = batch.start.as_ref().map(wire::hex);
             let n = messages.len();
             for (i, (_, h, _)) in messages.iter_mut().enumerate() {
                 if i + 1 == n {

@@ -76,15 +76,40 @@ pub fn payload(recipients: &[UserId], template: &str) -> Bytes {
 
 /// An event message's audience and JSON template.
 pub fn parse(payload: &[u8]) -> Result<(Recipients, &str), String> {
+    parse_with(payload, &mut Audiences::default())
+}
+
+/// Audiences already parsed, by their JSON text: consecutive events to the same users (a
+/// business's every change) share one list instead of parsing and allocating it again.
+#[derive(Default)]
+pub struct Audiences(std::collections::HashMap<Box<[u8]>, Recipients>);
+
+/// Distinct audiences remembered; past it the memory starts over.
+const AUDIENCES: usize = 4096;
+
+/// [`parse`], reusing the audiences in `seen`.
+pub fn parse_with<'p>(
+    payload: &'p [u8],
+    seen: &mut Audiences,
+) -> Result<(Recipients, &'p str), String> {
     let nl = payload
         .iter()
         .position(|&b| b == b'\n')
         .ok_or("no audience line")?;
-    // Owned: ids with escapes cannot borrow from the payload.
-    let ids: Vec<String> = serde_json::from_slice(&payload[..nl])
-        .map_err(|e| format!("audience is not a JSON array of strings: {e}"))?;
     let template = std::str::from_utf8(&payload[nl + 1..]).map_err(|e| e.to_string())?;
-    Ok((ids.into_iter().map(UserId::from).collect(), template))
+    let line = &payload[..nl];
+    if let Some(r) = seen.0.get(line) {
+        return Ok((Recipients::clone(r), template));
+    }
+    // Owned: ids with escapes cannot borrow from the payload.
+    let ids: Vec<String> = serde_json::from_slice(line)
+        .map_err(|e| format!("audience is not a JSON array of strings: {e}"))?;
+    let recipients: Recipients = ids.into_iter().map(UserId::from).collect();
+    if seen.0.len() >= AUDIENCES {
+        seen.0.clear();
+    }
+    seen.0.insert(line.into(), Recipients::clone(&recipients));
+    Ok((recipients, template))
 }
 
 /// The empty id every routed event is encoded with until its sequence is known.
@@ -148,6 +173,23 @@ mod tests {
         assert_eq!(
             filled,
             json!({"type": "message", "id": "s1x-42", "event": event})
+        );
+    }
+
+    #[test]
+    fn events_to_the_same_audience_share_one_parsed_list() {
+        let to: Vec<UserId> = vec!["u1".into(), "u2".into()];
+        let mut seen = Audiences::default();
+        let a = payload(&to, r#"{"type":"change","id":"","n":1}"#);
+        let b = payload(&to, r#"{"type":"change","id":"","n":2}"#);
+        let (ra, _) = parse_with(&a, &mut seen).unwrap();
+        let (rb, tb) = parse_with(&b, &mut seen).unwrap();
+        assert!(std::sync::Arc::ptr_eq(&ra, &rb));
+        assert_eq!(tb, r#"{"type":"change","id":"","n":2}"#);
+        let other = payload(&["u3".into()], "{}");
+        assert_eq!(
+            &*parse_with(&other, &mut seen).unwrap().0,
+            &["u3".into()] as &[UserId]
         );
     }
 

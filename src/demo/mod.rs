@@ -96,6 +96,30 @@ pub fn config_toml(db: &Path, listen: &str, secret: &str) -> String {
         .replace("{secret}", &escape(secret))
 }
 
+/// The demo config of cluster node `name` on the NATS server at `nats`: the same as
+/// [`config_toml`] but for its own history file and the `[cluster]` block.
+pub fn cluster_config_toml(
+    db: &Path,
+    listen: &str,
+    secret: &str,
+    nats: &str,
+    name: &str,
+) -> String {
+    let escape = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    let history = db.with_file_name(format!("history-{name}.db"));
+    let single = db.with_file_name("history.db");
+    let mut text = config_toml(db, listen, secret).replace(
+        &escape(&single.display().to_string()),
+        &escape(&history.display().to_string()),
+    );
+    text.push_str(&format!(
+        "\n[cluster]\nnats = \"{}\"\nname = \"{}\"\n",
+        escape(nats),
+        escape(name)
+    ));
+    text
+}
+
 /// One demo business with its owner and staff.
 struct Business {
     id: &'static str,

@@ -98,6 +98,9 @@ pub struct Hub {
     assigned: AtomicU64,
     /// Sequence number of the newest delivered event: every event up to it is in history.
     head: AtomicU64,
+    /// The newest sequence known to exist (a cluster node: in the stream, maybe not read
+    /// yet). A `since` up to it is valid here; one node may be a few events behind another.
+    known: AtomicU64,
     /// Resuming needs `since >= floor` for everyone (history lost or pruned below it).
     floor: AtomicU64,
     /// The highest floor of any user entry dropped from memory: a user without an entry
@@ -226,6 +229,9 @@ pub struct Subscription {
     pub kick: Arc<Kick>,
     queued_bytes: Arc<AtomicUsize>,
     registration: Registration,
+    /// Live events up to this sequence are skipped: the client has them already (it
+    /// resumed on a cluster node that had not read that far yet).
+    seen: u64,
 }
 
 impl Subscription {
@@ -270,18 +276,26 @@ impl Subscription {
 
     /// Receives the next live event.
     pub async fn recv(&mut self) -> Option<Arc<Frame>> {
-        let frame = self.rx.recv().await?;
-        self.queued_bytes
-            .fetch_sub(frame.json.len(), Ordering::Relaxed);
-        Some(frame)
+        loop {
+            let frame = self.rx.recv().await?;
+            self.queued_bytes
+                .fetch_sub(frame.json.len(), Ordering::Relaxed);
+            if frame.seq > self.seen {
+                return Some(frame);
+            }
+        }
     }
 
     /// The next live event if one is already queued.
     pub fn try_recv(&mut self) -> Option<Arc<Frame>> {
-        let frame = self.rx.try_recv().ok()?;
-        self.queued_bytes
-            .fetch_sub(frame.json.len(), Ordering::Relaxed);
-        Some(frame)
+        loop {
+            let frame = self.rx.try_recv().ok()?;
+            self.queued_bytes
+                .fetch_sub(frame.json.len(), Ordering::Relaxed);
+            if frame.seq > self.seen {
+                return Some(frame);
+            }
+        }
     }
 }
 
@@ -342,6 +356,7 @@ impl Hub {
             epoch: epoch.into_boxed_str(),
             assigned: AtomicU64::new(head),
             head: AtomicU64::new(head),
+            known: AtomicU64::new(head),
             floor: AtomicU64::new(floor),
             forgotten: AtomicU64::new(head),
             users: AtomicUsize::new(0),
@@ -418,6 +433,16 @@ impl Hub {
             frame: Arc::new(Frame::new(id, seq, json)),
             recipients,
         })
+    }
+
+    /// Notes that the stream holds events up to `seq` (a cluster node's gateway).
+    pub fn stream_holds(&self, seq: u64) {
+        self.known.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    /// The newest sequence known to exist (see [`Hub::stream_holds`]).
+    pub fn known(&self) -> u64 {
+        self.head().max(self.known.load(Ordering::Acquire))
     }
 
     /// Resuming needs `since` at or above this.
@@ -565,9 +590,16 @@ impl Hub {
                 .increment(1);
             return Err(CloseReason::TryAgainLater);
         }
+        // A cluster node a few events behind the one the client came from: what it has
+        // seen is skipped when it arrives here.
+        let mut seen = 0;
         let resume = match since {
             None => Resume::Fresh,
             Some(since) => match self.resume_point(since, head) {
+                Some(after) if after > head => {
+                    seen = after;
+                    Resume::Replay(Vec::new())
+                }
                 None => Resume::Gap(since.to_owned()),
                 Some(after) if after >= state.floor => Resume::Replay(
                     state
@@ -595,7 +627,13 @@ impl Hub {
         });
         drop(shard);
         metrics::gauge!("changecast_connections").increment(1.0);
+        let position = if seen > head {
+            format!("{}-{seen}", self.epoch)
+        } else {
+            position
+        };
         Ok(Subscription {
+            seen,
             position,
             resume: Some(resume),
             rx,
@@ -615,7 +653,8 @@ impl Hub {
         let (epoch, seq) = since.rsplit_once('-')?;
         let seq: u64 = seq.parse().ok()?;
         let floor = self.floor.load(Ordering::Acquire);
-        (epoch == &*self.epoch && seq <= head && seq >= floor).then_some(seq)
+        let newest = head.max(self.known.load(Ordering::Acquire));
+        (epoch == &*self.epoch && seq <= newest && seq >= floor).then_some(seq)
     }
 
     /// Reads `user`'s events `after < seq <= upto` from the store; `None` when history

@@ -286,3 +286,38 @@ async fn expired_users_leave_memory_and_resuming_from_before_the_cut_is_a_gap() 
     let mut again = hub.subscribe("u1", Some("e1-3")).unwrap();
     assert_eq!(kinds(&opening(&mut again).await), vec!["ready", "e1-4"]);
 }
+
+/// Delivers an event numbered `seq` (a cluster node numbers by the stream).
+fn deliver_at(hub: &Hub, users: &[&str], seq: u64) {
+    let recipients = users.iter().map(|u| UserId::from(*u)).collect();
+    let p = hub
+        .prepare_at(seq, recipients, |id| format!("{{\"id\":\"{id}\"}}"))
+        .unwrap();
+    hub.deliver(&p);
+}
+
+#[tokio::test]
+async fn a_since_the_stream_holds_but_this_node_has_not_read_yet_resumes_without_repeats() {
+    // This node has read up to 3; the client saw 5 on a node that is further along.
+    let hub = hub(10, 10);
+    for seq in 1..=3 {
+        deliver_at(&hub, &["u1"], seq);
+    }
+    hub.stream_holds(5);
+    let mut sub = hub.subscribe("u1", Some("e1-5")).unwrap();
+    let open = opening(&mut sub).await;
+    assert_eq!(kinds(&open), ["ready"]);
+    let ready: serde_json::Value = serde_json::from_str(&open[0].1).unwrap();
+    assert_eq!(ready["resumed"], true);
+    assert_eq!(ready["position"], "e1-5");
+    // 4 and 5 arrive here later; the client has them: only 6 reaches it.
+    for seq in 4..=6 {
+        deliver_at(&hub, &["u1"], seq);
+    }
+    assert_eq!(sub.recv().await.unwrap().id.as_ref(), "e1-6");
+    assert!(sub.try_recv().is_none());
+
+    // Beyond anything the stream holds: not honoured.
+    let mut ahead = hub.subscribe("u1", Some("e1-9")).unwrap();
+    assert_eq!(kinds(&opening(&mut ahead).await), ["ready", "gap"]);
+}

@@ -59,6 +59,7 @@ pub async fn handler(
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     });
+    app.learn_stream_head(since.as_deref()).await;
     let mut sub = match app.hub.subscribe(&identity.user, since.as_deref()) {
         Ok(sub) => sub,
         Err(reason) => {

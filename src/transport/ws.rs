@@ -107,6 +107,7 @@ async fn session(
         }
     };
 
+    app.learn_stream_head(since.as_deref()).await;
     let mut sub = match app.hub.subscribe(&identity.user, since.as_deref()) {
         Ok(sub) => sub,
         Err(reason) => return close(socket, reason, reason.text(), CLOSE_WAIT).await,
