@@ -611,6 +611,50 @@ async fn three_nodes_deliver_each_client_exactly_its_events_with_the_same_ids_ev
             "{user}: same ids everywhere"
         );
     }
+
+    // `ready`'s position is a valid `since` on every node: u1's position on each node,
+    // used on the next one, replays nothing and misses nothing (the next publish is the
+    // first event each gets).
+    let mut resumed = Vec::new();
+    for i in 0..3 {
+        let (_, ready) = by_user(&nodes[i], "u1", None).await;
+        let position = ready["position"].as_str().unwrap().to_owned();
+        let next = &nodes[(i + 1) % 3];
+        let (ws, ready) = by_user(next, "u1", Some(&position)).await;
+        assert_eq!(
+            ready["resumed"], true,
+            "{}'s position {position} on {}: {ready}",
+            nodes[i].name, next.name
+        );
+        resumed.push(ws);
+    }
+    let after = publish(nodes[0].addr, &["u1"], json!({"after": true})).await;
+    for ws in &mut resumed {
+        let ev = ws.next().await;
+        assert_eq!(ev["type"], "message", "{ev}");
+        assert_eq!(ev["id"], after.as_str(), "{ev}");
+    }
+
+    // A node started now reads the whole stream before it says it is ready: its replay of
+    // u1's history is what u1's clients received live, with the same ids.
+    let live = &runs.iter().find(|(u, _)| *u == "u1").unwrap().1.seen;
+    let mut nodes = nodes;
+    nodes.extend(start_nodes(&db, &[nats.url()], "t1", &["n4"]));
+    nodes[3].wait_ready(NODE_WAIT).await;
+    let (mut ws, ready) = by_user(&nodes[3], "u1", Some(&live[0].id)).await;
+    assert_eq!(ready["resumed"], true, "{ready}");
+    for s in &live[1..] {
+        let ev = ws.change().await;
+        assert_eq!(
+            (&ev["op"], &ev["key"], &ev["id"]),
+            (&json!(s.op), &json!(s.key), &json!(s.id)),
+            "the fresh node's replay"
+        );
+    }
+    for id in [&end, &after] {
+        let ev = ws.next().await;
+        assert_eq!((&ev["type"], &ev["id"]), (&json!("message"), &json!(id)));
+    }
     println!(
         "{} changes to {} clients on 3 nodes in {:?}",
         written.len(),
