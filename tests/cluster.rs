@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 use common::cluster::{
-    LEASE_TTL, NODE_WAIT, Node, publish, router, wait_capturing, wait_for, wait_until,
+    LEASE_TTL, NODE_WAIT, Node, node_config, publish, router, wait_capturing, wait_for, wait_until,
 };
 use common::nats::NatsServer;
 use common::proxy::Proxy;
@@ -1146,6 +1146,90 @@ async fn a_recreated_stream_gives_gap() {
         let (epoch, _) = id_parts(ev["id"].as_str().unwrap());
         assert_ne!(epoch, old_epoch, "a recreated stream is a new epoch");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alert_cooldowns_hold_across_a_router_failover() {
+    let _serial = serial().await;
+    let nats = NatsServer::start();
+    let db = Db::new();
+    // stock_low with a cooldown far longer than the test.
+    let config = |name: &str| {
+        let c = node_config(&db, &[nats.url()], name, "t7");
+        let named = "name = \"stock_low\"\n";
+        assert!(c.contains(named));
+        c.replace(named, &format!("{named}cooldown = \"10m\"\n"))
+    };
+    let mut nodes = vec![Node::start_with(&db, "n1", &config("n1"))];
+    nodes[0].wait_ready(NODE_WAIT).await;
+    assert_eq!(router(&nodes, NODE_WAIT).await, 0, "n1 routes");
+    wait_capturing(&db).await;
+    nodes.push(tokio::task::block_in_place(|| {
+        Node::start_with(&db, "n2", &config("n2"))
+    }));
+    all_ready(&nodes).await;
+
+    // u1 (owner of b1, whose items are i1–i3) on n2, which does not route.
+    let (mut u1, _) = by_user(&nodes[1], "u1", None).await;
+    let stock = |item: &str, qty: u32| {
+        db.exec(&format!(
+            "UPDATE inventory_items SET quantity_in_stock = {qty} WHERE _id = '{item}';"
+        ))
+    };
+    // Rice (i1, reorder point 5) falls to 3: the alert fires, on n1.
+    stock("i1", 3);
+    let mut first = [u1.next().await, u1.next().await];
+    first.sort_by_key(|e| e["type"].as_str().unwrap().to_owned());
+    assert_eq!(
+        (&first[0]["type"], &first[0]["key"]),
+        (&json!("alert"), &json!("i1"))
+    );
+    assert_eq!(
+        (&first[1]["type"], &first[1]["key"]),
+        (&json!("change"), &json!("i1"))
+    );
+    // Restocked: a change, no alert.
+    stock("i1", 10);
+    let ev = u1.next().await;
+    assert_eq!(
+        (&ev["type"], &ev["key"]),
+        (&json!("change"), &json!("i1")),
+        "{ev}"
+    );
+
+    // The router dies; n2 takes over.
+    nodes[0].kill();
+    let n2 = &nodes[1];
+    wait_until("n2 routes", NODE_WAIT, || async move {
+        n2.routes().await == Some(true)
+    })
+    .await;
+
+    // Rice falls again within its cooldown: no alert. Millet (i2, reorder point 4) falls
+    // for the first time: its alert fires, from the new router.
+    stock("i1", 2);
+    stock("i2", 1);
+    let mut seen = Vec::new();
+    while !seen.contains(&("alert".to_owned(), "i2".to_owned())) {
+        let ev = u1.next().await;
+        seen.push((
+            ev["type"].as_str().unwrap().to_owned(),
+            ev["key"].as_str().unwrap().to_owned(),
+        ));
+        assert!(seen.len() <= 3, "{seen:?}");
+    }
+    let alerts: Vec<&(String, String)> = seen.iter().filter(|(t, _)| t == "alert").collect();
+    assert_eq!(
+        alerts,
+        [&("alert".to_owned(), "i2".to_owned())],
+        "Rice's alert is not repeated within its cooldown after a failover: {seen:?}"
+    );
+    let changes: Vec<&str> = seen
+        .iter()
+        .filter(|(t, _)| t == "change")
+        .map(|(_, k)| k.as_str())
+        .collect();
+    assert_eq!(changes, ["i1", "i2"], "{seen:?}");
 }
 
 /// A WebSocket client of `user` on `node`, after its `ready`.

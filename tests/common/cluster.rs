@@ -73,8 +73,13 @@ pub struct Node {
 impl Node {
     /// Writes the node's config next to the database and starts it.
     pub fn start(db: &Db, nats: &[String], name: &str, stream: &str) -> Node {
+        Node::start_with(db, name, &node_config(db, nats, name, stream))
+    }
+
+    /// Starts node `name` with `config` (usually [`node_config`], edited).
+    pub fn start_with(db: &Db, name: &str, config_text: &str) -> Node {
         let config = db.dir.path().join(format!("{name}.toml"));
-        std::fs::write(&config, node_config(db, nats, name, stream)).unwrap();
+        std::fs::write(&config, config_text).unwrap();
         let log = Arc::default();
         let (served, addr) = spawn(&config, &log);
         Node {
