@@ -965,6 +965,9 @@ async fn a_node_cut_off_from_nats_stops_routing_and_reports_not_ready() {
     }
     clients_connected(&on_n1, 3).await;
     clients_connected(&elsewhere, 3).await;
+    // Where u1 stands on n1 before any change: resumed from during the cut below.
+    let (_, ready) = by_user(&nodes[0], "u1", None).await;
+    let before = ready["position"].as_str().unwrap().to_owned();
 
     // Phase 1, everything connected: every client gets its events.
     let phase = |prefix, changes| WritePlan {
@@ -1033,6 +1036,13 @@ async fn a_node_cut_off_from_nats_stops_routing_and_reports_not_ready() {
     )
     .await;
     println!("n1 not ready: {:?}", n1.readyz().await);
+    // Cut off, n1 still serves what it has: a client resuming there is replayed phase 1
+    // (read at the end, with everything after it).
+    let (mut late, ready) = by_user(n1, "u1", Some(&before)).await;
+    assert_eq!(
+        ready["resumed"], true,
+        "resumed on n1 while cut off: {ready}"
+    );
 
     // Phase 2, n1 cut off: the clients of the other nodes get the new events.
     let second = write_orders(db.path.clone(), phase("p", 60), Arc::default());
@@ -1081,10 +1091,33 @@ async fn a_node_cut_off_from_nats_stops_routing_and_reports_not_ready() {
     .await
     .expect("every client ends in time");
     let written: Vec<Written> = [first, second, third].concat();
-    check(&runs, &written);
+    let mut runs = runs;
     for (user, run) in &runs {
         assert_eq!(run.connections, 1, "{user}: kept its one connection");
     }
+    // The client that resumed on n1 during the cut: all of u1's events, once, same ids.
+    let mut seen = Vec::new();
+    loop {
+        let ev = late.change().await;
+        let key = ev["key"].as_str().unwrap().to_owned();
+        seen.push(Seen {
+            op: ev["op"].as_str().unwrap().to_owned(),
+            key: key.clone(),
+            id: ev["id"].as_str().unwrap().to_owned(),
+            node: 0,
+        });
+        if key.starts_with("end-") {
+            break;
+        }
+    }
+    runs.push((
+        "u1",
+        Run {
+            seen,
+            ..Run::default()
+        },
+    ));
+    check(&runs, &written);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
