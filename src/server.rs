@@ -762,9 +762,7 @@ async fn monitor(
         }
         let state = nats.client.connection_state();
         let answer = match state {
-            async_nats::connection::State::Connected => {
-                nats.state().await.map_err(|e| e.to_string())
-            }
+            async_nats::connection::State::Connected => nats.state().await.map_err(|e| e.0),
             other => Err(format!("not connected to NATS ({other:?})")),
         };
         match answer {
