@@ -487,6 +487,23 @@ async fn join(mut clients: Clients) -> Vec<(&'static str, Run)> {
     runs
 }
 
+/// What the writer wrote, once it is done.
+async fn written_by(writer: std::thread::JoinHandle<Vec<Written>>) -> Vec<Written> {
+    tokio::task::spawn_blocking(move || writer.join().unwrap())
+        .await
+        .unwrap()
+}
+
+/// Every client's run, once each has ended; they end by `deadline` (a margin added).
+async fn ended(clients: Clients, deadline: Instant) -> Vec<(&'static str, Run)> {
+    tokio::time::timeout(
+        deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5),
+        join(clients),
+    )
+    .await
+    .expect("every client ends in time")
+}
+
 /// Waits until `count` reaches `n`; fails naming `what` and how far it got.
 async fn wait_count(what: &str, count: &AtomicUsize, n: usize, within: Duration) {
     let started = Instant::now();
@@ -582,12 +599,7 @@ async fn three_nodes_deliver_each_client_exactly_its_events_with_the_same_ids_ev
     )
     .await;
 
-    let runs = tokio::time::timeout(
-        deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5),
-        join(handles),
-    )
-    .await
-    .expect("every client ends in time");
+    let runs = ended(handles, deadline).await;
     check(&runs, &written);
     for (user, run) in &runs {
         assert_eq!(
@@ -746,16 +758,9 @@ async fn the_routing_node_killed_repeatedly_loses_and_repeats_nothing() {
         addrs.lock().unwrap()[r] = Some(nodes[r].addr);
     }
     kills_pending.store(false, Ordering::SeqCst);
-    let written = tokio::task::spawn_blocking(move || writer.join().unwrap())
-        .await
-        .unwrap();
+    let written = written_by(writer).await;
 
-    let runs = tokio::time::timeout(
-        deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5),
-        join(handles),
-    )
-    .await
-    .expect("every client ends in time");
+    let runs = ended(handles, deadline).await;
     check(&runs, &written);
     let hops: usize = runs.iter().map(|(_, r)| r.connections).sum();
     println!(
@@ -829,15 +834,8 @@ async fn a_killed_gateway_s_clients_resume_on_another_node_exactly() {
     nodes[victim].kill();
     println!("killed {} (not routing)", nodes[victim].name);
 
-    let written = tokio::task::spawn_blocking(move || writer.join().unwrap())
-        .await
-        .unwrap();
-    let runs = tokio::time::timeout(
-        deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5),
-        join(handles),
-    )
-    .await
-    .expect("every client ends in time");
+    let written = written_by(writer).await;
+    let runs = ended(handles, deadline).await;
     check(&runs, &written);
     // Handles alternate victim, other: the victim's clients were served by both nodes.
     for (i, (user, run)) in runs.iter().enumerate().filter(|(i, _)| i % 2 == 0) {
@@ -911,16 +909,9 @@ async fn nats_server_restarted_mid_run_loses_nothing() {
         "nats-server restarted after {} changes",
         written_so_far.load(Ordering::SeqCst)
     );
-    let written = tokio::task::spawn_blocking(move || writer.join().unwrap())
-        .await
-        .unwrap();
+    let written = written_by(writer).await;
     all_ready(&nodes).await;
-    let runs = tokio::time::timeout(
-        deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5),
-        join(handles),
-    )
-    .await
-    .expect("every client ends in time");
+    let runs = ended(handles, deadline).await;
     check(&runs, &written);
     router(&nodes, NODE_WAIT).await;
 }
@@ -1084,12 +1075,7 @@ async fn a_node_cut_off_from_nats_stops_routing_and_reports_not_ready() {
     let third = tokio::task::spawn_blocking(move || third.join().unwrap())
         .await
         .unwrap();
-    let runs = tokio::time::timeout(
-        deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5),
-        join(handles),
-    )
-    .await
-    .expect("every client ends in time");
+    let runs = ended(handles, deadline).await;
     let written: Vec<Written> = [first, second, third].concat();
     let mut runs = runs;
     for (user, run) in &runs {

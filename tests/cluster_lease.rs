@@ -7,9 +7,8 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use changecast::cluster::Nats;
 use changecast::cluster::lease::Lease;
-use changecast::cluster::{self, Nats};
-use changecast::config::{ClusterConfig, HistoryConfig};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -17,22 +16,9 @@ use common::nats::NatsServer;
 use common::proxy::Proxy;
 
 async fn node(url: &str, name: &str, stream: &str, ttl: &str) -> (Nats, Lease) {
-    let config: ClusterConfig = toml::from_str(&format!(
-        "nats = \"{url}\"\nname = \"{name}\"\nstream = \"{stream}\"\nlease_ttl = \"{ttl}\""
-    ))
-    .unwrap();
-    let nats = tokio::time::timeout(
-        Duration::from_secs(20),
-        cluster::connect(
-            &config,
-            &HistoryConfig::default(),
-            &CancellationToken::new(),
-        ),
-    )
-    .await
-    .expect("connects in time")
-    .expect("connects");
-    let lease = Lease::new(nats.lease.clone(), name, config.lease_ttl);
+    let nats = common::nats::connect(url, name, stream, ttl).await;
+    let ttl = humantime::parse_duration(ttl).unwrap();
+    let lease = Lease::new(nats.lease.clone(), name, ttl);
     (nats, lease)
 }
 

@@ -8,32 +8,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use changecast::change::{Position, UserId};
+use changecast::cluster::Nats;
 use changecast::cluster::lease::Lease;
 use changecast::cluster::publish::{Publisher, resume_position};
 use changecast::cluster::wire::{self, Kind};
-use changecast::cluster::{self, Nats};
-use changecast::config::{ClusterConfig, HistoryConfig};
 use changecast::router::{EventStream, RoutedBatch, RoutedEvent};
-use tokio_util::sync::CancellationToken;
 
 use common::nats::NatsServer;
 
 async fn connect(url: &str) -> Nats {
-    let config: ClusterConfig = toml::from_str(&format!(
-        "nats = \"{url}\"\nname = \"r1\"\nstream = \"batches\"\nlease_ttl = \"1m\""
-    ))
-    .unwrap();
-    tokio::time::timeout(
-        Duration::from_secs(20),
-        cluster::connect(
-            &config,
-            &HistoryConfig::default(),
-            &CancellationToken::new(),
-        ),
-    )
-    .await
-    .expect("connects in time")
-    .expect("connects")
+    common::nats::connect(url, "r1", "batches", "1m").await
 }
 
 /// An event of the change at log position `at`, made by route `orders`, for `user`.

@@ -305,15 +305,8 @@ pub async fn connect(
 /// The epoch of a stream created at `created`: `s` and its creation time in microseconds,
 /// base 36 (no `-`, as ids need).
 pub fn epoch_of(created: async_nats::datetime::DateTime) -> String {
-    let mut n = (created.unix_timestamp_nanos() / 1000).max(0) as u128;
-    let mut digits = Vec::new();
-    while n > 0 || digits.is_empty() {
-        digits.push(char::from_digit((n % 36) as u32, 36).unwrap_or('0'));
-        n /= 36;
-    }
-    std::iter::once('s')
-        .chain(digits.into_iter().rev())
-        .collect()
+    let micros = (created.unix_timestamp_nanos() / 1000).max(0) as u128;
+    crate::hub::epoch_name('s', micros)
 }
 
 impl Nats {

@@ -738,13 +738,17 @@ impl Hub {
 
 /// A short, probably-unique epoch name: `e` and base-36 digits, no `-`.
 pub fn new_epoch() -> String {
-    let mut n = fastrand::u64(..) >> 24; // 40 bits: 8 base-36 digits
+    epoch_name('e', u128::from(fastrand::u64(..) >> 24)) // 40 bits: 8 base-36 digits
+}
+
+/// An epoch name: `letter` and `n` in base 36 (no `-`, as ids need).
+pub fn epoch_name(letter: char, mut n: u128) -> String {
     let mut digits = Vec::new();
     while n > 0 || digits.is_empty() {
         digits.push(char::from_digit((n % 36) as u32, 36).unwrap_or('0'));
         n /= 36;
     }
-    std::iter::once('e')
+    std::iter::once(letter)
         .chain(digits.into_iter().rev())
         .collect()
 }

@@ -151,3 +151,26 @@ impl Drop for NatsServer {
         self.kill();
     }
 }
+
+/// Connects to `url` as cluster node `name` of `stream` (the library's own
+/// `cluster::connect`: the stream and the lease bucket exist once it returns).
+pub async fn connect(
+    url: &str,
+    name: &str,
+    stream: &str,
+    lease_ttl: &str,
+) -> changecast::cluster::Nats {
+    let config: changecast::config::ClusterConfig = toml::from_str(&format!(
+        "nats = \"{url}\"\nname = \"{name}\"\nstream = \"{stream}\"\nlease_ttl = \"{lease_ttl}\""
+    ))
+    .unwrap();
+    let never = tokio_util::sync::CancellationToken::new();
+    let history = changecast::config::HistoryConfig::default();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        changecast::cluster::connect(&config, &history, &never),
+    )
+    .await
+    .expect("connects in time")
+    .expect("connects")
+}
