@@ -188,7 +188,18 @@ pub async fn follow(
     use std::sync::atomic::Ordering;
 
     let hub = Arc::clone(&deliver.hub);
-    let (epoch, first, last) = nats.state().await?;
+    let (epoch, first, last) = loop {
+        match nats.state().await {
+            Ok(state) => break state,
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster: cannot read the stream's state; retrying");
+                tokio::select! {
+                    _ = deliver.shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    };
     if epoch != hub.epoch() {
         return Err(ClusterError(format!(
             "the stream's epoch changed ({} → {epoch}) before this node started reading it",
@@ -317,6 +328,25 @@ pub async fn follow(
             if seq <= head {
                 redelivered.increment(1);
                 continue;
+            }
+            if seq > head + 1 {
+                // Sequences are contiguous: messages this node never read left the stream
+                // (its max age passed while the node was away). Its clients are told, as
+                // when the source loses changes.
+                tracing::warn!(
+                    from = head + 1,
+                    to = seq - 1,
+                    "cluster: stream messages expired before this node read them; clients get gap"
+                );
+                metrics::counter!("changecast_cluster_missed_total").increment(seq - head - 1);
+                let before = Some(Position::from_seq(head));
+                if !deliver
+                    .store_and_deliver(std::mem::take(&mut prepared), before)
+                    .await
+                    || !deliver.history_lost().await
+                {
+                    return Ok(());
+                }
             }
             head = seq;
             match Kind::of_subject(&m.subject) {

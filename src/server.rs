@@ -551,6 +551,10 @@ fn cluster_node(
         unreachable!("a cluster node has [cluster]")
     };
     let caught_up = Arc::new(AtomicBool::new(false));
+    // Not ready until the gateway knows how far behind the stream it is.
+    deliver
+        .health
+        .down(Component::CatchUp, "cluster: starting to read the stream");
     let gateway = tasks.spawn(
         "gateway",
         gateway::follow(

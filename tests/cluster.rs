@@ -1168,6 +1168,50 @@ async fn a_recreated_stream_gives_gap() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_that_left_the_stream_before_a_node_read_them_give_its_clients_gap() {
+    let _serial = serial().await;
+    let nats = NatsServer::start();
+    let db = Db::new();
+    let mut nodes = start_nodes(&db, &[nats.url()], "t8", &["n1", "n2"]);
+    all_ready(&nodes).await;
+    assert_eq!(router(&nodes, NODE_WAIT).await, 0, "n1 routes");
+    wait_capturing(&db).await;
+    let (mut u1, _) = by_user(&nodes[1], "u1", None).await;
+    db.exec(&common::insert_order("o1", "b1"));
+    let seen = u1.change().await["id"].as_str().unwrap().to_owned();
+    drop(u1);
+
+    // n2 is down while o2..o4 are routed; o2's message leaves the stream before n2 reads it
+    // (as the stream's max age would remove it).
+    nodes[1].kill();
+    let (mut on_n1, _) = by_user(&nodes[0], "u1", Some(&seen)).await;
+    let mut ids = Vec::new();
+    for key in ["o2", "o3", "o4"] {
+        db.exec(&common::insert_order(key, "b1"));
+        let ev = on_n1.change().await;
+        assert_eq!(ev["key"], key);
+        ids.push(ev["id"].as_str().unwrap().to_owned());
+    }
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let stream = js.get_stream("t8").await.unwrap();
+    stream.delete_message(id_parts(&ids[0]).1).await.unwrap();
+
+    // n2 comes back and reads on: its history has a hole, so a client resuming from before
+    // it is told (gap), never handed o3 and o4 as if nothing were missing.
+    tokio::task::block_in_place(|| nodes[1].restart());
+    nodes[1].wait_ready(NODE_WAIT).await;
+    let (mut resumed, ready) = by_user(&nodes[1], "u1", Some(&seen)).await;
+    assert_eq!(ready["resumed"], false, "{ready}");
+    let gap = resumed.next().await;
+    assert_eq!(gap["type"], "gap", "{gap}");
+    assert_eq!(gap["since"], seen.as_str());
+    // After the hole, resuming works: from o3's id, o4 follows.
+    let (mut after, ready) = by_user(&nodes[1], "u1", Some(&ids[1])).await;
+    assert_eq!(ready["resumed"], true, "{ready}");
+    assert_eq!(after.change().await["id"], ids[2].as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alert_cooldowns_hold_across_a_router_failover() {
     let _serial = serial().await;
     let nats = NatsServer::start();
