@@ -116,3 +116,20 @@ async fn a_released_lease_is_taken_without_waiting_for_it_to_lapse() {
     }
     assert_eq!(b.holder().await.unwrap().as_deref(), Some("b"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_lease_ttl_becomes_the_bucket_s_max_age() {
+    let server = NatsServer::start();
+    let (first, _) = node(&server.url(), "a", "lease3", "2s").await;
+    assert_eq!(
+        first.lease.status().await.unwrap().max_age(),
+        Duration::from_secs(2)
+    );
+    // Every node restarted with a longer TTL: the lease must last that long, or a
+    // renewal every TTL/4 would come after the key lapsed.
+    let (second, _) = node(&server.url(), "a", "lease3", "7s").await;
+    assert_eq!(
+        second.lease.status().await.unwrap().max_age(),
+        Duration::from_secs(7)
+    );
+}

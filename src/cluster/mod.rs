@@ -266,13 +266,11 @@ pub async fn connect(
                 .create_or_update_stream(wanted.clone())
                 .await
                 .map_err(|e| ClusterError::new("cannot create or update the stream", e))?;
-            let lease = match js.get_key_value(&names.lease_bucket).await {
-                Ok(kv) => kv,
-                Err(_) => js
-                    .create_key_value(lease_config.clone())
-                    .await
-                    .map_err(|e| ClusterError::new("cannot create the lease bucket", e))?,
-            };
+            // Updated, not just opened: a changed `lease_ttl` is the bucket's max age.
+            let lease = js
+                .create_or_update_key_value(lease_config.clone())
+                .await
+                .map_err(|e| ClusterError::new("cannot create the lease bucket", e))?;
             let stream = js
                 .get_stream(&names.stream)
                 .await
