@@ -59,9 +59,9 @@ def cluster_tables():
         cell = lambda k: "—" if k not in d else f"{d[k]:+.2f}" + (f" ({'meets' if d[k] <= target[k] else 'misses'} ≤ {target[k]:g})" if k in target else "")
         out.append(f"| added by the NATS hop (difference of the medians) | | | | " + " | ".join(cell(k) for k in keys) + " | | | |")
     out.append(f"\nCPU and memory per node while the load generator ran (connect, {ex.get('writer', {}).get('seconds', 0):.0f} s of writing, drain); "
-               "µs of CPU per routed event (order written) and per delivery (events received by all clients), medians.\n")
-    out.append("| server | node | CPU s | µs per routed event | µs per delivery (all) | its connections | its deliveries | µs per own delivery | RSS before MiB | RSS max MiB |")
-    out.append("|---|---|---|---|---|---|---|---|---|---|")
+               "% of a core over that time; µs of CPU per routed event (order written) and per delivery (events received by all clients), medians.\n")
+    out.append("| server | node | CPU s | % of a core | µs per routed event | µs per delivery (all) | its connections | its deliveries | µs per own delivery | RSS before MiB | RSS max MiB |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for s, rs in [("changecast", single), ("changecast-cluster", clu)]:
         ok = [r for r in rs if not r.get("failed") and r.get("nodes")]
         if not ok: continue
@@ -80,7 +80,7 @@ def cluster_tables():
             owned = (lambda r: (r["connections"], r["received"])) if n == "total" else (lambda r, n=n: own(r, n))
             per_own = lambda r: cpu(r) * 1e6 / owned(r)[1] if owned(r)[1] else None
             rss = (lambda r, k: r[k] / 1024) if n == "total" else (lambda r, k, n=n: r["nodes"][n][k] / 1024)
-            out.append(f"| {s} | {n} | {fmt(med(ok, cpu), 2)} | {fmt(med(ok, lambda r: cpu(r) * 1e6 / rows_(r) if rows_(r) else None), 0)} | "
+            out.append(f"| {s} | {n} | {fmt(med(ok, cpu), 2)} | {fmt(med(ok, lambda r: 100 * cpu(r) / r['load_s'] if r.get('load_s') else None), 0)} | {fmt(med(ok, lambda r: cpu(r) * 1e6 / rows_(r) if rows_(r) else None), 0)} | "
                        f"{fmt(med(ok, lambda r: cpu(r) * 1e6 / r['received'] if r.get('received') else None), 2)} | "
                        f"{fmt(med(ok, lambda r: owned(r)[0]), 0)} | {fmt(med(ok, lambda r: owned(r)[1]), 0)} | {fmt(med(ok, per_own), 2)} | "
                        f"{fmt(med(ok, lambda r: rss(r, 'rss0_kb')), 1)} | {fmt(med(ok, lambda r: rss(r, 'rss_max_kb')), 1)} |")

@@ -7,6 +7,7 @@
 #   RUNS=1 SERVERS="changecast" bench/run.sh
 #   WORKLOADS="a b" bench/run.sh      # a b bmax c d e bcluster, see below
 #   RUNS=1 WORKLOADS=bcluster SERVERS="changecast changecast-cluster" bench/run.sh
+#   UPDATE_DOC=0 B_RATE=20 ... bench/run.sh   # a variant: tables in bench/out only
 #
 # Server pinned to core 0 (SERVER_CPU), load generator and writer to core 1 (CLIENT_CPU).
 # Every run is bounded (timeout) and every server is stopped by its pid (and the pids of its
@@ -257,7 +258,7 @@ measure() {
   "$LOADGEN" init --db "$dir/app.db" --users "$users" --businesses "$biz" > /dev/null || return 1
   start_server "$name" "$mode" "$dir/app.db" || { stop_server; emit "$wl" "$name" "$run" '{"failed": true}'; return 0; }
   sleep 0.5
-  local rss0 cpu0; rss0=$(parts_rss); cpu0=$(parts_cpu)
+  local rss0 cpu0 t0; rss0=$(parts_rss); cpu0=$(parts_cpu); t0=$(date +%s.%N)
   # shellcheck disable=SC2046
   timeout 45 taskset -c "$CLIENT_CPU" "$LOADGEN" run --url "$SERVER_URL" --secret "$SECRET" \
     --db "$dir/app.db" --label "$wl/$name" --connect-timeout 15 $(loadgen_flags "$name") "$@" > "$dir/loadgen.json" 2> "$dir/loadgen.err" &
@@ -265,9 +266,9 @@ measure() {
   sample_rss "$lg" "$dir/rss.txt" &
   local sampler=$!
   wait "$lg"; local rc=$?
-  wait "$sampler" 2>/dev/null
   # server CPU time (utime+stime, clock ticks, each part's whole process tree)
-  local cpu; cpu=$(parts_cpu)
+  local cpu t1; cpu=$(parts_cpu); t1=$(date +%s.%N)
+  wait "$sampler" 2>/dev/null
   # Did n1 route the whole run (no takeover)?
   local router=null
   if [ -n "$ROUTER_METRICS" ]; then
@@ -281,7 +282,7 @@ measure() {
   fi
   # Totals as before (RSS summed over the parts, CPU since each part started), and per part
   # ("nodes"): CPU during the load generator's run, RSS before and max.
-  local j; j=$(python3 - "$dir/loadgen.json" "$dir/rss.txt" "$names" "$rss0" "$cpu0" "$cpu" "$router" <<'PY'
+  local j; j=$(python3 - "$dir/loadgen.json" "$dir/rss.txt" "$names" "$rss0" "$cpu0" "$cpu" "$router" "$t0" "$t1" <<'PY'
 import json, sys
 d = json.loads(open(sys.argv[1]).read().splitlines()[-1])
 samples = [list(map(int, l.split())) for l in open(sys.argv[2]) if l.strip()]
@@ -292,6 +293,7 @@ total = [sum(s) for s in samples]
 d.update(rss0_kb=sum(rss0), rss_max_kb=max(total), rss_end_kb=total[-1], server_cpu_s=sum(cpu) / 100)
 d["nodes"] = {n: {"cpu_s": (cpu[i] - cpu0[i]) / 100, "rss0_kb": rss0[i], "rss_max_kb": max(s[i] for s in samples)}
               for i, n in enumerate(names)}
+d["load_s"] = round(float(sys.argv[9]) - float(sys.argv[8]), 2)  # the nodes' cpu_s is over this
 if sys.argv[7] != "null":
     d["router_stayed"] = sys.argv[7] == "true"
 print(json.dumps(d))
@@ -341,6 +343,7 @@ python3 "$ROOT/bench/report.py" --cluster "$RESULTS" | tee "$OUT/cluster.md"
 # settings): bench:table for a-e, bench:cluster for bcluster. A table this run has no rows
 # for leaves its section as it was.
 for section in table cluster; do
+  [ "${UPDATE_DOC:-1}" = 1 ] || break
   src="$OUT/table.md"; [ "$section" = cluster ] && src="$OUT/cluster.md"
   [ -n "$(tr -d '[:space:]' < "$src")" ] || continue
   python3 - "$ROOT/BENCHMARKS.md" "$src" "RUNS=$RUNS SERVERS=\"$SERVERS\" WORKLOADS=\"$WORKLOADS\"" "$section" <<'PY'
