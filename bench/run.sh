@@ -261,14 +261,19 @@ measure() {
   local rss0 cpu0 t0; rss0=$(parts_rss); cpu0=$(parts_cpu); t0=$(date +%s.%N)
   # shellcheck disable=SC2046
   timeout 45 taskset -c "$CLIENT_CPU" "$LOADGEN" run --url "$SERVER_URL" --secret "$SECRET" \
-    --db "$dir/app.db" --label "$wl/$name" --connect-timeout 15 $(loadgen_flags "$name") "$@" > "$dir/loadgen.json" 2> "$dir/loadgen.err" &
+    --db "$dir/app.db" --label "$wl/$name" --connect-timeout 15 --ready-file "$dir/ready" $(loadgen_flags "$name") "$@" > "$dir/loadgen.json" 2> "$dir/loadgen.err" &
   local lg=$!
+  # Each part's CPU once every connection is ready (the writer starts then): the CPU of the
+  # writes and the drain alone, without the handshakes.
+  ( while kill -0 "$lg" 2>/dev/null && [ ! -e "$dir/ready" ]; do sleep 0.01; done
+    [ -e "$dir/ready" ] && echo "$(date +%s.%N) $(parts_cpu)" > "$dir/cpu_ready.txt" ) &
+  local watcher=$!
   sample_rss "$lg" "$dir/rss.txt" &
   local sampler=$!
   wait "$lg"; local rc=$?
   # server CPU time (utime+stime, clock ticks, each part's whole process tree)
   local cpu t1; cpu=$(parts_cpu); t1=$(date +%s.%N)
-  wait "$sampler" 2>/dev/null
+  wait "$sampler" "$watcher" 2>/dev/null
   # Did n1 route the whole run (no takeover)?
   local router=null
   if [ -n "$ROUTER_METRICS" ]; then
@@ -282,7 +287,7 @@ measure() {
   fi
   # Totals as before (RSS summed over the parts, CPU since each part started), and per part
   # ("nodes"): CPU during the load generator's run, RSS before and max.
-  local j; j=$(python3 - "$dir/loadgen.json" "$dir/rss.txt" "$names" "$rss0" "$cpu0" "$cpu" "$router" "$t0" "$t1" <<'PY'
+  local j; j=$(python3 - "$dir/loadgen.json" "$dir/rss.txt" "$names" "$rss0" "$cpu0" "$cpu" "$router" "$t0" "$t1" "$dir/cpu_ready.txt" <<'PY'
 import json, sys
 d = json.loads(open(sys.argv[1]).read().splitlines()[-1])
 samples = [list(map(int, l.split())) for l in open(sys.argv[2]) if l.strip()]
@@ -294,6 +299,13 @@ d.update(rss0_kb=sum(rss0), rss_max_kb=max(total), rss_end_kb=total[-1], server_
 d["nodes"] = {n: {"cpu_s": (cpu[i] - cpu0[i]) / 100, "rss0_kb": rss0[i], "rss_max_kb": max(s[i] for s in samples)}
               for i, n in enumerate(names)}
 d["load_s"] = round(float(sys.argv[9]) - float(sys.argv[8]), 2)  # the nodes' cpu_s is over this
+try:  # from every connection ready to the end: the writes and the drain
+    t_ready, *cpu_ready = open(sys.argv[10]).read().split()
+    d["write_s"] = round(float(sys.argv[9]) - float(t_ready), 2)
+    for i, n in enumerate(names):
+        d["nodes"][n]["write_cpu_s"] = (cpu[i] - int(cpu_ready[i])) / 100
+except (OSError, ValueError, IndexError):
+    pass
 if sys.argv[7] != "null":
     d["router_stayed"] = sys.argv[7] == "true"
 print(json.dumps(d))
