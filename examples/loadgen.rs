@@ -23,6 +23,9 @@
 //!   after). Latency = receive time − that, so it covers the commit, the server's change
 //!   source, routing, fan-out, the socket and the client's parse.
 //!
+//! `--url` takes several URLs (comma-separated, the nodes of a cluster): each key's
+//! connections go to them in turn, and the output counts connections and events per URL.
+//!
 //! Output: one JSON line on stdout.
 
 use std::net::{IpAddr, SocketAddr};
@@ -87,9 +90,12 @@ struct WriterArgs {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// WebSocket URL without the token, e.g. ws://127.0.0.1:8080/v1/ws
-    #[arg(long)]
-    url: String,
+    /// WebSocket URL without the token, e.g. ws://127.0.0.1:8080/v1/ws; several,
+    /// comma-separated (the nodes of a cluster): each stream key's connections go to them
+    /// round-robin, so every audience is split evenly over the nodes, as behind a load
+    /// balancer.
+    #[arg(long, value_delimiter = ',', required = true)]
+    url: Vec<String>,
     /// HS256 secret the tokens are signed with (claim `sub` = user id, expiry 1 h).
     #[arg(long)]
     secret: String,
@@ -318,6 +324,8 @@ struct ConnResult {
     connected: bool,
     stalled: bool,
     key: usize,
+    /// Index into `--url`.
+    url: usize,
     last_seq: u64,
     received: u64,
     close_code: Option<u16>,
@@ -400,6 +408,15 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     let ready_on_open = a.ready_on_open;
     let multi_bind = a.bind.len() > 1 || a.bind[0] != IpAddr::from([127, 0, 0, 1]);
 
+    // Each key's connections take the URLs in turn (see `--url`).
+    let mut key_conns = vec![0usize; keys.len()];
+    let mut conn_url = Vec::with_capacity(a.conns);
+    for &u in &conn_user {
+        let k = user_key(u);
+        conn_url.push(key_conns[k] % a.url.len());
+        key_conns[k] += 1;
+    }
+
     let t_connect = Instant::now();
     let mut handles = Vec::with_capacity(a.conns);
     let mut tokens: std::collections::HashMap<usize, Arc<str>> = Default::default();
@@ -408,7 +425,8 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             .entry(u)
             .or_insert_with(|| mint(&a.secret, &format!("u{u}")).into())
             .clone();
-        let url = format!("{}?token={}", a.url, token);
+        let url_idx = conn_url[i];
+        let url = format!("{}?token={}", a.url[url_idx], token);
         let bind = a.bind[i % a.bind.len()];
         let key = user_key(u);
         let stalled = stall_every > 0 && i % stall_every == stall_every / 2;
@@ -421,7 +439,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             key_ids.clone(),
         );
         handles.push(tokio::spawn(async move {
-            let mut r = ConnResult { key, stalled, ..Default::default() };
+            let mut r = ConnResult { key, stalled, url: url_idx, ..Default::default() };
             let permit = sem.acquire_owned().await.ok();
             let target: SocketAddr = {
                 let rest = url.trim_start_matches("ws://");
@@ -666,7 +684,13 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     let mut stalled_4008 = 0u64;
     let mut stalled_codes = std::collections::BTreeMap::<String, u64>::new();
     let mut measured = 0u64;
+    // Per URL: connections ready and events received (per node of a cluster).
+    let mut per_url = vec![(0u64, 0u64); a.url.len()];
     for r in &results {
+        if r.connected {
+            per_url[r.url].0 += 1;
+            per_url[r.url].1 += r.received;
+        }
         if r.stalled {
             stalled += 1;
             *stalled_codes
@@ -725,6 +749,9 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             "out_of_order": shared.out_of_order.load(Relaxed),
             "wrong_key": shared.wrong_key.load(Relaxed),
             "stalled": stalled, "stalled_closed_4008": stalled_4008, "stalled_close_codes": stalled_codes,
+            "per_url": a.url.iter().zip(&per_url)
+                .map(|(u, (c, n))| json!({"url": u, "connections": c, "received": n}))
+                .collect::<Vec<_>>(),
         })
     );
     Ok(())
