@@ -348,7 +348,11 @@ async fn run_demo(
             "    sse:   curl -N -H 'Authorization: Bearer {}' http://{addr}/v1/sse",
             u.token
         );
-        println!("    ws:    websocat 'ws://{addr}/v1/ws?token={}'", u.token);
+        // wscat installs from npm on first use (Node is all it needs).
+        println!(
+            "    ws:    npx -y wscat -c 'ws://{addr}/v1/ws?token={}'",
+            u.token
+        );
     }
     println!();
     println!("Ctrl-C to stop.");
