@@ -19,6 +19,9 @@ pub enum ServerEvent<'a> {
         position: &'a str,
         /// Whether everything after the requested `since` was replayed.
         resumed: bool,
+        /// With `?last=N` (and no `since`): how many of the user's newest events follow.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        last: Option<usize>,
     },
     Change {
         id: &'a str,
@@ -152,6 +155,7 @@ mod tests {
             user: "u1",
             position: "e7-1042",
             resumed: true,
+            last: None,
         };
         assert_eq!(
             ready.to_json(),

@@ -90,6 +90,9 @@ export class Changecast {
         this.cap = options.backoff?.cap ?? 10000;
         this.stableAfter = options.backoff?.stableAfter ?? 5000;
         this.lastEventId = options.since ?? null;
+        if (options.last !== undefined && !(Number.isInteger(options.last) && options.last >= 0)) {
+            throw new RangeError('changecast: last must be a whole number of events, got ' + String(options.last));
+        }
         const hasWs = !!(options.WebSocket ?? globalThis.WebSocket);
         this.transport = options.transport === 'sse' || (options.transport !== 'ws' && !hasWs) ? 'sse' : 'ws';
         if (options.autoConnect !== false)
@@ -175,6 +178,8 @@ export class Changecast {
             q.push('token=' + encodeURIComponent(token));
         if (this.lastEventId)
             q.push('since=' + encodeURIComponent(this.lastEventId));
+        else if (this.opts.last)
+            q.push('last=' + this.opts.last);
         if (this.opts.clientId)
             q.push('client_id=' + encodeURIComponent(this.opts.clientId));
         return q.length ? '?' + q.join('&') : '';
@@ -409,7 +414,9 @@ export class Changecast {
             return;
         switch (msg.type) {
             case 'ready': {
-                if (!this.lastEventId && msg.position)
+                // The resume point before any event: the position, unless recent events follow
+                // (their ids are below it; the first of them becomes the resume point).
+                if (!this.lastEventId && msg.position && !(msg.last > 0))
                     this.lastEventId = msg.position;
                 this.stableTimer = this.clear(this.stableTimer);
                 this.stableTimer = this.timers.setTimeout(() => {

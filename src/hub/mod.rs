@@ -2,9 +2,10 @@
 //!
 //! In: routed events from the one router task — [`Hub::prepare`] gives each its id and
 //! encoding, the router stores them durably ([`store`]), then [`Hub::deliver`] fans them
-//! out — and subscriptions ([`Hub::subscribe`], one per client connection). Out:
-//! [`Frame`]s on each connection's bounded queue, and the opening of each connection
-//! (`ready`, then `gap` or the replay after `since`).
+//! out — and subscriptions ([`Hub::subscribe_from`], one per client connection: live
+//! only, resuming after `since`, or opening on the newest `last` events). Out: [`Frame`]s
+//! on each connection's bounded queue, and the opening of each connection (`ready`, then
+//! `gap`, the replay after `since`, or the user's newest events).
 //!
 //! - Every event gets one id, `<epoch>-<seq>`, from a sequence that only grows, so ids
 //!   increase for every user in delivery order. It is encoded to JSON once, and the same
@@ -15,7 +16,9 @@
 //!   kicked with 4008 and resumes from history.
 //! - Subscribing registers the queue and notes the published head under the same lock that
 //!   delivery takes: every event up to the head is in history (memory or store), every
-//!   later one arrives in the queue. Nothing lost at the seam, nothing repeated.
+//!   later one arrives in the queue. Nothing lost at the seam, nothing repeated. A
+//!   `last` opening is cut at the same place: the user's newest events up to the head
+//!   (memory, then the store for older ones), then the queue.
 //! - The epoch names a history's lifetime. With the durable store it survives restarts; in
 //!   memory, a new process is a new epoch and older ids get `gap`.
 
@@ -36,6 +39,9 @@ use crate::event::{CloseReason, ServerEvent};
 use store::HistoryStore;
 
 const SHARDS: usize = 64;
+
+/// The most events a `last` opening serves: larger requests get this many.
+pub const MAX_LAST: usize = 1000;
 
 /// One encoded event, shared by every connection it goes to.
 #[derive(Debug)]
@@ -208,8 +214,37 @@ pub enum Opening {
     Event(Arc<Frame>),
 }
 
+/// Where a new connection starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start<'a> {
+    /// Live events only.
+    Live,
+    /// After this event id (`?since=`, `Last-Event-ID`): exactly what was missed.
+    Since(&'a str),
+    /// On the user's newest `n` events (`?last=`; at most [`MAX_LAST`]), then live.
+    Last(usize),
+}
+
+impl<'a> Start<'a> {
+    /// From a connection's parameters: `since` wins over `last`.
+    pub fn new(since: Option<&'a str>, last: Option<usize>) -> Start<'a> {
+        match (since, last) {
+            (Some(since), _) => Start::Since(since),
+            (None, Some(n)) => Start::Last(n),
+            (None, None) => Start::Live,
+        }
+    }
+}
+
 enum Resume {
     Fresh,
+    /// A `last` opening: `memory` (the newest, oldest first), preceded by up to `more`
+    /// older ones read from the store (`seq <= upto`).
+    Recent {
+        memory: Vec<Arc<Frame>>,
+        more: usize,
+        upto: u64,
+    },
     Replay(Vec<Arc<Frame>>),
     Gap(String),
     /// Older than memory: read the store for `after < seq <= upto`.
@@ -239,8 +274,19 @@ impl Subscription {
     /// than what memory holds.
     pub async fn opening(&mut self) -> Vec<Opening> {
         let hub = Arc::clone(&self.registration.hub);
+        let mut last = None;
         let (resumed, replay, gap) = match self.resume.take().unwrap_or(Resume::Fresh) {
             Resume::Fresh => (false, Vec::new(), None),
+            Resume::Recent { memory, more, upto } => {
+                let mut recent = if more > 0 {
+                    hub.latest(&self.registration.user, more, upto).await
+                } else {
+                    Vec::new()
+                };
+                recent.extend(memory);
+                last = Some(recent.len());
+                (false, recent, None)
+            }
             Resume::Replay(r) => (true, r, None),
             Resume::Gap(since) => (false, Vec::new(), Some(since)),
             Resume::Store { since, after, upto } => {
@@ -256,6 +302,7 @@ impl Subscription {
                 user: &self.registration.user,
                 position: &self.position,
                 resumed,
+                last,
             }
             .to_json(),
         ));
@@ -565,6 +612,16 @@ impl Hub {
         user: &str,
         since: Option<&str>,
     ) -> Result<Subscription, CloseReason> {
+        self.subscribe_from(user, since.map_or(Start::Live, Start::Since))
+    }
+
+    /// Registers a connection of `user` that starts at `start`. Refused with
+    /// [`CloseReason::TryAgainLater`] past the connection limits.
+    pub fn subscribe_from(
+        self: &Arc<Self>,
+        user: &str,
+        start: Start<'_>,
+    ) -> Result<Subscription, CloseReason> {
         if self.connections.fetch_add(1, Ordering::AcqRel) >= self.config.max_connections {
             self.connections.fetch_sub(1, Ordering::AcqRel);
             metrics::counter!("changecast_connections_refused_total", "limit" => "total")
@@ -593,9 +650,25 @@ impl Hub {
         // A cluster node a few events behind the one the client came from: what it has
         // seen is skipped when it arrives here.
         let mut seen = 0;
-        let resume = match since {
-            None => Resume::Fresh,
-            Some(since) => match self.resume_point(since, head) {
+        let resume = match start {
+            Start::Live => Resume::Fresh,
+            Start::Last(n) => {
+                let n = n.min(MAX_LAST);
+                let skip = state.recent.len().saturating_sub(n);
+                let memory: Vec<Arc<Frame>> = state.recent.iter().skip(skip).cloned().collect();
+                // Older events of this user are all at or below its floor, in the store
+                // (stored before delivery); later ones come through the queue.
+                let more = match &self.store {
+                    Some(_) if state.floor > 0 => n - memory.len(),
+                    _ => 0,
+                };
+                Resume::Recent {
+                    memory,
+                    more,
+                    upto: state.floor,
+                }
+            }
+            Start::Since(since) => match self.resume_point(since, head) {
                 Some(after) if after > head => {
                     seen = after;
                     Resume::Replay(Vec::new())
@@ -674,6 +747,26 @@ impl Hub {
             Err(e) => {
                 tracing::error!(error = %e, "history: replay task failed; the client is sent gap");
                 None
+            }
+        }
+    }
+
+    /// `user`'s newest `n` events with `seq <= upto` from the store, oldest first. A failed
+    /// read is logged and serves none: the connection still opens, with what memory had.
+    async fn latest(&self, user: &str, n: usize, upto: u64) -> Vec<Arc<Frame>> {
+        let Some(store) = self.store.as_ref().map(Arc::clone) else {
+            return Vec::new();
+        };
+        let (user, epoch) = (user.to_owned(), self.epoch.to_string());
+        match tokio::task::spawn_blocking(move || store.latest(&user, n, upto, &epoch)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "history: reading recent events failed; the client gets fewer");
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "history: recent events task failed; the client gets fewer");
+                Vec::new()
             }
         }
     }

@@ -3,7 +3,8 @@
 //! In: batches of encoded events with their recipients, and the source position the batch
 //! ends at ([`HistoryStore::append`]), committed in ONE transaction — so after a crash at
 //! any point the history and the source checkpoint agree: nothing lost, nothing twice.
-//! Out: a user's events after an id ([`HistoryStore::replay`]), the epoch, the floor below
+//! Out: a user's events after an id ([`HistoryStore::replay`]) or their newest ones
+//! ([`HistoryStore::latest`], for `?last=N`), the epoch, the floor below
 //! which history is incomplete, and the checkpoint to resume the source from.
 //!
 //! Each event is stored once with its *audience*: the set of its recipients, stored once
@@ -330,6 +331,40 @@ impl HistoryStore {
                 return Ok(None);
             }
             Ok(Some(out))
+        })();
+        lock(&self.readers).push(conn);
+        result
+    }
+
+    /// `user`'s newest `n` events with `seq <= upto`, oldest first: the ones retention kept
+    /// for them (above their own floor). Fewer when there are fewer.
+    pub fn latest(
+        &self,
+        user: &str,
+        n: usize,
+        upto: u64,
+        epoch: &str,
+    ) -> rusqlite::Result<Vec<Arc<Frame>>> {
+        let conn = self.reader()?;
+        let result = (|| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT seq, json FROM events \
+                 WHERE audience IN (SELECT audience FROM members WHERE user = ?1) \
+                 AND seq <= ?2 \
+                 AND seq > COALESCE((SELECT floor FROM user_floors WHERE user = ?1), 0) \
+                 ORDER BY seq DESC LIMIT ?3",
+            )?;
+            let limit = i64::try_from(n).unwrap_or(i64::MAX);
+            let rows = stmt.query_map(params![user, upto as i64, limit], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (seq, json) = row?;
+                out.push(Arc::new(Frame::new(format!("{epoch}-{seq}"), seq, json)));
+            }
+            out.reverse();
+            Ok(out)
         })();
         lock(&self.readers).push(conn);
         result

@@ -321,3 +321,183 @@ async fn a_since_the_stream_holds_but_this_node_has_not_read_yet_resumes_without
     let mut ahead = hub.subscribe("u1", Some("e1-9")).unwrap();
     assert_eq!(kinds(&opening(&mut ahead).await), ["ready", "gap"]);
 }
+
+/// The ids in an opening after `ready`, and the `ready` itself.
+async fn recent(sub: &mut Subscription) -> (serde_json::Value, Vec<String>) {
+    let o = opening(sub).await;
+    assert_eq!(o[0].0, "ready", "{o:?}");
+    let ready = serde_json::from_str(&o[0].1).unwrap();
+    (ready, o[1..].iter().map(|(k, _)| k.clone()).collect())
+}
+
+#[tokio::test]
+async fn last_n_opens_on_the_newest_n_of_the_users_events_then_live() {
+    let hub = hub(10, 10);
+    for n in 1..=5 {
+        publish(&hub, &["u1"], n);
+        publish(&hub, &["u2"], n);
+    }
+    // u1's events are the odd ones.
+    let mut sub = hub.subscribe_from("u1", Start::Last(3)).unwrap();
+    let (ready, ids) = recent(&mut sub).await;
+    assert_eq!(ids, ["e1-5", "e1-7", "e1-9"]);
+    assert_eq!(ready["last"], 3, "{ready}");
+    assert_eq!(ready["resumed"], false, "{ready}");
+    assert_eq!(ready["position"], "e1-10", "{ready}");
+    publish(&hub, &["u1"], 6);
+    assert_eq!(sub.recv().await.unwrap().id.as_ref(), "e1-11");
+    assert!(sub.try_recv().is_none(), "nothing twice at the seam");
+
+    // More than there is: all of it. None asked: none, and `ready` says so.
+    let mut all = hub.subscribe_from("u1", Start::Last(100)).unwrap();
+    let (ready, ids) = recent(&mut all).await;
+    assert_eq!(ids.len(), 6);
+    assert_eq!(ready["last"], 6);
+    let mut zero = hub.subscribe_from("u1", Start::Last(0)).unwrap();
+    let (ready, ids) = recent(&mut zero).await;
+    assert!(ids.is_empty());
+    assert_eq!(ready["last"], 0);
+    // A user with no events at all.
+    let mut nobody = hub.subscribe_from("u9", Start::Last(5)).unwrap();
+    let (ready, ids) = recent(&mut nobody).await;
+    assert!(ids.is_empty());
+    assert_eq!(ready["last"], 0);
+}
+
+#[tokio::test]
+async fn since_wins_over_last_and_plain_connections_say_nothing_of_last() {
+    let hub = hub(10, 10);
+    for n in 1..=4 {
+        publish(&hub, &["u1"], n);
+    }
+    let start = Start::new(Some("e1-3"), Some(1));
+    let mut sub = hub.subscribe_from("u1", start).unwrap();
+    let (ready, ids) = recent(&mut sub).await;
+    assert_eq!(ids, ["e1-4"]);
+    assert_eq!(ready["resumed"], true);
+    assert!(ready.get("last").is_none(), "{ready}");
+    let mut plain = hub.subscribe("u1", None).unwrap();
+    let (ready, ids) = recent(&mut plain).await;
+    assert!(ids.is_empty());
+    assert!(ready.get("last").is_none(), "{ready}");
+}
+
+#[tokio::test]
+async fn last_is_bounded_by_max_last() {
+    let hub = hub(MAX_LAST + 10, MAX_LAST + 10);
+    for n in 1..=(MAX_LAST as u64 + 5) {
+        publish(&hub, &["u1"], n);
+    }
+    let mut sub = hub.subscribe_from("u1", Start::Last(usize::MAX)).unwrap();
+    let (ready, ids) = recent(&mut sub).await;
+    assert_eq!(ids.len(), MAX_LAST);
+    assert_eq!(ready["last"], MAX_LAST);
+    assert_eq!(ids.last().unwrap(), &format!("e1-{}", MAX_LAST + 5));
+}
+
+/// Prepares, stores and delivers one event for `users`, as the router does.
+fn route(hub: &Hub, store: &store::HistoryStore, users: &[&str]) -> String {
+    let p = hub
+        .prepare(users.iter().map(|u| UserId::from(*u)).collect(), |id| {
+            format!("{{\"id\":\"{id}\"}}")
+        })
+        .unwrap();
+    let json = p.frame.json.to_string();
+    let recipients = p.recipients.clone();
+    store
+        .append(
+            &[store::Record {
+                seq: p.frame.seq,
+                json: &json,
+                recipients: &recipients,
+            }],
+            None,
+        )
+        .unwrap();
+    hub.deliver(&p);
+    p.frame.id.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_n_reads_the_store_for_what_memory_does_not_hold_and_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("history.db");
+    let opened = store::HistoryStore::open(&path, new_epoch).unwrap();
+    let hub = Arc::new(Hub::durable(&opened, config(2, 10)));
+    let mut mine = Vec::new();
+    for _ in 1..=6 {
+        mine.push(route(&hub, &opened.store, &["u1"]));
+        route(&hub, &opened.store, &["u2"]);
+    }
+    // Memory keeps 2 of u1's 6; the other 2 asked for come from the store.
+    let mut sub = hub.subscribe_from("u1", Start::Last(4)).unwrap();
+    let (ready, ids) = recent(&mut sub).await;
+    assert_eq!(ids, mine[2..]);
+    assert_eq!(ready["last"], 4);
+    let next = route(&hub, &opened.store, &["u1"]);
+    assert_eq!(sub.recv().await.unwrap().id.as_ref(), next);
+    assert!(sub.try_recv().is_none());
+    mine.push(next);
+    drop((sub, hub, opened));
+
+    // A new process: nothing in memory, all from the store, then live.
+    let opened = store::HistoryStore::open(&path, || panic!("kept")).unwrap();
+    let hub = Arc::new(Hub::durable(&opened, config(2, 10)));
+    let mut sub = hub.subscribe_from("u1", Start::Last(3)).unwrap();
+    let (ready, ids) = recent(&mut sub).await;
+    assert_eq!(ids, mine[4..]);
+    assert_eq!(ready["last"], 3);
+    let next = route(&hub, &opened.store, &["u1"]);
+    assert_eq!(sub.recv().await.unwrap().id.as_ref(), next);
+    assert!(sub.try_recv().is_none());
+    // After one new event: one from memory, the rest from the store.
+    let mut sub = hub.subscribe_from("u1", Start::Last(3)).unwrap();
+    let (_, ids) = recent(&mut sub).await;
+    assert_eq!(ids, [mine[5].clone(), mine[6].clone(), next]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_n_races_delivery_without_a_gap_or_a_repeat_at_the_seam() {
+    // The router delivers continuously while clients subscribe with `last`: each client's
+    // opening and live events together are consecutive events of the user, each once.
+    let dir = tempfile::tempdir().unwrap();
+    let opened = store::HistoryStore::open(&dir.path().join("history.db"), new_epoch).unwrap();
+    let hub = Arc::new(Hub::durable(&opened, config(4, 10_000)));
+    const TOTAL: usize = 3000;
+    let router = {
+        let (hub, store) = (Arc::clone(&hub), Arc::clone(&opened.store));
+        std::thread::spawn(move || {
+            (0..TOTAL)
+                .map(|_| route(&hub, &store, &["u1"]))
+                .collect::<Vec<_>>()
+        })
+    };
+    let mut checked = 0;
+    while !router.is_finished() {
+        let mut sub = hub.subscribe_from("u1", Start::Last(8)).unwrap();
+        let (ready, mut ids) = recent(&mut sub).await;
+        assert_eq!(ready["last"], ids.len());
+        let opened_with = ids.len();
+        // Read live events for a while: they continue right after the opening.
+        while ids.len() < opened_with + 20 {
+            match tokio::time::timeout(std::time::Duration::from_secs(1), sub.recv()).await {
+                Ok(Some(f)) => ids.push(f.id.to_string()),
+                _ => break, // the router finished
+            }
+        }
+        let seqs: Vec<u64> = ids
+            .iter()
+            .map(|id| id.rsplit_once('-').unwrap().1.parse().unwrap())
+            .collect();
+        assert!(
+            seqs.windows(2).all(|w| w[1] == w[0] + 1),
+            "consecutive, none twice (opening of {opened_with}): {seqs:?}"
+        );
+        if opened_with > 0 && ids.len() > opened_with {
+            checked += 1;
+        }
+    }
+    let all = router.join().unwrap();
+    assert_eq!(all.len(), TOTAL);
+    assert!(checked > 0, "no connection opened mid-stream");
+}

@@ -12,6 +12,7 @@ pub mod publish;
 pub mod sse;
 pub mod ws;
 
+use std::num::IntErrorKind;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -24,6 +25,7 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::hub::MAX_LAST;
 use crate::server::App;
 
 /// Query parameters of `/v1/ws` and `/v1/sse`.
@@ -34,6 +36,28 @@ pub struct StreamParams {
     pub client_id: Option<String>,
     /// Resume after this event id.
     pub since: Option<String>,
+    /// Open on the user's newest N events (see [`parse_last`]); `since` wins.
+    pub last: Option<String>,
+}
+
+/// `?last=N`: a whole number of events. Above [`MAX_LAST`] (however large) it is
+/// [`MAX_LAST`]; anything else is refused with a reason for a 400.
+pub fn parse_last(raw: Option<&str>) -> Result<Option<usize>, String> {
+    let Some(raw) = raw else { return Ok(None) };
+    match raw.parse::<u64>() {
+        Ok(n) => Ok(Some(usize::try_from(n).unwrap_or(MAX_LAST).min(MAX_LAST))),
+        Err(e) if *e.kind() == IntErrorKind::PosOverflow => Ok(Some(MAX_LAST)),
+        Err(_) => Err(format!(
+            "last: expected a whole number of events (0 to {MAX_LAST}), got {:?}",
+            close_text(raw)
+        )),
+    }
+}
+
+/// A refused stream request: `400` with a JSON reason.
+pub fn bad_request(reason: String) -> Response {
+    let body = json!({"error": reason, "code": 400});
+    (StatusCode::BAD_REQUEST, Json(body)).into_response()
 }
 
 /// The HTTP routes of the gateway.
@@ -123,6 +147,19 @@ mod tests {
         assert_eq!(bearer(&h), None);
         h.insert(header::AUTHORIZATION, "Bearer ".parse().unwrap());
         assert_eq!(bearer(&h), None);
+    }
+
+    #[test]
+    fn last_is_a_whole_number_capped_at_max_last() {
+        assert_eq!(parse_last(None), Ok(None));
+        assert_eq!(parse_last(Some("0")), Ok(Some(0)));
+        assert_eq!(parse_last(Some("20")), Ok(Some(20)));
+        assert_eq!(parse_last(Some("1001")), Ok(Some(MAX_LAST)));
+        assert_eq!(parse_last(Some(&"9".repeat(40))), Ok(Some(MAX_LAST)));
+        for bad in ["", "x", "-1", "1.5", " 3", "0x10"] {
+            let e = parse_last(Some(bad)).unwrap_err();
+            assert!(e.starts_with("last: expected a whole number"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! `GET /v1/sse`: the Server-Sent Events stream.
 //!
 //! In: a request with `Authorization: Bearer` or `?token=`, and `?since=` or the
-//! `Last-Event-ID` header (what `EventSource` sends when it reconnects). Out: the same
-//! events as the WebSocket, one `data:` line each, with `id:` on events that have one.
+//! `Last-Event-ID` header (what `EventSource` sends when it reconnects), or `?last=N` (the
+//! user's newest N events first; a resume point wins, so an `EventSource` reconnecting on
+//! the same URL resumes). Out: the same events as the WebSocket, one `data:` line each,
+//! with `id:` on events that have one. A bad `last` is refused with `400`.
 //!
 //! Refusals are plain HTTP (401 bad credentials, 403 unknown user or client id) with a
 //! JSON reason: `EventSource` stops on them. Everything that the WebSocket closes with a
@@ -26,10 +28,10 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
 use super::edge::ConnHandle;
-use super::{StreamParams, bearer};
+use super::{StreamParams, bad_request, bearer, parse_last};
 use crate::auth::{AuthError, now_secs};
 use crate::event::CloseReason;
-use crate::hub::{Opening, Subscription};
+use crate::hub::{Opening, Start, Subscription};
 use crate::server::App;
 
 /// How long a closing comment may wait on shutdown.
@@ -42,6 +44,10 @@ pub async fn handler(
     conn: Option<Extension<ConnHandle>>,
 ) -> Response {
     let conn = conn.map(|Extension(c)| c);
+    let last = match parse_last(params.last.as_deref()) {
+        Ok(last) => last,
+        Err(reason) => return bad_request(reason),
+    };
     let Some(token) = bearer(&headers).or(params.token) else {
         return refuse(AuthError::Missing);
     };
@@ -60,7 +66,8 @@ pub async fn handler(
             .map(str::to_owned)
     });
     app.learn_stream_head(since.as_deref()).await;
-    let mut sub = match app.hub.subscribe(&identity.user, since.as_deref()) {
+    let start = Start::new(since.as_deref(), last);
+    let mut sub = match app.hub.subscribe_from(&identity.user, start) {
         Ok(sub) => sub,
         Err(reason) => {
             let body = json!({"error": reason.text(), "code": reason.code()});

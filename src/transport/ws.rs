@@ -1,9 +1,10 @@
 //! `GET /v1/ws`: the WebSocket stream.
 //!
 //! In: an upgrade request with credentials in the `Authorization` header, `?token=`, or a
-//! first `{"type":"auth",...}` frame within `server.auth_timeout`. Out: `ready`, then `gap`
-//! or the replay after `since`, then live events, one JSON text frame each; closed with the
-//! codes of SPEC.md.
+//! first `{"type":"auth",...}` frame within `server.auth_timeout`; `?since=` or `?last=`.
+//! Out: `ready`, then `gap`, the replay after `since` or the user's newest `last` events,
+//! then live events, one JSON text frame each; closed with the codes of SPEC.md. A bad
+//! `last` is refused with `400` before the upgrade.
 //!
 //! One task per connection runs one `select!` loop: it writes queued frames (the hub's
 //! shared bytes, no copy), answers client frames (`ping`, `refresh`), sends keepalive
@@ -26,10 +27,10 @@ use serde::Deserialize;
 use tokio::time::{Instant, sleep_until};
 
 use super::edge::ConnHandle;
-use super::{StreamParams, bearer, close_text};
+use super::{StreamParams, bad_request, bearer, close_text, parse_last};
 use crate::auth::{AuthError, Identity, now_secs};
 use crate::event::{CloseReason, ServerEvent};
-use crate::hub::{Frame, Opening, Subscription};
+use crate::hub::{Frame, Opening, Start, Subscription};
 use crate::server::App;
 
 /// Frames a client may send (SPEC: `auth`, `refresh`, `ping`).
@@ -72,13 +73,29 @@ pub async fn handler(
     ws: WebSocketUpgrade,
 ) -> Response {
     let conn = conn.map(|Extension(c)| c);
+    let last = match parse_last(params.last.as_deref()) {
+        Ok(last) => last,
+        Err(reason) => return bad_request(reason),
+    };
     let token = bearer(&headers).or(params.token);
     let max = app.server.max_client_frame;
+    let start = Opener {
+        client_id: params.client_id,
+        since: params.since,
+        last,
+    };
     ws.read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| session(app, socket, conn, token, params.client_id, params.since))
+        .on_upgrade(move |socket| session(app, socket, conn, token, start))
+}
+
+/// What the request asked for besides the token.
+struct Opener {
+    client_id: Option<String>,
+    since: Option<String>,
+    last: Option<usize>,
 }
 
 /// `conn` is the connection's place at the edge: held for as long as the socket is open
@@ -88,9 +105,13 @@ async fn session(
     mut socket: WebSocket,
     conn: Option<ConnHandle>,
     token: Option<String>,
-    client_id: Option<String>,
-    since: Option<String>,
+    start: Opener,
 ) {
+    let Opener {
+        client_id,
+        since,
+        last,
+    } = start;
     let (token, client_id) = match token {
         Some(t) => (t, client_id),
         None => match auth_frame(&mut socket, app.server.auth_timeout).await {
@@ -108,7 +129,8 @@ async fn session(
     };
 
     app.learn_stream_head(since.as_deref()).await;
-    let mut sub = match app.hub.subscribe(&identity.user, since.as_deref()) {
+    let start = Start::new(since.as_deref(), last);
+    let mut sub = match app.hub.subscribe_from(&identity.user, start) {
         Ok(sub) => sub,
         Err(reason) => return close(socket, reason, reason.text(), CLOSE_WAIT).await,
     };

@@ -181,6 +181,52 @@ test('lost history (new epoch): the page shows the "refresh your data" notice', 
   assertExactlyOnce(await pageEvents(s.page), ['og1', 'og2']);
 });
 
+test('the page opens on the recent activity at once, also after a restart', { timeout: 90_000 }, async (t) => {
+  const s = await session(t);
+  // Some activity: u1's orders, and one of u2's that u1 must not see.
+  const keys = [];
+  for (let i = 1; i <= 5; i++) {
+    insertOrder(s.data, `or${i}`, 'b1');
+    keys.push(`or${i}`);
+  }
+  insertOrder(s.data, 'orx', 'b2');
+  await waitForKeys(s.page, keys); // routed and stored
+  await s.page.context().close();
+
+  // A fresh page load, with no new activity: the recent events are there at once, in
+  // order (the newest on top), then live ones follow with nothing repeated.
+  const check = async (label) => {
+    const opened = await openPage(browser, s.demo);
+    s.page = opened.page;
+    await waitForKeys(s.page, keys, 5_000);
+    const shown = await pageEvents(s.page);
+    assert.deepEqual(shown.map((e) => e.key), keys, label);
+    const feed = await s.page.$$eval('#feed .event', (els) => els.map((e) => e.querySelector('.summary').textContent));
+    assert.equal(feed.length, keys.length, label);
+    assert.match(feed[0], new RegExp(`Order ${keys.at(-1)} created`), label);
+    assert.match(feed.at(-1), new RegExp(`Order ${keys[0]} created`), label);
+    const readies = await s.page.evaluate(() => window.changecast.states.filter((x) => x.state === 'live').length);
+    assert.equal(readies, 1, label + ': one connection');
+  };
+  await check('after activity');
+  insertOrder(s.data, 'or6', 'b1');
+  keys.push('or6');
+  await waitForKeys(s.page, keys);
+  assertExactlyOnce(await pageEvents(s.page), keys);
+  await s.page.context().close();
+
+  // Restarted: the recent activity comes from the history file.
+  const port = s.demo.port;
+  await stopDemo(s.demo, 'SIGKILL');
+  s.demo = await startDemo(s.data, { port });
+  await check('after a restart');
+  insertOrder(s.data, 'or7', 'b1');
+  keys.push('or7');
+  await waitForKeys(s.page, keys);
+  assertExactlyOnce(await pageEvents(s.page), keys);
+  assert.equal(await s.page.evaluate(() => window.changecast.gaps), 0);
+});
+
 // The screenshot goes to a temporary folder, so the test run leaves the clone clean;
 // SCREENSHOT=docs/activity-page.png refreshes the README's image.
 test('screenshot of the activity page', { timeout: 60_000 }, async (t) => {

@@ -16,6 +16,9 @@ export interface ReadyEvent {
   position: string | null;
   /** Whether everything after `since` was replayed. */
   resumed: boolean;
+  /** With the `last` option on a connection without a resume point: how many of the
+   * user's newest events follow (oldest first), before live ones. */
+  last?: number;
 }
 
 /** A routed database change. */
@@ -131,6 +134,13 @@ export interface ChangecastOptions {
   transport?: 'auto' | 'ws' | 'sse';
   /** Resume after this event id. */
   since?: string | null;
+  /**
+   * Open on the user's recent activity: with no resume point yet (no `since`, no event
+   * seen), ask for the newest N events (`?last=N`, at most 1000 are served), which arrive
+   * oldest first before live ones. Reconnects resume with `since` as usual. A whole
+   * number; default none.
+   */
+  last?: number;
   backoff?: BackoffOptions;
   /** `client_id` query parameter. */
   clientId?: string;
@@ -263,6 +273,9 @@ export class Changecast {
     this.cap = options.backoff?.cap ?? 10_000;
     this.stableAfter = options.backoff?.stableAfter ?? 5_000;
     this.lastEventId = options.since ?? null;
+    if (options.last !== undefined && !(Number.isInteger(options.last) && options.last >= 0)) {
+      throw new RangeError('changecast: last must be a whole number of events, got ' + String(options.last));
+    }
     const hasWs = !!(options.WebSocket ?? (globalThis as any).WebSocket);
     this.transport = options.transport === 'sse' || (options.transport !== 'ws' && !hasWs) ? 'sse' : 'ws';
     if (options.autoConnect !== false) this.connect();
@@ -350,6 +363,7 @@ export class Changecast {
     const q: string[] = [];
     if (token != null) q.push('token=' + encodeURIComponent(token));
     if (this.lastEventId) q.push('since=' + encodeURIComponent(this.lastEventId));
+    else if (this.opts.last) q.push('last=' + this.opts.last);
     if (this.opts.clientId) q.push('client_id=' + encodeURIComponent(this.opts.clientId));
     return q.length ? '?' + q.join('&') : '';
   }
@@ -559,7 +573,9 @@ export class Changecast {
     if (!msg || typeof msg !== 'object') return;
     switch (msg.type) {
       case 'ready': {
-        if (!this.lastEventId && msg.position) this.lastEventId = msg.position;
+        // The resume point before any event: the position, unless recent events follow
+        // (their ids are below it; the first of them becomes the resume point).
+        if (!this.lastEventId && msg.position && !(msg.last > 0)) this.lastEventId = msg.position;
         this.stableTimer = this.clear(this.stableTimer);
         this.stableTimer = this.timers.setTimeout(() => {
           if (my === this.gen) this.attempt = 0;

@@ -458,3 +458,90 @@ describe('SSE', () => {
     t.cc.close();
   });
 });
+
+describe('recent activity (last)', () => {
+  const readyLast = (position, last) => ({ type: 'ready', user: 'u1', position, resumed: false, last });
+
+  test('the first connection asks for the newest N; the replay is shown; reconnects resume with since', async () => {
+    const t = setup({ options: { last: 20 } });
+    await flush();
+    let s = t.last();
+    assert.equal(s.query.get('last'), '20');
+    assert.equal(s.query.get('since'), null);
+    s.open();
+    s.receive(readyLast('e1-9', 2));
+    s.receive(change('e1-5', 'o5'));
+    s.receive(change('e1-9', 'o9'));
+    s.receive(change('e1-10', 'o10'));
+    assert.deepEqual(t.events.filter((e) => e.type === 'change').map((e) => e.id), ['e1-5', 'e1-9', 'e1-10'],
+      'replayed events older than the ready position are shown, not taken as seen');
+    assert.equal(t.events[0].last, 2);
+    s.serverClose(1012);
+    await t.timers.tick(10_000);
+    s = t.last();
+    assert.equal(s.query.get('since'), 'e1-10');
+    assert.equal(s.query.get('last'), null, 'a resume, not the recent events again');
+    t.cc.close();
+  });
+
+  test('lost during the replay: resumes after the last replayed event', async () => {
+    const t = setup({ options: { last: 5 } });
+    await flush();
+    const s = t.last();
+    s.open();
+    s.receive(readyLast('e1-9', 3));
+    s.receive(change('e1-3'));
+    s.serverClose(1006);
+    await t.timers.tick(10_000);
+    assert.equal(t.last().query.get('since'), 'e1-3');
+    assert.equal(t.last().query.get('last'), null);
+    t.cc.close();
+  });
+
+  test('nothing to replay: resumes from the ready position; lost before ready: asks again', async () => {
+    const t = setup({ options: { last: 5 } });
+    await flush();
+    let s = t.last();
+    s.open();
+    s.serverClose(1006); // before ready
+    await t.timers.tick(10_000);
+    s = t.last();
+    assert.equal(s.query.get('last'), '5');
+    s.open();
+    s.receive(readyLast('e1-9', 0));
+    s.serverClose(1012);
+    await t.timers.tick(10_000);
+    assert.equal(t.last().query.get('since'), 'e1-9');
+    assert.equal(t.last().query.get('last'), null);
+    t.cc.close();
+  });
+
+  test('with a since option, last is not sent (since wins)', async () => {
+    const t = setup({ options: { last: 5, since: 'e1-7' } });
+    await flush();
+    assert.equal(t.last().query.get('since'), 'e1-7');
+    assert.equal(t.last().query.get('last'), null);
+    t.cc.close();
+  });
+
+  test('SSE asks for it the same way', async () => {
+    const t = setup({ options: { last: 7, transport: 'sse' } });
+    await flush();
+    const c = t.f.calls[0];
+    assert.equal(c.query.get('last'), '7');
+    c.respond(200);
+    c.write(sse(readyLast('e1-4', 1)) + sse(change('e1-2')));
+    await flush();
+    assert.deepEqual(t.events.map((e) => e.type), ['ready', 'change']);
+    assert.equal(t.cc.lastEventId, 'e1-2');
+    t.cc.close();
+  });
+
+  test('last must be a whole number of events', () => {
+    for (const bad of [-1, 1.5, NaN, '3']) {
+      assert.throws(() => new Changecast({ url: URL_, token: 't', last: bad, autoConnect: false }), RangeError, String(bad));
+    }
+    const ok = new Changecast({ url: URL_, token: 't', last: 0, autoConnect: false });
+    ok.close();
+  });
+});
