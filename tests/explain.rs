@@ -131,14 +131,22 @@ fn explain_evaluates_alert_conditions_and_reads_a_document_from_stdin() {
     );
     assert!(stdout.contains("alert stock_low"), "{stdout}");
 
-    // Plenty of stock: the alert does not fire, and says so.
+    // Plenty of stock: the alert does not fire, and says so. (`--key -` reads stdin too.)
     let doc = doc.replace("\"quantity_in_stock\": 2", "\"quantity_in_stock\": 50");
     let out = explain(
         &db,
         &config,
-        &["--collection", "inventory_items", "--stdin", "--user", "u1"],
+        &[
+            "--collection",
+            "inventory_items",
+            "--key",
+            "-",
+            "--user",
+            "u1",
+        ],
         Some(&doc),
     );
+    assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     assert!(
         stdout.contains("when `doc.quantity_in_stock <= doc.reorder_point`: false"),
