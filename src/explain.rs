@@ -218,6 +218,7 @@ impl Explanation {
             for spec in &rule.to {
                 let image = match spec.image {
                     "before" => " (on the document before the change)",
+                    "deleted" => " (on the deleted document)",
                     _ => "",
                 };
                 let _ = writeln!(s, "  to {}{image}", spec.spec);

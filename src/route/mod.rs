@@ -322,11 +322,17 @@ impl Router {
         }
         let mut recipients = RecipientSet::default();
         let rule = ("route", &**name);
+        // A delete routes by the deleted document (its pre-image).
+        let image = if change.op == Op::Delete {
+            "deleted"
+        } else {
+            "after"
+        };
         self.resolve(
             rule,
             &route.to,
             doc,
-            "after",
+            image,
             change,
             &mut recipients,
             trace.as_deref_mut(),

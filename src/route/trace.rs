@@ -65,7 +65,8 @@ pub struct ConditionTrace {
 pub struct SpecTrace {
     /// The spec as `check` prints it (`owner._id from `businesses` where _id = $creator_id`).
     pub spec: String,
-    /// `after` (the document as it is) or `before` (the pre-image of an update).
+    /// `after` (the document after the change), `before` (the pre-image of an update that
+    /// may have moved the document between owners) or `deleted` (a delete's pre-image).
     pub image: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lookup: Option<LookupTrace>,
