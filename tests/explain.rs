@@ -294,3 +294,56 @@ fn a_change_routed_to_nobody_is_logged_with_its_route_key_and_reason() {
     assert_eq!(v["fields"]["key"], "o-nobody", "{line}");
     assert_eq!(v["fields"]["reason"], "no_recipients", "{line}");
 }
+
+#[test]
+fn explain_finds_rows_by_the_key_events_carry_composite_and_rowid_too() {
+    let db = Db::new();
+    db.exec(
+        "CREATE TABLE memberships (user_id TEXT, project_id INTEGER, PRIMARY KEY (user_id, project_id));
+         INSERT INTO memberships VALUES ('alice', 3), ('bob', 3);
+         CREATE TABLE notes (body TEXT, author TEXT);
+         INSERT INTO notes VALUES ('hello', 'carol');",
+    );
+    let config = format!(
+        "[source]\ntype = \"sqlite\"\npath = \"{}\"\n[auth]\njwt_secret = \"s\"\n\
+         [[route]]\nname = \"memberships\"\ncollection = \"memberships\"\nto = \"$user_id\"\n\
+         [[route]]\nname = \"notes\"\ncollection = \"notes\"\nto = \"$author\"\n",
+        db.path.display()
+    );
+    // A composite key is the JSON array of its columns, as the change log writes it.
+    let out = explain(
+        &db,
+        &config,
+        &[
+            "--collection",
+            "memberships",
+            "--key",
+            "[\"alice\",3]",
+            "--user",
+            "alice",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("alice is a recipient: route memberships ($user_id gives alice)"),
+        "{stdout}"
+    );
+    // No primary key: the rowid.
+    let out = explain(
+        &db,
+        &config,
+        &["--collection", "notes", "--key", "1", "--user", "dave"],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("\"body\":\"hello\""), "{stdout}");
+    assert!(
+        stdout.contains(
+            "dave is not a recipient: route notes reaches carol only ($author gives carol)"
+        ),
+        "{stdout}"
+    );
+}
