@@ -24,6 +24,8 @@
 //! - [`event`]: the JSON events and close codes of the public contract.
 //! - [`server`]: starts the tasks and stops them in order.
 //! - [`demo`]: the Mercury demo: schema, seed data, simulator and activity page.
+//! - [`init`]: `changecast init`, a commented starter config read from the database.
+//! - [`explain`]: why a user did or did not get a change, traced by the router's own code.
 
 pub mod auth;
 pub mod change;
@@ -31,8 +33,10 @@ pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod event;
+pub mod explain;
 pub mod gateway;
 pub mod hub;
+pub mod init;
 pub mod path;
 pub mod plan;
 pub mod route;

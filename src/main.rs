@@ -1,4 +1,4 @@
-//! The `changecast` command: `serve`, `demo`, `check` and `token`.
+//! The `changecast` command: `serve`, `demo`, `check`, `token`, `init` and `explain`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,9 +12,10 @@ use clap::{Parser, Subcommand};
 use serde_json::{Map, Value};
 use tokio::net::TcpListener;
 
+use changecast::change::Op;
 use changecast::config::Config;
 use changecast::plan::Plan;
-use changecast::{auth, demo, server};
+use changecast::{auth, demo, explain, init, server};
 
 #[derive(Parser)]
 #[command(
@@ -66,6 +67,61 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Read a database and write a commented starter config that passes `check`.
+    ///
+    /// One route per table (collection), its recipient guessed from a field named like a
+    /// user or owner (user_id, owner_id, created_by, assignee_id, ...); a table with none
+    /// gets a commented-out route to fill in. The config reads the JWT secret from the
+    /// environment variable CHANGECAST_JWT_SECRET.
+    Init {
+        /// The SQLite database file to read (opened read-only).
+        #[arg(long, required_unless_present = "mongodb", conflicts_with = "mongodb")]
+        sqlite: Option<PathBuf>,
+        /// The MongoDB connection string to read (with --database); each collection's
+        /// field paths come from a $sample of its documents.
+        #[arg(long, requires = "database")]
+        mongodb: Option<String>,
+        /// The MongoDB database whose collections to read.
+        #[arg(long, requires = "mongodb")]
+        database: Option<String>,
+        /// Write the config to this file instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Replace --out FILE when it exists.
+        #[arg(long, requires = "out")]
+        force: bool,
+        /// The `[server] listen` address to write.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+    },
+    /// Print the whole routing decision for one document, and why a user is or is not a
+    /// recipient.
+    ///
+    /// Runs the routing code on the document as it is now (lookups read the current state),
+    /// as a dry run. Reads the environment variables the config names (the JWT secret).
+    Explain {
+        #[arg(long)]
+        config: PathBuf,
+        /// The table or collection.
+        #[arg(long)]
+        collection: String,
+        /// The document's key, as events carry it (`key`); it is read from the database.
+        /// `-` reads the document from stdin instead.
+        #[arg(long, required_unless_present = "stdin")]
+        key: Option<String>,
+        /// Read the document as JSON from stdin instead of the database.
+        #[arg(long)]
+        stdin: bool,
+        /// The user id to explain the decision for.
+        #[arg(long)]
+        user: Option<String>,
+        /// The operation to explain: insert, update, replace or delete.
+        #[arg(long, default_value = "update", value_parser = parse_op)]
+        op: Op,
+        /// Print JSON (what GET /v1/admin/explain answers) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Mint an HS256 JWT for testing.
     Token {
         #[arg(long)]
@@ -82,6 +138,10 @@ enum Command {
         #[arg(long = "claim", value_parser = parse_claim)]
         claims: Vec<(String, Value)>,
     },
+}
+
+fn parse_op(s: &str) -> Result<Op, String> {
+    Op::parse(s).ok_or_else(|| format!("`{s}` is not one of insert, update, replace, delete"))
 }
 
 fn parse_claim(s: &str) -> Result<(String, Value), String> {
@@ -115,6 +175,23 @@ fn main() -> ExitCode {
             ttl,
             claims,
         } => token(&sub, secret, secret_env, ttl, claims),
+        Command::Init {
+            sqlite,
+            mongodb,
+            database,
+            out,
+            force,
+            listen,
+        } => run_async(run_init(sqlite, mongodb.zip(database), out, force, listen)),
+        Command::Explain {
+            config,
+            collection,
+            key,
+            stdin,
+            user,
+            op,
+            json,
+        } => run_async(run_explain(config, collection, key, stdin, user, op, json)),
         Command::Serve { config } => run_async(serve(config)),
         Command::Demo {
             listen,
@@ -234,6 +311,92 @@ async fn run_until_stopped(running: server::Running) -> anyhow::Result<()> {
         }
         _ = shutdown.cancelled() => running.wait().await,
     }
+}
+
+async fn run_init(
+    sqlite: Option<PathBuf>,
+    mongodb: Option<(String, String)>,
+    out: Option<PathBuf>,
+    force: bool,
+    listen: SocketAddr,
+) -> anyhow::Result<()> {
+    let schema = match (sqlite, mongodb) {
+        (Some(path), _) => {
+            // Written into the config: absolute, so the config works from any folder.
+            let path = std::path::absolute(&path).unwrap_or(path);
+            init::read_sqlite(&path)?
+        }
+        (None, Some((uri, database))) => init::read_mongodb(&uri, &database).await?,
+        (None, None) => anyhow::bail!("give --sqlite PATH or --mongodb URI --database NAME"),
+    };
+    let text = init::render(&schema, &listen.to_string());
+    let Some(out) = out else {
+        print!("{text}");
+        return Ok(());
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true);
+    if force {
+        options.create(true).truncate(true);
+    } else {
+        options.create_new(true);
+    }
+    let mut file = match options.open(&out) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => anyhow::bail!(
+            "{} already exists: give --force to replace it",
+            out.display()
+        ),
+        Err(e) => return Err(e).with_context(|| format!("cannot write {}", out.display())),
+    };
+    std::io::Write::write_all(&mut file, text.as_bytes())
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    eprintln!(
+        "wrote {}: check it with `changecast check --config {}`",
+        out.display(),
+        out.display()
+    );
+    Ok(())
+}
+
+async fn run_explain(
+    config: PathBuf,
+    collection: String,
+    key: Option<String>,
+    stdin: bool,
+    user: Option<String>,
+    op: Op,
+    json: bool,
+) -> anyhow::Result<()> {
+    let plan = match load_plan(&config) {
+        Ok(p) => p,
+        Err(_) => anyhow::bail!("invalid config"),
+    };
+    let document = match key {
+        Some(k) if k != "-" && !stdin => explain::Document::Key(k),
+        key => {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .context("cannot read the document from stdin")?;
+            let doc: Value =
+                serde_json::from_str(&text).context("the document on stdin is not JSON")?;
+            explain::Document::Given {
+                doc,
+                key: key.filter(|k| k != "-"),
+            }
+        }
+    };
+    let lookup = server::open_lookup(&plan).await?;
+    let explainer = explain::Explainer::new(&plan, lookup);
+    let explanation = explainer
+        .explain(&collection, document, op, user.as_deref())
+        .await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&explanation)?);
+    } else {
+        print!("{}", explanation.to_text());
+    }
+    Ok(())
 }
 
 async fn serve(config: PathBuf) -> anyhow::Result<()> {

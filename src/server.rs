@@ -89,6 +89,9 @@ pub struct App {
     pub tasks: Arc<Supervisor>,
     /// A cluster node's link to the stream.
     pub nats: Option<Nats>,
+    /// `GET /v1/admin/explain`: the plan's rules on a router of their own (a dry run that
+    /// never touches the routing task's cache or cooldowns).
+    pub explain: Arc<crate::explain::Explainer>,
 }
 
 impl App {
@@ -314,8 +317,9 @@ async fn open_source(
     }
 }
 
-/// Lookups without a source (a cluster node that does not route answers auth lookups).
-async fn open_lookup(plan: &Plan) -> Result<Arc<dyn Lookup>, SourceError> {
+/// Lookups without a source (a cluster node that does not route answers auth lookups;
+/// `changecast explain`).
+pub async fn open_lookup(plan: &Plan) -> Result<Arc<dyn Lookup>, SourceError> {
     Ok(match &plan.source {
         SourcePlan::Sqlite(config) => Arc::new(SqliteLookup::with_json_columns(
             &config.path,
@@ -404,6 +408,7 @@ pub async fn start(
         expiry_warning: plan.expiry_warning,
         tasks: Arc::clone(&tasks),
         nats: nats.clone(),
+        explain: Arc::new(crate::explain::Explainer::new(&plan, Arc::clone(&lookup))),
     });
     let deliver = Deliver {
         hub: Arc::clone(&hub),

@@ -370,6 +370,25 @@ impl HistoryStore {
         result
     }
 
+    /// The stored event `seq`: its JSON and its audience (sorted user ids); `None` when the
+    /// history does not hold it (pruned, or never stored).
+    pub fn event(&self, seq: u64) -> rusqlite::Result<Option<(String, Vec<String>)>> {
+        let Ok(seq) = i64::try_from(seq) else {
+            return Ok(None);
+        };
+        let conn = self.reader()?;
+        let found = conn
+            .query_row(
+                "SELECT e.json, a.users FROM events e JOIN audiences a ON a.id = e.audience \
+                 WHERE e.seq = ?1",
+                [seq],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+            )
+            .optional();
+        lock(&self.readers).push(conn);
+        Ok(found?.map(|(json, users)| (json, serde_json::from_str(&users).unwrap_or_default())))
+    }
+
     /// Drops events older than `max_age`; raises the floor of every user with more than
     /// `max_per_user` events to their oldest one kept; drops events below the floors of
     /// all their recipients, and audiences without events.

@@ -19,6 +19,7 @@ use super::expr::{Condition, Reads};
 use super::spec::{
     RecipientSpec, check_rule_names, compile_fields, compile_ops, compile_to, spec_reads,
 };
+use super::trace::{ConditionTrace, RuleTrace};
 use crate::change::{Change, Op};
 use crate::config::{AlertConfig, ConfigError};
 use crate::path::FieldPath;
@@ -154,41 +155,75 @@ impl AlertEngine {
     }
 
     /// Whether alert `index` fires for `change`: true after, not true before, and not in
-    /// its cooldown. An error evaluating the post-image is returned for counting.
-    pub fn fires(&self, index: usize, alert: &Alert, change: &Change) -> Result<bool, String> {
+    /// its cooldown. An error evaluating the post-image is returned for counting. With a
+    /// `trace` (explain's dry run) both evaluations are recorded and the cooldown is
+    /// neither applied nor recorded.
+    pub fn fires(
+        &self,
+        index: usize,
+        alert: &Alert,
+        change: &Change,
+        mut trace: Option<&mut RuleTrace>,
+    ) -> Result<bool, String> {
         let Some(after) = change.after.as_ref() else {
             return Ok(false);
         };
         let key = change.key.as_str();
-        if !alert.when.eval(
+        let now_true = alert.when.eval(
             after,
             change.before.as_ref(),
             change.op,
             &change.collection,
             key,
-        )? {
+        );
+        if let Some(t) = trace.as_deref_mut() {
+            t.when = Some(ConditionTrace {
+                expr: alert.when.source.clone(),
+                value: now_true.as_ref().ok().copied(),
+                error: now_true.as_ref().err().cloned(),
+                note: None,
+            });
+        }
+        if !now_true? {
             return Ok(false);
         }
-        let was_true = match change.before.as_ref() {
-            Some(before) => {
+        let (was_true, note) = match change.before.as_ref() {
+            Some(before) => (
                 alert
                     .when
                     .eval(before, None, change.op, &change.collection, key)
-                    == Ok(true)
-            }
+                    == Ok(true),
+                None,
+            ),
             // No pre-image (MongoDB without images): if the update touched none of the
             // fields the condition reads, the condition cannot have changed.
             None => match (&change.updated_fields, &alert.when.reads) {
-                (Some(updated), super::expr::Reads::Fields(reads)) if change.op == Op::Update => {
-                    !updated.iter().any(|f| reads.contains(f))
-                }
-                _ => false,
+                (Some(updated), super::expr::Reads::Fields(reads)) if change.op == Op::Update => (
+                    !updated.iter().any(|f| reads.contains(f)),
+                    Some("no pre-image: true before if the update touched none of its fields"),
+                ),
+                _ => (false, Some("no pre-image: taken as not true before")),
             },
         };
+        if let Some(t) = trace.as_deref_mut() {
+            t.before = Some(ConditionTrace {
+                expr: alert.when.source.clone(),
+                value: Some(was_true),
+                error: None,
+                note: note.map(str::to_owned),
+            });
+        }
         if was_true {
             return Ok(false);
         }
         if let Some(cooldown) = alert.cooldown {
+            if let Some(t) = trace {
+                t.cooldown = Some(format!(
+                    "{} per document; not applied by explain (it keeps no firing history)",
+                    humantime::format_duration(cooldown)
+                ));
+                return Ok(true);
+            }
             let mut last = self.last_fired.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
             if last.len() >= COOLDOWN_SWEEP {

@@ -161,6 +161,25 @@ impl CachedLookup {
         }
     }
 
+    /// Answers `query` without changing the cache or its counters (explain's dry run):
+    /// the cached answer when there is one (`true`), else the source's, not stored.
+    pub async fn find_uncounted(
+        &self,
+        query: Query,
+    ) -> Result<(Arc<Vec<Value>>, bool), LookupError> {
+        let key = query_key(&query);
+        let cached = self
+            .lock()
+            .collections
+            .get(&query.collection)
+            .and_then(|c| c.answers.get(&key))
+            .map(|a| Arc::clone(&a.docs));
+        match cached {
+            Some(docs) => Ok((docs, true)),
+            None => Ok((Arc::new(self.lookup.find(query).await?), false)),
+        }
+    }
+
     /// `read` of the cached answer to `key`, counting the hit or the miss.
     fn hit<T>(
         &self,

@@ -22,13 +22,18 @@
 //! `changecast_lookups_not_as_of_total`.
 //!
 //! A rule that fails on one document (a missing field, a failed lookup, a condition that
-//! does not evaluate) is logged and counted and skips only that delivery; it never stops
-//! the router or other rules.
+//! does not evaluate, no recipients at all) is logged with the rule, the document key and
+//! the reason, counted in `changecast_rule_skips_total{rule, name, reason}`, and skips only
+//! that delivery; it never stops the router or other rules.
+//!
+//! [`Router::explain`] runs the same evaluation as a dry run that fills in a
+//! [`trace::RuleTrace`] per rule instead of logging, counting or touching the cache.
 
 pub mod alert;
 pub mod cache;
 pub mod expr;
 pub mod spec;
+pub mod trace;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -48,6 +53,7 @@ pub use spec::{
     compile_lookup, compile_operand, project, recipients_of, toml_to_json,
 };
 use spec::{check_rule_names, compile_fields, compile_ops, compile_to, spec_reads};
+use trace::{ConditionTrace, RuleTrace, Skip, SpecTrace};
 
 /// A compiled `[[route]]`.
 #[derive(Debug, Clone)]
@@ -234,14 +240,14 @@ impl Router {
         let mut out = Vec::new();
         for route in self.routes.get(&change.collection).into_iter().flatten() {
             if route.ops.contains(&change.op)
-                && let Some(d) = self.route_one(route, change).await
+                && let Some(d) = self.route_one(route, change, None).await
             {
                 out.push(d);
             }
         }
         for (index, alert) in self.alerts.get(&change.collection).into_iter().flatten() {
             if alert.ops.contains(&change.op)
-                && let Some(d) = self.alert_one(*index, alert, change).await
+                && let Some(d) = self.alert_one(*index, alert, change, None).await
             {
                 out.push(d);
             }
@@ -249,10 +255,43 @@ impl Router {
         out
     }
 
-    async fn route_one<'r>(&self, route: &'r Route, change: &Change) -> Option<Delivery<'r>> {
+    /// Whether any route or alert reads `collection`.
+    pub fn reads(&self, collection: &str) -> bool {
+        self.routes.contains_key(collection) || self.alerts.contains_key(collection)
+    }
+
+    /// The decision of every rule reading `change.collection`, traced: a dry run of
+    /// [`Router::route`] that neither invalidates nor fills the lookup cache, records no
+    /// alert cooldown, and logs and counts nothing.
+    pub async fn explain(&self, change: &Change) -> Vec<RuleTrace> {
+        let mut out = Vec::new();
+        for route in self.routes.get(&change.collection).into_iter().flatten() {
+            let mut t = RuleTrace::new("route", &route.name, &route.ops, change.op);
+            if t.listens {
+                let _ = self.route_one(route, change, Some(&mut t)).await;
+            }
+            out.push(t);
+        }
+        for (index, alert) in self.alerts.get(&change.collection).into_iter().flatten() {
+            let mut t = RuleTrace::new("alert", &alert.name, &alert.ops, change.op);
+            if t.listens {
+                let _ = self.alert_one(*index, alert, change, Some(&mut t)).await;
+            }
+            out.push(t);
+        }
+        out
+    }
+
+    async fn route_one<'r>(
+        &self,
+        route: &'r Route,
+        change: &Change,
+        mut trace: Option<&mut RuleTrace>,
+    ) -> Option<Delivery<'r>> {
         let name = &route.name;
         let Some(doc) = change.doc() else {
             skip(
+                trace,
                 "route",
                 name,
                 "no_document",
@@ -262,35 +301,63 @@ impl Router {
             return None;
         };
         if let Some(when) = &route.when {
-            match when.eval(
+            let value = when.eval(
                 doc,
                 change.before.as_ref(),
                 change.op,
                 &change.collection,
                 &change.key,
-            ) {
+            );
+            if let Some(t) = trace.as_deref_mut() {
+                t.when = Some(condition_trace(&when.source, &value));
+            }
+            match value {
                 Ok(true) => {}
                 Ok(false) => return None,
                 Err(e) => {
-                    skip("route", name, "when_failed", &change.key, &e);
+                    skip(trace, "route", name, "when_failed", &change.key, &e);
                     return None;
                 }
             }
         }
         let mut recipients = RecipientSet::default();
-        self.resolve("route", name, &route.to, doc, change, &mut recipients)
-            .await;
+        let rule = ("route", &**name);
+        // A delete routes by the deleted document (its pre-image).
+        let image = if change.op == Op::Delete {
+            "deleted"
+        } else {
+            "after"
+        };
+        self.resolve(
+            rule,
+            &route.to,
+            doc,
+            image,
+            change,
+            &mut recipients,
+            trace.as_deref_mut(),
+        )
+        .await;
         // An update may have moved the document to other owners: tell the old ones too.
         if matches!(change.op, Op::Update | Op::Replace)
             && let Some(before) = &change.before
             && reads_changed(&route.reads, change)
         {
-            self.resolve("route", name, &route.to, before, change, &mut recipients)
-                .await;
+            self.resolve(
+                rule,
+                &route.to,
+                before,
+                "before",
+                change,
+                &mut recipients,
+                trace.as_deref_mut(),
+            )
+            .await;
         }
         finish(
-            "route",
-            name,
+            trace,
+            rule,
+            &change.key,
             recipients,
             DeliveryKind::Change(route),
             route.fields.as_deref().map(|f| project(doc, f)),
@@ -302,13 +369,17 @@ impl Router {
         index: usize,
         alert: &'r Alert,
         change: &Change,
+        mut trace: Option<&mut RuleTrace>,
     ) -> Option<Delivery<'r>> {
         let name = &alert.name;
-        match self.engine.fires(index, alert, change) {
+        match self
+            .engine
+            .fires(index, alert, change, trace.as_deref_mut())
+        {
             Ok(true) => {}
             Ok(false) => return None,
             Err(e) => {
-                skip("alert", name, "when_failed", &change.key, &e);
+                skip(trace, "alert", name, "when_failed", &change.key, &e);
                 return None;
             }
         }
@@ -316,59 +387,116 @@ impl Router {
         let message = match self.engine.message(index, alert, change) {
             Ok(m) => m,
             Err(e) => {
-                skip("alert", name, "message_failed", &change.key, &e);
+                skip(trace, "alert", name, "message_failed", &change.key, &e);
                 return None;
             }
         };
+        if let Some(t) = trace.as_deref_mut() {
+            t.message = Some(message.clone());
+        }
         let mut recipients = RecipientSet::default();
-        self.resolve("alert", name, &alert.to, doc, change, &mut recipients)
-            .await;
-        metrics::counter!("changecast_alerts_fired_total", "alert" => name.to_string())
-            .increment(1);
+        let rule = ("alert", &**name);
+        self.resolve(
+            rule,
+            &alert.to,
+            doc,
+            "after",
+            change,
+            &mut recipients,
+            trace.as_deref_mut(),
+        )
+        .await;
+        if trace.is_none() {
+            metrics::counter!("changecast_alerts_fired_total", "alert" => name.to_string())
+                .increment(1);
+        }
         finish(
-            "alert",
-            name,
+            trace,
+            rule,
+            &change.key,
             recipients,
             DeliveryKind::Alert { alert, message },
             alert.fields.as_deref().map(|f| project(doc, f)),
         )
     }
 
-    /// Adds the recipients `to` gives for `doc` (the change's image, read as of `change`).
+    /// Adds the recipients `to` gives for `doc` (the change's `image`, read as of
+    /// `change`), tracing each spec when asked.
+    #[allow(clippy::too_many_arguments)]
     async fn resolve(
         &self,
-        rule: &'static str,
-        name: &str,
+        (rule, name): (&'static str, &str),
         to: &[RecipientSpec],
         doc: &Value,
+        image: &'static str,
         change: &Change,
         out: &mut RecipientSet,
+        mut trace: Option<&mut RuleTrace>,
     ) {
         let (key, as_of) = (&change.key, change.as_of);
         for spec in to {
-            if let Err(e) = recipients_of(spec, doc, as_of, &self.lookup, out).await {
-                skip(rule, name, e.label(), key, &e.to_string());
+            let Some(t) = trace.as_deref_mut() else {
+                if let Err(e) = recipients_of(spec, doc, as_of, &self.lookup, out, None).await {
+                    skip(None, rule, name, e.label(), key, &e.to_string());
+                }
+                continue;
+            };
+            let mut st = SpecTrace {
+                spec: spec.to_string(),
+                image,
+                lookup: None,
+                gives: Vec::new(),
+                error: None,
+            };
+            let mut own = RecipientSet::default();
+            let result =
+                recipients_of(spec, doc, as_of, &self.lookup, &mut own, Some(&mut st)).await;
+            let ids = own.finish();
+            st.gives = ids.iter().map(|u| u.to_string()).collect();
+            if let Err(e) = result {
+                st.error = Some(format!("{} ({})", e, e.label()));
             }
+            out.add_list(ids);
+            t.to.push(st);
         }
     }
 }
 
+fn condition_trace(expr: &str, value: &Result<bool, String>) -> ConditionTrace {
+    ConditionTrace {
+        expr: expr.to_owned(),
+        value: value.as_ref().ok().copied(),
+        error: value.as_ref().err().cloned(),
+        note: None,
+    }
+}
+
 fn finish<'r>(
-    rule: &'static str,
-    name: &str,
+    trace: Option<&mut RuleTrace>,
+    (rule, name): (&'static str, &str),
+    key: &str,
     recipients: RecipientSet,
     kind: DeliveryKind<'r>,
     projected: Option<Value>,
 ) -> Option<Delivery<'r>> {
     if recipients.is_empty() {
-        metrics::counter!("changecast_rule_skips_total",
-            "rule" => rule, "name" => name.to_string(), "reason" => "no_recipients")
-        .increment(1);
+        skip(
+            trace,
+            rule,
+            name,
+            "no_recipients",
+            key,
+            "no recipients: every spec gave nobody",
+        );
         return None;
+    }
+    let recipients = recipients.finish();
+    if let Some(t) = trace {
+        t.recipients = recipients.iter().map(|u| u.to_string()).collect();
     }
     Some(Delivery {
         kind,
-        recipients: recipients.finish(),
+        recipients,
         projected,
     })
 }
@@ -380,7 +508,23 @@ fn reads_changed(reads: &BTreeSet<String>, change: &Change) -> bool {
     }
 }
 
-fn skip(rule: &'static str, name: &str, reason: &'static str, key: &str, why: &str) {
+/// A rule skipped a document: logged with the rule, its name, the document key and the
+/// reason, and counted — or, when tracing, recorded in the trace only.
+fn skip(
+    trace: Option<&mut RuleTrace>,
+    rule: &'static str,
+    name: &str,
+    reason: &'static str,
+    key: &str,
+    why: &str,
+) {
+    if let Some(t) = trace {
+        t.skip = Some(Skip {
+            reason,
+            message: why.to_owned(),
+        });
+        return;
+    }
     tracing::warn!(rule, name, key, reason, "skipped a delivery: {why}");
     metrics::counter!("changecast_rule_skips_total",
         "rule" => rule, "name" => name.to_string(), "reason" => reason)

@@ -342,13 +342,16 @@ pub fn pick_ids(docs: &[Value], pick: &FieldPath) -> Recipients {
 }
 
 /// Adds the user ids that `spec` yields for `doc` to `out`. Lookups read the source as of
-/// `as_of` (the change being routed), so recipients are those of that moment.
+/// `as_of` (the change being routed), so recipients are those of that moment. With a
+/// `trace` (explain's dry run) the lookup's query and answer are recorded, and the answer
+/// is read without filling the cache.
 pub async fn recipients_of(
     spec: &RecipientSpec,
     doc: &Value,
     as_of: Option<AsOf>,
     lookup: &CachedLookup,
     out: &mut RecipientSet,
+    trace: Option<&mut super::trace::SpecTrace>,
 ) -> Result<(), RouteError> {
     match spec {
         RecipientSpec::Field(path) => collect_ids(path, doc, out),
@@ -365,17 +368,35 @@ pub async fn recipients_of(
                 };
                 filter.push((target.clone(), value));
             }
-            let ids = lookup
-                .find_ids(
-                    Query {
-                        collection: l.collection.clone(),
-                        filter,
-                        limit: if l.many { None } else { Some(1) },
-                        as_of,
-                    },
-                    &l.pick,
-                )
-                .await?;
+            let query = Query {
+                collection: l.collection.clone(),
+                filter,
+                limit: if l.many { None } else { Some(1) },
+                as_of,
+            };
+            let ids = match trace {
+                None => lookup.find_ids(query, &l.pick).await?,
+                Some(t) => {
+                    let mut lt = super::trace::LookupTrace {
+                        collection: query.collection.clone(),
+                        filter: query
+                            .filter
+                            .iter()
+                            .map(|(f, v)| (f.to_string(), v.clone()))
+                            .collect(),
+                        limit: query.limit,
+                        cached: false,
+                        answer: Vec::new(),
+                    };
+                    let answer = lookup.find_uncounted(query).await;
+                    if let Ok((docs, cached)) = &answer {
+                        lt.cached = *cached;
+                        lt.answer = docs.to_vec();
+                    }
+                    t.lookup = Some(lt);
+                    pick_ids(&answer?.0, &l.pick)
+                }
+            };
             out.add_list(ids);
             Ok(())
         }

@@ -595,3 +595,72 @@ fn a_single_list_of_recipients_is_passed_on_without_a_copy_and_several_are_merge
     assert!(RecipientSet::default().is_empty());
     assert!(RecipientSet::default().finish().is_empty());
 }
+
+#[tokio::test]
+async fn explain_is_a_dry_run_that_agrees_with_routing() {
+    let docs = docs();
+    let router = Router::new(
+        vec![],
+        vec![stock_alert("cooldown = \"1h\"")],
+        docs.clone(),
+        100,
+    );
+    let c = stock_change(Op::Update, Some(item(Some(9))), Some(item(Some(2))));
+    // Explained twice: a cooldown recorded by the first would silence the second.
+    for _ in 0..2 {
+        let traces = router.explain(&c).await;
+        assert_eq!(traces.len(), 1);
+        let t = &traces[0];
+        assert_eq!(t.when.as_ref().unwrap().value, Some(true));
+        assert_eq!(t.before.as_ref().unwrap().value, Some(false));
+        assert_eq!(t.message.as_deref(), Some("Stock low: Rice has 2 left."));
+        assert_eq!(t.recipients, vec!["u1"]);
+        let lookup = t.to[0].lookup.as_ref().unwrap();
+        assert_eq!(lookup.filter["_id"], json!("b1"));
+        assert!(!lookup.cached);
+        assert!(t.cooldown.as_deref().unwrap().contains("not applied"));
+    }
+    // Nothing stored in the cache, every explain read the source.
+    assert_eq!(router.cache().len(), 0);
+    assert_eq!(docs.queries.lock().unwrap().len(), 2);
+
+    // Routing the same change delivers what explain said, and fills the cache; explain
+    // then reports the cached answer.
+    let routed = router.route(&c).await;
+    assert_eq!(ids(&routed[0]), vec!["u1"]);
+    assert_eq!(router.cache().len(), 1);
+    let traces = router.explain(&c).await;
+    assert!(traces[0].to[0].lookup.as_ref().unwrap().cached);
+    // The cooldown recorded by routing is not consulted by explain.
+    assert_eq!(traces[0].recipients, vec!["u1"]);
+    assert!(
+        router.route(&c).await.is_empty(),
+        "routing honours its cooldown"
+    );
+}
+
+#[tokio::test]
+async fn explain_traces_a_route_that_does_not_listen_and_a_missing_field() {
+    let route = compile(OWNER, "on = [\"insert\"]").unwrap();
+    let router = Router::new(vec![route], vec![], docs(), 100);
+    let t = &router
+        .explain(&change(Op::Update, None, Some(json!({"_id": "o1"}))))
+        .await[0];
+    assert!(!t.listens);
+    assert_eq!(
+        t.reason_for("u1", Op::Update).1,
+        "route orders does not listen to `update` (on: insert)"
+    );
+    let t = &router
+        .explain(&change(Op::Insert, None, Some(json!({"_id": "o1"}))))
+        .await[0];
+    assert_eq!(t.skip.as_ref().unwrap().reason, "no_recipients");
+    assert_eq!(
+        t.to[0].error.as_deref(),
+        Some("the document has no `creator_id` (missing_field)")
+    );
+    assert_eq!(
+        t.reason_for("u1", Op::Insert).1,
+        "route orders reaches nobody (owner._id from `businesses` where _id = $creator_id: the document has no `creator_id` (missing_field))"
+    );
+}

@@ -166,6 +166,37 @@ pub struct Query {
 /// The source's own query capability, used by routes and user resolution.
 pub trait Lookup: Send + Sync + 'static {
     fn find(&self, query: Query) -> BoxFuture<'_, Result<Vec<Value>, LookupError>>;
+
+    /// The document of `collection` whose change key is `key` (as events carry it), as it
+    /// is now; for `explain`. By default the document whose `_id` is `key` (as a string,
+    /// else as an integer when it reads as one).
+    fn document<'a>(
+        &'a self,
+        collection: &'a str,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Value>, LookupError>> {
+        Box::pin(async move {
+            let id = FieldPath::parse("_id").expect("a valid path");
+            let mut candidates = vec![Value::String(key.to_owned())];
+            if let Ok(n) = key.parse::<i64>() {
+                candidates.push(Value::from(n));
+            }
+            for value in candidates {
+                let found = self
+                    .find(Query {
+                        collection: collection.to_owned(),
+                        filter: vec![(id.clone(), value)],
+                        limit: Some(1),
+                        as_of: None,
+                    })
+                    .await?;
+                if let Some(doc) = found.into_iter().next() {
+                    return Ok(Some(doc));
+                }
+            }
+            Ok(None)
+        })
+    }
 }
 
 /// What a source can say about its schema, for validating a config before it starts.

@@ -1,12 +1,14 @@
 //! Transports: how events leave the process.
 //!
 //! In: HTTP requests. Out: WebSocket (`ws`) and Server-Sent Events (`sse`) streams fed by
-//! the hub, plus the operational endpoints (`/healthz`, `/readyz`, `/metrics`).
+//! the hub, plus the operational endpoints (`/healthz`, `/readyz`, `/metrics`), server-side
+//! publishing (`publish`) and `GET /v1/admin/explain` (`admin`).
 //!
 //! Both streams follow one sequence: authenticate, subscribe to the hub, send `ready`
 //! (and `gap` or the replay), then live events from the connection's bounded queue. A
 //! connection task writes only to its own socket; nothing shared is locked while it waits.
 
+pub mod admin;
 pub mod edge;
 pub mod publish;
 pub mod sse;
@@ -69,6 +71,7 @@ pub fn router(app: Arc<App>) -> axum::Router {
             "/v1/publish",
             post(publish::handler).layer(DefaultBodyLimit::max(publish::MAX_BODY)),
         )
+        .route("/v1/admin/explain", get(admin::explain))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))

@@ -35,22 +35,24 @@ struct Body {
     event: Value,
 }
 
-fn refuse(status: StatusCode, reason: impl Into<String>) -> Response {
+pub(crate) fn refuse(status: StatusCode, reason: impl Into<String>) -> Response {
     (status, Json(json!({"error": reason.into()}))).into_response()
 }
 
-pub async fn handler(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+/// The publish API key check, shared with `GET /v1/admin/explain`: the refusal to send
+/// (403 when publishing is off, 401 without a known key), or `None` to go on.
+pub fn refusal(app: &App, headers: &HeaderMap) -> Option<Response> {
     if app.publish_keys.is_empty() {
-        return refuse(
+        return Some(refuse(
             StatusCode::FORBIDDEN,
             "publishing is not enabled: set [publish] api_keys_env",
-        );
+        ));
     }
-    let Some(key) = bearer(&headers) else {
-        return refuse(
+    let Some(key) = bearer(headers) else {
+        return Some(refuse(
             StatusCode::UNAUTHORIZED,
             "missing API key: send Authorization: Bearer <key>",
-        );
+        ));
     };
     // Compare against every key in constant time: no early exit tells which prefix matched.
     let known = app.publish_keys.iter().fold(0u8, |hit, k| {
@@ -58,7 +60,14 @@ pub async fn handler(State(app): State<Arc<App>>, headers: HeaderMap, body: Byte
     });
     if known == 0 {
         metrics::counter!("changecast_publish_refused_total", "reason" => "bad_key").increment(1);
-        return refuse(StatusCode::UNAUTHORIZED, "unknown API key");
+        return Some(refuse(StatusCode::UNAUTHORIZED, "unknown API key"));
+    }
+    None
+}
+
+pub async fn handler(State(app): State<Arc<App>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(refused) = refusal(&app, &headers) {
+        return refused;
     }
     let body: Body = match serde_json::from_slice(&body) {
         Ok(b) => b,

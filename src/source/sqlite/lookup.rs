@@ -101,7 +101,59 @@ impl Pool {
     }
 }
 
+impl Pool {
+    /// The row of `table` whose change-log key is `key`: matched by the same key expression
+    /// the triggers write (the primary key as text, a JSON array of a composite one, or
+    /// the rowid), so any key an event carried finds its row.
+    fn by_key(&self, table: &str, key: &str) -> Result<Option<Value>, String> {
+        let conn = open(&self.path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(|e| e.to_string())?;
+        let cols = columns(&conn, table).map_err(|e| e.to_string())?;
+        if cols.is_empty() {
+            return Err(format!("no table `{table}` in the database"));
+        }
+        let sql = format!(
+            "SELECT * FROM {} WHERE {} = ?1 LIMIT 1",
+            ident(table),
+            key_expr(&ident(table), &cols)
+        );
+        let query = Query {
+            collection: table.to_owned(),
+            filter: Vec::new(),
+            limit: Some(1),
+            as_of: None,
+        };
+        let found = rows(
+            &conn,
+            &query,
+            (sql, vec![SqlValue::Text(key.to_owned())]),
+            false,
+            &self.json_columns,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(found.into_iter().next().map(|(_, doc)| doc))
+    }
+}
+
 impl Lookup for SqliteLookup {
+    fn document<'a>(
+        &'a self,
+        collection: &'a str,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Value>, LookupError>> {
+        Box::pin(async move {
+            let pool = Arc::clone(&self.inner);
+            let (table, k) = (collection.to_owned(), key.to_owned());
+            tokio::task::spawn_blocking(move || pool.by_key(&table, &k))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r)
+                .map_err(|message| LookupError::Failed {
+                    collection: collection.to_owned(),
+                    message,
+                })
+        })
+    }
+
     fn find(&self, query: Query) -> BoxFuture<'_, Result<Vec<Value>, LookupError>> {
         Box::pin(async move {
             let collection = query.collection.clone();
