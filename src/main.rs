@@ -66,6 +66,11 @@ enum Command {
     Check {
         #[arg(long)]
         config: PathBuf,
+        /// Also connect to the source and verify what the config assumes of it (MongoDB: a
+        /// replica set, the collections, pre- and post-images, the oplog window, the fields
+        /// in a sample of documents), one `ok:`/`warning:`/`error:` line per finding.
+        #[arg(long)]
+        connect: bool,
     },
     /// Read a database and write a commented starter config that passes `check`.
     ///
@@ -167,7 +172,10 @@ fn main() -> ExitCode {
         LogFormat::Json => logs.json().init(),
     }
     match cli.command {
-        Command::Check { config } => check(&config),
+        Command::Check { config, connect } => match check(&config) {
+            code if connect && code == ExitCode::SUCCESS => check_connect(&config),
+            code => code,
+        },
         Command::Token {
             sub,
             secret,
@@ -240,6 +248,14 @@ fn check(path: &Path) -> ExitCode {
             print!("{}", plan.describe());
             ExitCode::SUCCESS
         }
+        Err(code) => code,
+    }
+}
+
+/// `check --connect`: what the config assumes of its source, checked against it.
+fn check_connect(path: &Path) -> ExitCode {
+    match load_plan(path) {
+        Ok(plan) => run_async(changecast::source::mongodb::preflight::run(plan)),
         Err(code) => code,
     }
 }

@@ -142,6 +142,14 @@ impl Condition {
         })
     }
 
+    /// Whether the expression reads `variable` (`"before"`: it needs the old document).
+    pub fn uses(&self, variable: &str) -> bool {
+        VARIABLES
+            .iter()
+            .zip(self.uses)
+            .any(|(v, used)| *v == variable && used)
+    }
+
     /// Evaluates the condition. A result that is not a boolean is an error.
     pub fn eval(
         &self,

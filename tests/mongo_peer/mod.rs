@@ -8,6 +8,9 @@
 //! [`Scripted`] pairs a peer with the test's model of the deployment (a [`Script`]), kept
 //! behind a mutex the test scripts it through as it runs.
 //!
+//! [`MongoPeer::start_as`] starts it as a standalone server or a mongos instead (what
+//! `changecast check --connect` must tell apart).
+//!
 //! Notes on what the driver needs (checked against mongodb 3.9.1):
 //! - `maxBsonObjectSize` and `maxMessageSizeBytes` are required in the hello reply; without them the
 //!   reply does not deserialize and the server stays Unknown until server selection times out.
@@ -100,8 +103,20 @@ impl Reply {
 
 type Handler = Box<dyn FnMut(&str, &Document) -> Reply + Send>;
 
+/// What the peer says it is in its `hello` replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topology {
+    /// The primary of the one-node replica set `rs0`.
+    ReplicaSet,
+    /// A standalone `mongod`: no `setName` (change streams refuse it with 40573).
+    Standalone,
+    /// A `mongos` router of a sharded cluster: `msg: "isdbgrid"`.
+    Mongos,
+}
+
 struct Shared {
     port: u16,
+    topology: Topology,
     election_id: ObjectId,
     handler: Mutex<Handler>,
     commands: Mutex<Vec<Document>>,
@@ -131,12 +146,21 @@ impl MongoPeer {
     where
         H: FnMut(&str, &Document) -> Reply + Send + 'static,
     {
+        MongoPeer::start_as(Topology::ReplicaSet, handler).await
+    }
+
+    /// Like [`MongoPeer::start`], as the given kind of deployment.
+    pub async fn start_as<H>(topology: Topology, handler: H) -> MongoPeer
+    where
+        H: FnMut(&str, &Document) -> Reply + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("mongo_peer: bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("mongo_peer: local_addr");
         let shared = Arc::new(Shared {
             port: addr.port(),
+            topology,
             election_id: ObjectId::new(),
             handler: Mutex::new(Box::new(handler)),
             commands: Mutex::new(Vec::new()),
@@ -153,10 +177,15 @@ impl MongoPeer {
         }
     }
 
-    /// mongodb URI for the driver, with short timeouts so tests fail fast.
+    /// mongodb URI for the driver, with short timeouts so tests fail fast (`replicaSet=rs0`
+    /// only when the peer is a replica set: the driver would never select another kind).
     pub fn uri(&self) -> String {
+        let set = match self.shared.topology {
+            Topology::ReplicaSet => "replicaSet=rs0&",
+            Topology::Standalone | Topology::Mongos => "",
+        };
         format!(
-            "mongodb://127.0.0.1:{}/?replicaSet=rs0&serverSelectionTimeoutMS=2000\
+            "mongodb://127.0.0.1:{}/?{set}serverSelectionTimeoutMS=2000\
              &connectTimeoutMS=2000&heartbeatFrequencyMS=500",
             self.addr.port()
         )
@@ -253,9 +282,17 @@ pub struct Scripted<W> {
 
 impl<W: Script> Scripted<W> {
     pub async fn new(world: W) -> Scripted<W> {
+        Scripted::new_as(Topology::ReplicaSet, world).await
+    }
+
+    /// A peer of the given kind answering from `world`.
+    pub async fn new_as(topology: Topology, world: W) -> Scripted<W> {
         let world = Arc::new(Mutex::new(world));
         let w = Arc::clone(&world);
-        let peer = MongoPeer::start(move |name, body| w.lock().unwrap().answer(name, body)).await;
+        let peer = MongoPeer::start_as(topology, move |name, body| {
+            w.lock().unwrap().answer(name, body)
+        })
+        .await;
         Scripted { peer, world }
     }
 }
@@ -501,18 +538,26 @@ fn hello_reply(shared: &Shared, conn_id: u64, legacy: bool) -> Document {
         "maxBsonObjectSize": 16_777_216,
         "maxMessageSizeBytes": MAX_MESSAGE_SIZE,
         "maxWriteBatchSize": 100_000,
-        "setName": "rs0",
-        "hosts": [me.clone()],
-        "me": me.clone(),
-        "primary": me,
-        "setVersion": 1,
-        "electionId": shared.election_id,
-        "logicalSessionTimeoutMinutes": 30,
-        "localTime": DateTime::now(),
-        "connectionId": i64::try_from(conn_id).unwrap_or(i64::MAX),
-        "readOnly": false,
-        "ok": 1.0,
     };
+    match shared.topology {
+        Topology::ReplicaSet => {
+            reply.insert("setName", "rs0");
+            reply.insert("hosts", vec![me.clone()]);
+            reply.insert("me", me.clone());
+            reply.insert("primary", me);
+            reply.insert("setVersion", 1);
+            reply.insert("electionId", shared.election_id);
+        }
+        Topology::Standalone => {}
+        Topology::Mongos => {
+            reply.insert("msg", "isdbgrid");
+        }
+    }
+    reply.insert("logicalSessionTimeoutMinutes", 30);
+    reply.insert("localTime", DateTime::now());
+    reply.insert("connectionId", i64::try_from(conn_id).unwrap_or(i64::MAX));
+    reply.insert("readOnly", false);
+    reply.insert("ok", 1.0);
     if legacy {
         reply.insert("ismaster", true);
     }

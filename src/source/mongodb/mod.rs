@@ -28,6 +28,7 @@
 pub mod decode;
 pub mod lookup;
 pub mod pipeline;
+pub mod preflight;
 pub mod split;
 
 use std::path::PathBuf;
