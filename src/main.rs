@@ -12,8 +12,8 @@ use clap::{Parser, Subcommand};
 use serde_json::{Map, Value};
 use tokio::net::TcpListener;
 
-use changecast::config::Config;
-use changecast::plan::Plan;
+use changecast::config::{Config, ConfigError};
+use changecast::plan::{Checked, Plan};
 use changecast::{auth, demo, server};
 
 #[derive(Parser)]
@@ -61,10 +61,14 @@ enum Command {
         #[arg(long, requires = "nats")]
         name: Option<String>,
     },
-    /// Validate a config without starting and print the compiled plan.
+    /// Validate a config without starting and print the compiled plan. Errors and
+    /// warnings go to stderr, one per line, each naming its config path.
     Check {
         #[arg(long)]
         config: PathBuf,
+        /// Fail (exit 1) on warnings too, not only on errors: for CI.
+        #[arg(long)]
+        strict: bool,
     },
     /// Mint an HS256 JWT for testing.
     Token {
@@ -107,7 +111,7 @@ fn main() -> ExitCode {
         LogFormat::Json => logs.json().init(),
     }
     match cli.command {
-        Command::Check { config } => check(&config),
+        Command::Check { config, strict } => check(&config, strict),
         Command::Token {
             sub,
             secret,
@@ -143,27 +147,48 @@ fn run_async(fut: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
     }
 }
 
-/// Loads and compiles a config, printing every error.
-fn load_plan(path: &Path) -> Result<Plan, ExitCode> {
-    let errors = match Config::load(path).and_then(|c| Plan::compile(&c)) {
-        Ok(plan) => return Ok(plan),
-        Err(errors) => errors,
+/// Loads and compiles a config, printing every error on stderr. Returns the plan, if
+/// there are no errors, and the warnings either way.
+fn load_plan(path: &Path) -> (Option<Plan>, Vec<ConfigError>) {
+    let checked = match Config::load_partial(path) {
+        Ok(partial) => Plan::check_partial(&partial),
+        Err(errors) => Checked {
+            plan: Err(errors),
+            warnings: Vec::new(),
+        },
     };
-    eprintln!("{}: {} error(s)", path.display(), errors.0.len());
-    for e in &errors.0 {
-        eprintln!("  {e}");
+    match checked.plan {
+        Ok(plan) => (Some(plan), checked.warnings),
+        Err(errors) => {
+            eprintln!("{}: {} error(s)", path.display(), errors.0.len());
+            for e in &errors.0 {
+                eprintln!("  {e}");
+            }
+            (None, checked.warnings)
+        }
     }
-    Err(ExitCode::FAILURE)
 }
 
-fn check(path: &Path) -> ExitCode {
-    match load_plan(path) {
-        Ok(plan) => {
+fn check(path: &Path, strict: bool) -> ExitCode {
+    let (plan, warnings) = load_plan(path);
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
+    match plan {
+        Some(_) if strict && !warnings.is_empty() => {
+            eprintln!(
+                "{}: {} warning(s), refused by --strict",
+                path.display(),
+                warnings.len()
+            );
+            ExitCode::FAILURE
+        }
+        Some(plan) => {
             println!("{}: ok", path.display());
             print!("{}", plan.describe());
             ExitCode::SUCCESS
         }
-        Err(code) => code,
+        None => ExitCode::FAILURE,
     }
 }
 
@@ -237,9 +262,12 @@ async fn run_until_stopped(running: server::Running) -> anyhow::Result<()> {
 }
 
 async fn serve(config: PathBuf) -> anyhow::Result<()> {
-    let plan = match load_plan(&config) {
-        Ok(p) => p,
-        Err(_) => anyhow::bail!("invalid config"),
+    let (plan, warnings) = load_plan(&config);
+    for w in &warnings {
+        tracing::warn!("config: {w}");
+    }
+    let Some(plan) = plan else {
+        anyhow::bail!("invalid config");
     };
     let listener = bind(plan.server.listen).await?;
     let running = server::start(plan, listener, None).await?;
