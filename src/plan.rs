@@ -65,7 +65,7 @@ impl Plan {
     /// though valid.
     pub fn check(config: &Config) -> Checked {
         let mut warnings = Vec::new();
-        let plan = Plan::compile_warning(config, &mut warnings);
+        let plan = Plan::compile_into(config, &mut warnings);
         Checked { plan, warnings }
     }
 
@@ -91,7 +91,8 @@ impl Plan {
         checked
     }
 
-    fn compile_warning(
+    /// [`Plan::compile`], adding warnings to `warnings`.
+    fn compile_into(
         config: &Config,
         warnings: &mut Vec<ConfigError>,
     ) -> Result<Plan, ConfigErrors> {
@@ -440,10 +441,15 @@ impl Plan {
     /// Operations in the source's words: SQLite has no `replace` (an UPDATE is an update).
     fn op_words(&self, ops: &BTreeSet<Op>) -> Vec<&'static str> {
         let sqlite = matches!(self.source, SourcePlan::Sqlite(_));
-        ops.iter()
+        let words: Vec<&str> = ops
+            .iter()
             .filter(|o| !(sqlite && **o == Op::Replace))
             .map(|o| o.as_str())
-            .collect()
+            .collect();
+        if words.is_empty() && !ops.is_empty() {
+            return vec!["nothing (SQLite has no replace)"];
+        }
+        words
     }
 }
 

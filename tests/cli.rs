@@ -790,3 +790,24 @@ fn serve_logs_config_warnings_at_start() {
         seen.join("\n")
     );
 }
+
+/// SQLite reports a changed row as an update: a rule on `replace` alone never fires.
+#[test]
+fn check_warns_of_replace_on_sqlite() {
+    let t = Tracker::new();
+    let config = Tracker::config_with("many = true }\n", "many = true }\non = [\"replace\"]\n");
+    let (code, stdout, stderr) = t.check(&config, &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.starts_with("warning: route[0].on[0]: SQLite has no replace")),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("route tasks on nothing (SQLite has no replace)"),
+        "{stdout}"
+    );
+    let (code, _, stderr) = t.check(&config, &["--strict"]);
+    assert_eq!(code, 1, "{stderr}");
+}
