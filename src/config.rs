@@ -1147,6 +1147,8 @@ fn located(
     message: &str,
     span: Option<std::ops::Range<usize>>,
 ) -> ConfigError {
+    // A key the parser recovered with no name (text `=`) is no path to show.
+    let path = if path.is_empty() { "config" } else { path };
     let mut message = message.trim().to_string();
     if let Some(span) = span {
         let start = span.start.min(text.len());
