@@ -1,9 +1,12 @@
 //! The TOML configuration: what users write, parsed strictly.
 //!
-//! In: the text of a config file. Out: a [`Config`] whose every key was known, or errors
-//! that name the config path of the bad key (`route[2].to.lookup: ...`). The semantic
-//! checks (does the collection exist, is the path well formed) happen when the config is
-//! compiled into a [`crate::plan::Plan`], which collects every error before anything starts.
+//! In: the text of a config file. Out: a [`Config`] whose every key was known, or every
+//! error in the file (TOML syntax included), each naming the exact key and line
+//! (`source.poll_interval: ... (line 4)`), with a "did you mean" for misspelt keys. Each
+//! section is read on its own; [`Config::parse_partial`] keeps what parsed, with stand-ins
+//! for the rest, so the plan can check it in the same run. The semantic checks (does the
+//! collection exist, is the path well formed) happen when the config is compiled into a
+//! [`crate::plan::Plan`], which collects every error before anything starts.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
