@@ -1,11 +1,14 @@
 //! The TOML configuration: what users write, parsed strictly.
 //!
-//! In: the text of a config file. Out: a [`Config`] whose every key was known, or errors
-//! that name the config path of the bad key (`route[2].to.lookup: ...`). The semantic
-//! checks (does the collection exist, is the path well formed) happen when the config is
-//! compiled into a [`crate::plan::Plan`], which collects every error before anything starts.
+//! In: the text of a config file. Out: a [`Config`] whose every key was known, or every
+//! error in the file (TOML syntax included), each naming the exact key and line
+//! (`source.poll_interval: ... (line 4)`), with a "did you mean" for misspelt keys. Each
+//! section is read on its own; [`Config::parse_partial`] keeps what parsed, with stand-ins
+//! for the rest, so the plan can check it in the same run. The semantic checks (does the
+//! collection exist, is the path well formed) happen when the config is compiled into a
+//! [`crate::plan::Plan`], which collects every error before anything starts.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -531,27 +534,93 @@ impl fmt::Display for ConfigErrors {
 }
 
 impl Config {
-    /// Parses a config's text. Errors name the config path and the line.
+    /// Parses a config's text, reporting every problem in one go: every TOML syntax
+    /// error, then each section deserialized on its own (each `[[route]]` and `[[alert]]`
+    /// too) so that one bad section does not hide another's errors. Errors name the exact
+    /// key (`source.poll_interval`, `history.max_per_usr`) and the line; an unknown key,
+    /// section or variant gets the closest known one as a "did you mean".
     pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
-        let de = toml::Deserializer::parse(text).map_err(|e| toml_error(text, "", &e))?;
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let path = if path == "." { String::new() } else { path };
-            toml_error(text, &path, e.inner())
-        })
+        let partial = Config::parse_partial(text);
+        match partial.config {
+            Some(c) if partial.errors.is_empty() => Ok(c),
+            _ => Err(ConfigErrors(partial.errors)),
+        }
+    }
+
+    /// Parses as far as the text goes: see [`Partial`].
+    pub fn parse_partial(text: &str) -> Partial {
+        let (doc, syntax) = toml::de::DeTable::parse_recoverable(text);
+        let doc = doc.into_inner();
+        let broken = broken_sections(&doc, &syntax);
+        let mut errors: Vec<ConfigError> = syntax
+            .iter()
+            .zip(&broken)
+            .map(|(e, at)| {
+                located(
+                    text,
+                    at.as_deref().unwrap_or("config"),
+                    e.message(),
+                    e.span(),
+                )
+            })
+            .collect();
+        let mut sections = Sections {
+            broken: broken.into_iter().flatten().collect(),
+            any_broken: !syntax.is_empty(),
+            ..Sections::default()
+        };
+        for (key, value) in doc {
+            let name = key.get_ref().to_string();
+            if !SECTIONS.contains(&name.as_str()) {
+                let message = match crate::suggest::closest(&name, SECTIONS) {
+                    Some(s) => format!("unknown section `{name}`, did you mean `{s}`?"),
+                    None => format!("unknown section `{name}` (known: {})", SECTIONS.join(", ")),
+                };
+                errors.push(located(text, &name, &message, Some(key.span())));
+                continue;
+            }
+            sections.found.insert(name, value);
+        }
+        let (config, stand_ins) = sections.build(text, &mut errors);
+        if config.is_none() && errors.is_empty() {
+            errors.push(ConfigError::new("config", "invalid"));
+        }
+        Partial {
+            config,
+            errors,
+            stand_ins,
+        }
     }
 
     /// Reads and parses a config file, resolving relative paths in it against the file's
     /// folder.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let partial = Config::load_partial(path)?;
+        match partial.config {
+            Some(c) if partial.errors.is_empty() => Ok(c),
+            _ => Err(ConfigErrors(partial.errors)),
+        }
+    }
+
+    /// Reads a config file and parses it as far as it goes ([`Partial`]), resolving
+    /// relative paths as [`Config::load`] does. Errs only when the file cannot be read.
+    pub fn load_partial(path: &Path) -> Result<Partial, ConfigErrors> {
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigErrors(vec![ConfigError::new(
                 path.display().to_string(),
                 format!("cannot read config: {e}"),
             )])
         })?;
-        let mut config = Config::parse(&text)?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        let mut partial = Config::parse_partial(&text);
+        if let Some(config) = &mut partial.config {
+            config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        }
+        Ok(partial)
+    }
+
+    /// Makes relative paths in the config relative to `base`, the config file's folder.
+    fn resolve_paths(&mut self, base: &Path) {
+        let config = self;
         match &mut config.source {
             SourceConfig::Sqlite(s) if s.path.is_relative() => s.path = base.join(&s.path),
             SourceConfig::Mongodb(m) if m.checkpoint_file.is_relative() => {
@@ -570,7 +639,28 @@ impl Config {
                 *p = base.join(&*p);
             }
         }
-        Ok(config)
+    }
+}
+
+/// A config parsed as far as it goes: the errors of every section, and a [`Config`] in
+/// which defaults stand in for the sections (and `[[route]]`s) that did not parse, so
+/// that [`crate::plan::Plan::check_partial`] can still check the rest in the same run.
+pub struct Partial {
+    /// `None` only if not even a stand-in could be made.
+    pub config: Option<Config>,
+    pub errors: Vec<ConfigError>,
+    /// Config paths (`source`, `route[2]`) holding stand-ins, not what the file says.
+    stand_ins: Vec<String>,
+}
+
+impl Partial {
+    /// Whether a config path is inside a stand-in: an error there is about the default,
+    /// not the file, and is not reported.
+    pub fn is_stand_in(&self, path: &str) -> bool {
+        self.stand_ins.iter().any(|s| {
+            path.strip_prefix(s.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+        })
     }
 }
 
@@ -744,16 +834,334 @@ impl Config {
     }
 }
 
-fn toml_error(text: &str, path: &str, e: &toml::de::Error) -> ConfigErrors {
-    let line = e
-        .span()
-        .map(|span| text[..span.start.min(text.len())].lines().count().max(1));
-    let mut message = e.message().trim().to_string();
-    if let Some(line) = line {
+/// The top-level sections a config may have.
+const SECTIONS: &[&str] = &[
+    "server", "source", "auth", "history", "route", "alert", "lookups", "publish", "cluster",
+];
+
+/// A config's sections as parsed, before each is deserialized on its own.
+#[derive(Default)]
+struct Sections<'i> {
+    found: BTreeMap<String, toml::Spanned<toml::de::DeValue<'i>>>,
+    /// Sections (`auth`) and `[[route]]`s (`route[1]`) a syntax error falls in: parsed
+    /// only in part, so their other errors would be noise. Stand-ins take their place.
+    broken: BTreeSet<String>,
+    /// Some syntax error: a required section that seems missing may be swallowed by it,
+    /// so it is not reported missing.
+    any_broken: bool,
+}
+
+/// For each syntax error, the section or `[[route]]`/`[[alert]]` element it falls in
+/// (`None` before the first). Spans of tables cover only their header, so each one is
+/// taken to extend to the next header.
+fn broken_sections(doc: &toml::de::DeTable<'_>, syntax: &[toml::de::Error]) -> Vec<Option<String>> {
+    let mut starts: Vec<(usize, String)> = Vec::new();
+    for (key, value) in doc.iter() {
+        let name = key.get_ref();
+        match value.get_ref() {
+            toml::de::DeValue::Array(items) if ["route", "alert"].contains(&name.as_ref()) => {
+                for (i, item) in items.iter().enumerate() {
+                    starts.push((item.span().start, format!("{name}[{i}]")));
+                }
+            }
+            _ => starts.push((value.span().start, name.to_string())),
+        }
+    }
+    starts.sort();
+    syntax
+        .iter()
+        .map(|e| {
+            let at = e.span()?.start;
+            let after = starts.partition_point(|(start, _)| *start <= at);
+            after.checked_sub(1).map(|i| starts[i].1.clone())
+        })
+        .collect()
+}
+
+impl<'i> Sections<'i> {
+    /// Deserializes every section; one that fails is replaced by a stand-in (its default,
+    /// or a placeholder), whose path is returned with the config.
+    fn build(mut self, text: &str, errors: &mut Vec<ConfigError>) -> (Option<Config>, Vec<String>) {
+        let mut stand_ins = Vec::new();
+        let broken = &self.broken;
+        // A broken section is taken out unparsed: its stand-in is used.
+        let found = &mut self.found;
+        found.retain(|name, _| !broken.contains(name));
+        let mut one = Taker {
+            text,
+            broken,
+            found,
+            stand_ins: &mut stand_ins,
+            errors,
+        };
+        let (server, _) = one.take("server", "", section);
+        let (source, has_source) = one.take("source", STAND_IN_SOURCE, |text, _, v, errors| {
+            source_section(text, v, errors)
+        });
+        let (auth, has_auth) = one.take("auth", "jwt_secret = \"stand-in\"", section);
+        let (history, _) = one.take("history", "", section);
+        let (lookups, _) = one.take("lookups", "", section);
+        let (publish, _) = one.take("publish", "", section);
+        for (name, present) in [("source", has_source), ("auth", has_auth)] {
+            if !present && !self.any_broken {
+                errors.push(ConfigError::new(name, "missing section"));
+            }
+        }
+        let cluster = match found.remove("cluster") {
+            None if broken.contains("cluster") => {
+                stand_ins.push("cluster".into());
+                Some(None)
+            }
+            None => Some(None),
+            Some(v) => match section(text, "cluster", v, errors) {
+                Some(c) => Some(Some(c)),
+                None => {
+                    stand_ins.push("cluster".into());
+                    Some(None)
+                }
+            },
+        };
+        let routes = found.remove("route").map_or(Some(Vec::new()), |v| {
+            list(
+                text,
+                "route",
+                v,
+                STAND_IN_ROUTE,
+                broken,
+                &mut stand_ins,
+                errors,
+            )
+        });
+        let alerts = found.remove("alert").map_or(Some(Vec::new()), |v| {
+            list(
+                text,
+                "alert",
+                v,
+                STAND_IN_ALERT,
+                broken,
+                &mut stand_ins,
+                errors,
+            )
+        });
+        let config = (|| {
+            Some(Config {
+                server: server?,
+                source: source?,
+                auth: auth?,
+                history: history?,
+                routes: routes?,
+                alerts: alerts?,
+                lookups: lookups?,
+                publish: publish?,
+                cluster: cluster?,
+            })
+        })();
+        (config, stand_ins)
+    }
+}
+
+/// Takes sections out of the parsed document one by one.
+struct Taker<'a, 'i> {
+    text: &'a str,
+    broken: &'a BTreeSet<String>,
+    found: &'a mut BTreeMap<String, toml::Spanned<toml::de::DeValue<'i>>>,
+    stand_ins: &'a mut Vec<String>,
+    errors: &'a mut Vec<ConfigError>,
+}
+
+type Parse<T> =
+    fn(&str, &str, toml::Spanned<toml::de::DeValue<'_>>, &mut Vec<ConfigError>) -> Option<T>;
+
+impl Taker<'_, '_> {
+    /// Section `name` parsed, or its stand-in; and whether the file has it.
+    fn take<T: serde::de::DeserializeOwned>(
+        &mut self,
+        name: &str,
+        stand_in: &str,
+        parse: Parse<T>,
+    ) -> (Option<T>, bool) {
+        let value = self.found.remove(name);
+        let present = value.is_some();
+        let parsed = value.and_then(|v| parse(self.text, name, v, self.errors));
+        let parsed = parsed.or_else(|| {
+            // A required section missing is an error (reported by the caller); an
+            // optional one missing just takes its default.
+            if present || self.broken.contains(name) || ["source", "auth"].contains(&name) {
+                self.stand_ins.push(name.to_owned());
+            }
+            placeholder(stand_in)
+        });
+        (parsed, present)
+    }
+}
+
+const STAND_IN_SOURCE: &str = "type = \"sqlite\"\npath = \"\"";
+const STAND_IN_ROUTE: &str = "name = \"\"\ncollection = \"\"\nto = false";
+const STAND_IN_ALERT: &str =
+    "name = \"\"\ncollection = \"\"\nwhen = \"\"\nto = false\nmessage = \"\"";
+
+/// A stand-in parsed from fixed text (it always parses; `None` if it ever did not).
+fn placeholder<T: serde::de::DeserializeOwned>(text: &str) -> Option<T> {
+    toml::from_str(text).ok()
+}
+
+/// Deserializes one section (or one `[[route]]`), its errors named from `at`.
+fn section<T: serde::de::DeserializeOwned>(
+    text: &str,
+    at: &str,
+    value: toml::Spanned<toml::de::DeValue<'_>>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<T> {
+    let span = value.span();
+    let de = toml::de::ValueDeserializer::from(value);
+    match serde_path_to_error::deserialize(de) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let inner = e.inner();
+            let mut path = at.to_string();
+            let inside = e.path().to_string();
+            if inside != "." {
+                path.push('.');
+                path.push_str(&inside);
+            }
+            let (key, message) = explain_serde(inner.message());
+            // serde_path_to_error names an unknown key already, a missing one not.
+            if let Some(key) = key
+                && !path.ends_with(&format!(".{key}"))
+            {
+                path.push('.');
+                path.push_str(&key);
+            }
+            errors.push(located(text, &path, &message, inner.span().or(Some(span))));
+            None
+        }
+    }
+}
+
+/// `[[route]]`, `[[alert]]`: each element deserialized on its own.
+fn list<T: serde::de::DeserializeOwned>(
+    text: &str,
+    at: &str,
+    value: toml::Spanned<toml::de::DeValue<'_>>,
+    stand_in: &str,
+    broken: &BTreeSet<String>,
+    stand_ins: &mut Vec<String>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Vec<T>> {
+    let span = value.span();
+    let toml::de::DeValue::Array(items) = value.into_inner() else {
+        let message = format!("expected [[{at}]] tables");
+        errors.push(located(text, at, &message, Some(span)));
+        return None;
+    };
+    let mut out = Vec::new();
+    for (i, item) in items.into_iter().enumerate() {
+        let path = format!("{at}[{i}]");
+        let parsed = if broken.contains(&path) {
+            None
+        } else {
+            section(text, &path, item, errors)
+        };
+        match parsed {
+            Some(v) => out.push(v),
+            // Keeps the indices of the ones after it right.
+            None => {
+                out.push(placeholder(stand_in)?);
+                stand_ins.push(path);
+            }
+        }
+    }
+    Some(out)
+}
+
+/// `[source]`: its `type` picks the struct the other keys must fit.
+fn source_section(
+    text: &str,
+    value: toml::Spanned<toml::de::DeValue<'_>>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<SourceConfig> {
+    const TYPES: &[&str] = &["sqlite", "mongodb"];
+    let span = value.span();
+    let toml::de::DeValue::Table(mut table) = value.into_inner() else {
+        errors.push(located(text, "source", "expected a table", Some(span)));
+        return None;
+    };
+    let Some(kind) = table.remove("type") else {
+        let message = "missing key `type` (sqlite or mongodb)";
+        errors.push(located(text, "source.type", message, Some(span)));
+        return None;
+    };
+    let kind_span = kind.span();
+    let rest = toml::Spanned::new(span, toml::de::DeValue::Table(table));
+    match kind.get_ref().as_str() {
+        Some("sqlite") => section(text, "source", rest, errors).map(SourceConfig::Sqlite),
+        Some("mongodb") => section(text, "source", rest, errors).map(SourceConfig::Mongodb),
+        other => {
+            let mut message = format!("`{}` is not one of sqlite, mongodb", other.unwrap_or("?"));
+            if let Some(s) = other.and_then(|o| crate::suggest::closest(o, TYPES)) {
+                message.push_str(&format!(", did you mean `{s}`?"));
+            }
+            errors.push(located(text, "source.type", &message, Some(kind_span)));
+            None
+        }
+    }
+}
+
+/// Serde's message, reworded for a config: an unknown or missing key is named in the
+/// path (returned first) rather than only in the message, with the closest known key.
+fn explain_serde(message: &str) -> (Option<String>, String) {
+    let message = message.trim();
+    let quoted =
+        |s: &str| -> Vec<String> { s.split('`').skip(1).step_by(2).map(str::to_owned).collect() };
+    if let Some(rest) = message.strip_prefix("unknown field ") {
+        let names = quoted(rest);
+        if let Some((key, expected)) = names.split_first() {
+            let known: Vec<&str> = expected.iter().map(String::as_str).collect();
+            let m = match crate::suggest::closest(key, &known) {
+                Some(s) => format!("unknown key `{key}`, did you mean `{s}`?"),
+                None => format!("unknown key `{key}` (known: {})", known.join(", ")),
+            };
+            return (Some(key.clone()), m);
+        }
+    }
+    if let Some(rest) = message.strip_prefix("unknown variant ") {
+        let names = quoted(rest);
+        if let Some((got, expected)) = names.split_first() {
+            let known: Vec<&str> = expected.iter().map(String::as_str).collect();
+            let mut m = format!("`{got}` is not one of {}", known.join(", "));
+            if let Some(s) = crate::suggest::closest(got, &known) {
+                m.push_str(&format!(", did you mean `{s}`?"));
+            }
+            return (None, m);
+        }
+    }
+    if let Some(rest) = message.strip_prefix("missing field ")
+        && let Some(key) = quoted(rest).into_iter().next()
+    {
+        return (Some(key), "missing".to_string());
+    }
+    (None, message.to_string())
+}
+
+/// An error at `path`, with the line `span` starts on.
+fn located(
+    text: &str,
+    path: &str,
+    message: &str,
+    span: Option<std::ops::Range<usize>>,
+) -> ConfigError {
+    // A key the parser recovered with no name (text `=`) is no path to show.
+    let path = if path.is_empty() { "config" } else { path };
+    let mut message = message.trim().to_string();
+    if let Some(span) = span {
+        let start = span.start.min(text.len());
+        let line = text
+            .get(..start)
+            .map(|before| before.matches('\n').count() + 1)
+            .unwrap_or(1);
         message.push_str(&format!(" (line {line})"));
     }
-    let path = if path.is_empty() { "config" } else { path };
-    ConfigErrors(vec![ConfigError::new(path, message)])
+    ConfigError::new(path, message)
 }
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
@@ -922,6 +1330,57 @@ mod tests {
             assert_eq!(errors.len(), 1, "{line}: {errors:?}");
             assert!(errors[0].starts_with(expected), "{line}: {errors:?}");
         }
+    }
+
+    #[test]
+    fn every_section_is_checked_even_when_another_fails() {
+        let text = format!(
+            "[server]\nkeepalive = 5\n[history]\nstore = \"memroy\"\n{MINIMAL}\ncolour = 1\n\
+             [[route]]\nname = \"b\"\ncollection = \"orders\"\nto = \"$owner_id\"\n"
+        );
+        let partial = Config::parse_partial(&text);
+        let errors: Vec<String> = partial.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(errors.len(), 3, "{errors:#?}");
+        assert!(errors[0].starts_with("server.keepalive: "), "{errors:#?}");
+        assert!(
+            errors[1].starts_with(
+                "history.store: `memroy` is not one of sqlite, memory, did you mean `memory`?"
+            ),
+            "{errors:#?}"
+        );
+        assert!(
+            errors[2].starts_with("route[0].colour: unknown key `colour`"),
+            "{errors:#?}"
+        );
+        // Stand-ins keep the indices of the routes after a bad one.
+        let config = partial.config.as_ref().expect("a config with stand-ins");
+        assert_eq!(config.routes.len(), 2);
+        assert_eq!(config.routes[1].name, "b");
+        assert!(partial.is_stand_in("route[0].to"));
+        assert!(partial.is_stand_in("server"));
+        assert!(!partial.is_stand_in("route[1].to"));
+        assert!(!partial.is_stand_in("route[10]"));
+    }
+
+    #[test]
+    fn every_syntax_error_is_named_by_its_section_and_line() {
+        let text = MINIMAL
+            .replace("[auth]\n", "[auth]\nleeway = = \"1s\"\n")
+            .replace("to = \"$owner_id\"", "to = \"$owner_id\" \"x\"");
+        let err = Config::parse(&text).unwrap_err();
+        let paths: Vec<&str> = err.0.iter().map(|e| e.path.as_str()).collect();
+        assert!(paths.contains(&"auth"), "{err}");
+        assert!(paths.contains(&"route[0]"), "{err}");
+        // The broken sections' own errors (a missing `to`) would be noise.
+        assert!(err.0.iter().all(|e| e.message.contains("(line ")), "{err}");
+        assert!(!err.to_string().contains("missing"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_key_is_named_by_its_path() {
+        let err = Config::parse(&MINIMAL.replace("collection = \"orders\"", "")).unwrap_err();
+        assert_eq!(err.0[0].path, "route[0].collection", "{err}");
+        assert!(err.0[0].message.starts_with("missing"), "{err}");
     }
 
     #[test]

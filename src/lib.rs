@@ -12,6 +12,7 @@
 //!
 //! - [`config`]: the TOML file, parsed strictly; errors name the config path.
 //! - [`plan`]: a config compiled and validated as a whole, before anything starts.
+//! - [`suggest`]: "did you mean" for misspelt keys, collections and fields.
 //! - [`source`]: change feeds behind one trait; [`source::sqlite`] is the embedded default.
 //! - [`change`]: the one normalised change type every source produces.
 //! - [`route`]: compiled `[[route]]`s that turn a change into deliveries (who gets what).
@@ -43,4 +44,5 @@ pub mod route;
 pub mod router;
 pub mod server;
 pub mod source;
+pub mod suggest;
 pub mod transport;

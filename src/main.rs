@@ -13,8 +13,8 @@ use serde_json::{Map, Value};
 use tokio::net::TcpListener;
 
 use changecast::change::Op;
-use changecast::config::Config;
-use changecast::plan::Plan;
+use changecast::config::{Config, ConfigError};
+use changecast::plan::{Checked, Plan};
 use changecast::{auth, demo, explain, init, server};
 
 #[derive(Parser)]
@@ -62,7 +62,8 @@ enum Command {
         #[arg(long, requires = "nats")]
         name: Option<String>,
     },
-    /// Validate a config without starting and print the compiled plan.
+    /// Validate a config without starting and print the compiled plan. Errors and
+    /// warnings go to stderr, one per line, each naming its config path.
     Check {
         #[arg(long)]
         config: PathBuf,
@@ -71,6 +72,9 @@ enum Command {
         /// in a sample of documents), one `ok:`/`warning:`/`error:` line per finding.
         #[arg(long)]
         connect: bool,
+        /// Fail (exit 1) on warnings too, not only on errors: for CI.
+        #[arg(long)]
+        strict: bool,
     },
     /// Read a database and write a commented starter config that passes `check`.
     ///
@@ -172,7 +176,11 @@ fn main() -> ExitCode {
         LogFormat::Json => logs.json().init(),
     }
     match cli.command {
-        Command::Check { config, connect } => match check(&config) {
+        Command::Check {
+            config,
+            connect,
+            strict,
+        } => match check(&config, strict) {
             code if connect && code == ExitCode::SUCCESS => check_connect(&config),
             code => code,
         },
@@ -228,35 +236,56 @@ fn run_async(fut: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
     }
 }
 
-/// Loads and compiles a config, printing every error.
-fn load_plan(path: &Path) -> Result<Plan, ExitCode> {
-    let errors = match Config::load(path).and_then(|c| Plan::compile(&c)) {
-        Ok(plan) => return Ok(plan),
-        Err(errors) => errors,
+/// Loads and compiles a config, printing every error on stderr. Returns the plan, if
+/// there are no errors, and the warnings either way.
+fn load_plan(path: &Path) -> (Option<Plan>, Vec<ConfigError>) {
+    let checked = match Config::load_partial(path) {
+        Ok(partial) => Plan::check_partial(&partial),
+        Err(errors) => Checked {
+            plan: Err(errors),
+            warnings: Vec::new(),
+        },
     };
-    eprintln!("{}: {} error(s)", path.display(), errors.0.len());
-    for e in &errors.0 {
-        eprintln!("  {e}");
+    match checked.plan {
+        Ok(plan) => (Some(plan), checked.warnings),
+        Err(errors) => {
+            eprintln!("{}: {} error(s)", path.display(), errors.0.len());
+            for e in &errors.0 {
+                eprintln!("  {e}");
+            }
+            (None, checked.warnings)
+        }
     }
-    Err(ExitCode::FAILURE)
 }
 
-fn check(path: &Path) -> ExitCode {
-    match load_plan(path) {
-        Ok(plan) => {
+fn check(path: &Path, strict: bool) -> ExitCode {
+    let (plan, warnings) = load_plan(path);
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
+    match plan {
+        Some(_) if strict && !warnings.is_empty() => {
+            eprintln!(
+                "{}: {} warning(s), refused by --strict",
+                path.display(),
+                warnings.len()
+            );
+            ExitCode::FAILURE
+        }
+        Some(plan) => {
             println!("{}: ok", path.display());
             print!("{}", plan.describe());
             ExitCode::SUCCESS
         }
-        Err(code) => code,
+        None => ExitCode::FAILURE,
     }
 }
 
 /// `check --connect`: what the config assumes of its source, checked against it.
 fn check_connect(path: &Path) -> ExitCode {
     match load_plan(path) {
-        Ok(plan) => run_async(changecast::source::mongodb::preflight::run(plan)),
-        Err(code) => code,
+        (Some(plan), _) => run_async(changecast::source::mongodb::preflight::run(plan)),
+        (None, _) => ExitCode::FAILURE,
     }
 }
 
@@ -384,9 +413,8 @@ async fn run_explain(
     op: Op,
     json: bool,
 ) -> anyhow::Result<()> {
-    let plan = match load_plan(&config) {
-        Ok(p) => p,
-        Err(_) => anyhow::bail!("invalid config"),
+    let (Some(plan), _) = load_plan(&config) else {
+        anyhow::bail!("invalid config");
     };
     let document = match key {
         Some(k) if k != "-" && !stdin => explain::Document::Key(k),
@@ -416,9 +444,12 @@ async fn run_explain(
 }
 
 async fn serve(config: PathBuf) -> anyhow::Result<()> {
-    let plan = match load_plan(&config) {
-        Ok(p) => p,
-        Err(_) => anyhow::bail!("invalid config"),
+    let (plan, warnings) = load_plan(&config);
+    for w in &warnings {
+        tracing::warn!("config: {w}");
+    }
+    let Some(plan) = plan else {
+        anyhow::bail!("invalid config");
     };
     let listener = bind(plan.server.listen).await?;
     let running = server::start(plan, listener, None).await?;

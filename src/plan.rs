@@ -45,9 +45,57 @@ pub struct Plan {
     pub cluster: Option<crate::config::ClusterConfig>,
 }
 
+/// A config checked as a whole: the plan or every error, and the warnings either way.
+pub struct Checked {
+    pub plan: Result<Plan, ConfigErrors>,
+    /// Things that are valid but would most likely deliver to nobody (a `where` value
+    /// that names a field but lacks its `$`). `check` prints them and `--strict` fails on
+    /// them; `serve` logs them at start. Same path and message form as errors.
+    pub warnings: Vec<ConfigError>,
+}
+
 impl Plan {
     /// Validates `config` as a whole; reads the source's schema to check names.
+    /// Warnings are dropped: [`Plan::check`] has them.
     pub fn compile(config: &Config) -> Result<Plan, ConfigErrors> {
+        Plan::check(config).plan
+    }
+
+    /// Validates `config` as a whole, as [`Plan::compile`], and says what looks wrong
+    /// though valid.
+    pub fn check(config: &Config) -> Checked {
+        let mut warnings = Vec::new();
+        let plan = Plan::compile_into(config, &mut warnings);
+        Checked { plan, warnings }
+    }
+
+    /// Checks what parsed of a config ([`crate::config::Partial`]): its parse errors
+    /// and the plan's errors about the sections that did parse, all in one list, so a
+    /// bad section does not hide another's errors.
+    pub fn check_partial(partial: &crate::config::Partial) -> Checked {
+        let Some(config) = &partial.config else {
+            return Checked {
+                plan: Err(ConfigErrors(partial.errors.clone())),
+                warnings: Vec::new(),
+            };
+        };
+        let mut checked = Plan::check(config);
+        checked.warnings.retain(|w| !partial.is_stand_in(&w.path));
+        if !partial.errors.is_empty() {
+            let mut errors = partial.errors.clone();
+            if let Err(more) = checked.plan {
+                errors.extend(more.0.into_iter().filter(|e| !partial.is_stand_in(&e.path)));
+            }
+            checked.plan = Err(ConfigErrors(errors));
+        }
+        checked
+    }
+
+    /// [`Plan::compile`], adding warnings to `warnings`.
+    fn compile_into(
+        config: &Config,
+        warnings: &mut Vec<ConfigError>,
+    ) -> Result<Plan, ConfigErrors> {
         let mut errors = Vec::new();
         let source = match &config.source {
             SourceConfig::Sqlite(s) => Some(SourcePlan::Sqlite(s.clone())),
@@ -86,6 +134,12 @@ impl Plan {
         let catalog = catalog.as_ref().map(|c| c as &dyn Catalog);
         if let (Some(SourcePlan::Sqlite(s)), Some(catalog)) = (&source, catalog) {
             check_json_columns(&s.json_columns, catalog, &mut errors);
+        }
+        if let Some(catalog) = catalog {
+            literal_field_warnings(config, catalog, warnings);
+        }
+        if let SourceConfig::Sqlite(_) = &config.source {
+            sqlite_replace_warnings(config, warnings);
         }
 
         // Every duration and size key: zero, too large, overflow.
@@ -270,8 +324,9 @@ impl Plan {
                 let _ = writeln!(s, "source: sqlite {}", c.path.display());
                 let _ = writeln!(
                     s,
-                    "  change log: triggers on every watched table, polled every {:?}, batches of {}",
-                    c.poll_interval, c.batch_size
+                    "  change log: triggers on every watched table, polled every {}, batches of {}",
+                    human(c.poll_interval),
+                    c.batch_size
                 );
             }
             SourcePlan::Mongodb(c) => {
@@ -309,14 +364,14 @@ impl Plan {
         let _ = writeln!(s, "auth: {}", self.auth.describe());
         let _ = writeln!(
             s,
-            "history: {}, {} events per user, {:?} at most; send queue: {} events / {} bytes per connection",
+            "history: {}, {} events per user, {} at most; send queue: {} events / {} bytes per connection",
             match self.history.store {
                 crate::config::HistoryKind::Sqlite =>
                     format!("durable in {}", self.history.path.display()),
                 crate::config::HistoryKind::Memory => "in memory (lost on restart)".to_string(),
             },
             self.history.max_per_user,
-            self.history.max_age,
+            human(self.history.max_age),
             self.server.send_queue,
             self.server.send_queue_bytes
         );
@@ -341,7 +396,7 @@ impl Plan {
             );
         }
         for (collection, ops) in &watched {
-            let ops: Vec<&str> = ops.iter().map(|o| o.as_str()).collect();
+            let ops = self.op_words(ops);
             let _ = writeln!(s, "collection {collection} ({})", ops.join(", "));
             match needed.get(collection) {
                 Some(Reads::Fields(f)) => {
@@ -360,7 +415,7 @@ impl Plan {
                 );
             }
             for r in self.routes.iter().filter(|r| &r.collection == collection) {
-                let ops: Vec<&str> = r.ops.iter().map(|o| o.as_str()).collect();
+                let ops = self.op_words(&r.ops);
                 let _ = writeln!(s, "  route {} on {}", r.name, ops.join(", "));
                 if let Some(w) = &r.when {
                     let _ = writeln!(s, "    when {}", w.source);
@@ -368,17 +423,122 @@ impl Plan {
                 describe_rule(&mut s, &r.to, r.fields.as_deref());
             }
             for a in self.alerts.iter().filter(|a| &a.collection == collection) {
-                let ops: Vec<&str> = a.ops.iter().map(|o| o.as_str()).collect();
+                let ops = self.op_words(&a.ops);
                 let _ = writeln!(s, "  alert {} on {}", a.name, ops.join(", "));
                 let _ = writeln!(s, "    fires when `{}` becomes true", a.when.source);
                 if let Some(c) = a.cooldown {
-                    let _ = writeln!(s, "    then quiet for {c:?} per document");
+                    let _ = writeln!(s, "    then quiet for {} per document", human(c));
                 }
                 let _ = writeln!(s, "    message {:?}", a.message);
                 describe_rule(&mut s, &a.to, a.fields.as_deref());
             }
         }
         s
+    }
+}
+
+impl Plan {
+    /// Operations in the source's words: SQLite has no `replace` (an UPDATE is an update).
+    fn op_words(&self, ops: &BTreeSet<Op>) -> Vec<&'static str> {
+        let sqlite = matches!(self.source, SourcePlan::Sqlite(_));
+        let words: Vec<&str> = ops
+            .iter()
+            .filter(|o| !(sqlite && **o == Op::Replace))
+            .map(|o| o.as_str())
+            .collect();
+        if words.is_empty() && !ops.is_empty() {
+            return vec!["nothing (SQLite has no replace)"];
+        }
+        words
+    }
+}
+
+/// A duration as a config would write it (`2ms`, `1day`, `1m 30s`).
+fn human(d: std::time::Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(d)
+}
+
+/// Warns of each `where` value without `$` that names a field of the rule's collection:
+/// it is matched as that literal string, so the rule most likely reaches nobody.
+fn literal_field_warnings(config: &Config, catalog: &dyn Catalog, warnings: &mut Vec<ConfigError>) {
+    let rules = config
+        .routes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (format!("route[{i}]"), &r.collection, &r.to))
+        .chain(
+            config
+                .alerts
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (format!("alert[{i}]"), &a.collection, &a.to)),
+        );
+    for (at, collection, to) in rules {
+        if let Some(Some(cols)) = catalog.collections().get(collection) {
+            literal_fields_in(to, &format!("{at}.to"), collection, cols, warnings);
+        }
+    }
+}
+
+fn literal_fields_in(
+    to: &toml::Value,
+    path: &str,
+    collection: &str,
+    cols: &[String],
+    warnings: &mut Vec<ConfigError>,
+) {
+    match to {
+        toml::Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                literal_fields_in(item, &format!("{path}[{i}]"), collection, cols, warnings);
+            }
+        }
+        toml::Value::Table(t) => {
+            let Some(toml::Value::Table(filter)) = t.get("where") else {
+                return;
+            };
+            for (key, value) in filter {
+                if let toml::Value::String(v) = value
+                    && !v.starts_with('$')
+                    && cols.iter().any(|c| c == v)
+                {
+                    warnings.push(ConfigError::new(
+                        format!("{path}.where.{key}"),
+                        format!(
+                            "\"{v}\" is compared as that literal text, not the value of `{collection}`'s field `{v}`: did you mean \"${v}\"?"
+                        ),
+                    ));
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Warns of `on = ["replace"]` on SQLite, which reports an UPDATE as an update: such a
+/// rule never fires on it.
+fn sqlite_replace_warnings(config: &Config, warnings: &mut Vec<ConfigError>) {
+    let rules = config
+        .routes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (format!("route[{i}]"), &r.on))
+        .chain(
+            config
+                .alerts
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (format!("alert[{i}]"), &a.on)),
+        );
+    for (at, on) in rules {
+        for (j, op) in on.iter().flatten().enumerate() {
+            if op == "replace" {
+                warnings.push(ConfigError::new(
+                    format!("{at}.on[{j}]"),
+                    "SQLite has no replace (a changed row is an update): never fires here",
+                ));
+            }
+        }
     }
 }
 

@@ -17,7 +17,8 @@ use minijinja::Environment;
 
 use super::expr::{Condition, Reads};
 use super::spec::{
-    RecipientSpec, check_rule_names, compile_fields, compile_ops, compile_to, spec_reads,
+    FieldReads, RecipientSpec, check_rule_names, compile_fields, compile_ops, compile_to,
+    spec_reads,
 };
 use super::trace::{ConditionTrace, RuleTrace};
 use crate::change::{Change, Op};
@@ -73,10 +74,16 @@ pub fn compile_alert(
         ));
     }
     let when = Condition::compile(&config.when, &format!("{at}.when"), errors);
-    let mut to = Vec::new();
-    compile_to(&config.to, &format!("{at}.to"), &mut to, errors);
+    let mut located = Vec::new();
+    compile_to(&config.to, &format!("{at}.to"), &mut located, errors);
     let mut env = Environment::new();
     let mut message_reads = Reads::none();
+    // What the condition and the template name, for the catalog check.
+    let mut reads: FieldReads = when
+        .iter()
+        .flat_map(|w| &w.named)
+        .map(|(var, field)| (format!("{at}.when"), var.clone(), field.clone()))
+        .collect();
     match env.add_template_owned(template_name(index), config.message.clone()) {
         Err(e) => errors.push(ConfigError::new(
             format!("{at}.message"),
@@ -87,7 +94,10 @@ pub fn compile_alert(
                 for var in t.undeclared_variables(true) {
                     let mut parts = var.split('.');
                     match (parts.next(), parts.next()) {
-                        (Some("doc" | "before"), Some(field)) => message_reads.add(field),
+                        (Some(var @ ("doc" | "before")), Some(field)) => {
+                            message_reads.add(field);
+                            reads.push((format!("{at}.message"), var.into(), field.into()));
+                        }
                         (Some("doc" | "before"), None) => message_reads = Reads::Whole,
                         _ => {}
                     }
@@ -106,12 +116,14 @@ pub fn compile_alert(
         check_rule_names(
             &at,
             &config.collection,
-            &to,
+            &located,
             fields.as_deref(),
+            &reads,
             catalog,
             errors,
         );
     }
+    let to: Vec<RecipientSpec> = located.into_iter().map(|(_, spec)| spec).collect();
     if errors.len() > before {
         return None;
     }

@@ -64,6 +64,9 @@ pub struct Condition {
     program: Program,
     /// Top-level document fields the expression reads.
     pub reads: Reads,
+    /// Each `doc.<field>` and `before.<field>` it names, as (variable, field): what
+    /// `check` compares with the collection's fields, even when `reads` is `Whole`.
+    pub named: BTreeSet<(String, String)>,
     /// Which of [`VARIABLES`] the expression uses: only those are bound.
     uses: [bool; 5],
 }
@@ -82,6 +85,7 @@ impl Clone for Condition {
             source: self.source.clone(),
             program,
             reads: self.reads.clone(),
+            named: self.named.clone(),
             uses: self.uses,
         }
     }
@@ -131,13 +135,15 @@ impl Condition {
             return None;
         }
         let mut reads = Reads::none();
-        collect_reads(program.expression(), &mut reads);
+        let mut named = BTreeSet::new();
+        collect_reads(program.expression(), &mut reads, &mut named);
         let refs = program.references();
         let uses = VARIABLES.map(|v| refs.has_variable(v));
         Some(Condition {
             source: source.to_owned(),
             program,
             reads,
+            named,
             uses,
         })
     }
@@ -234,16 +240,18 @@ fn comprehension_vars(e: &IdedExpr, out: &mut Vec<String>) {
     }
 }
 
-/// Walks the expression for `doc.<field>` and `before.<field>` selections.
-fn collect_reads(e: &IdedExpr, reads: &mut Reads) {
+/// Walks the expression for `doc.<field>` and `before.<field>` selections, into `reads`
+/// and, as (variable, field), into `named`.
+fn collect_reads(e: &IdedExpr, reads: &mut Reads, named: &mut BTreeSet<(String, String)>) {
     match &e.expr {
         Expr::Select(s) => {
             if let Expr::Ident(root) = &s.operand.expr
                 && (root == "doc" || root == "before")
             {
                 reads.add(&s.field);
+                named.insert((root.clone(), s.field.clone()));
             } else {
-                collect_reads(&s.operand, reads);
+                collect_reads(&s.operand, reads, named);
             }
         }
         Expr::Ident(name) if name == "doc" || name == "before" => *reads = Reads::Whole,
@@ -252,15 +260,17 @@ fn collect_reads(e: &IdedExpr, reads: &mut Reads) {
             if c.func_name == "_[_]"
                 && let [target, index] = c.args.as_slice()
                 && matches!(&target.expr, Expr::Ident(n) if n == "doc" || n == "before")
+                && let Expr::Ident(root) = &target.expr
                 && let Expr::Literal(cel::common::ast::LiteralValue::String(field)) = &index.expr
             {
                 reads.add(field.as_ref());
+                named.insert((root.clone(), field.to_string()));
                 return;
             }
             if let Some(t) = &c.target {
-                collect_reads(t, reads);
+                collect_reads(t, reads, named);
             }
-            c.args.iter().for_each(|a| collect_reads(a, reads));
+            c.args.iter().for_each(|a| collect_reads(a, reads, named));
         }
         Expr::Comprehension(c) => {
             for x in [
@@ -270,23 +280,26 @@ fn collect_reads(e: &IdedExpr, reads: &mut Reads) {
                 &c.loop_step,
                 &c.result,
             ] {
-                collect_reads(x, reads);
+                collect_reads(x, reads, named);
             }
         }
-        Expr::List(l) => l.elements.iter().for_each(|x| collect_reads(x, reads)),
+        Expr::List(l) => l
+            .elements
+            .iter()
+            .for_each(|x| collect_reads(x, reads, named)),
         Expr::Map(m) => m.entries.iter().for_each(|en| match &en.expr {
             EntryExpr::MapEntry(me) => {
-                collect_reads(&me.key, reads);
-                collect_reads(&me.value, reads);
+                collect_reads(&me.key, reads, named);
+                collect_reads(&me.value, reads, named);
             }
-            EntryExpr::StructField(sf) => collect_reads(&sf.value, reads),
+            EntryExpr::StructField(sf) => collect_reads(&sf.value, reads, named),
         }),
         Expr::Struct(s) => s.entries.iter().for_each(|en| match &en.expr {
             EntryExpr::MapEntry(me) => {
-                collect_reads(&me.key, reads);
-                collect_reads(&me.value, reads);
+                collect_reads(&me.key, reads, named);
+                collect_reads(&me.value, reads, named);
             }
-            EntryExpr::StructField(sf) => collect_reads(&sf.value, reads),
+            EntryExpr::StructField(sf) => collect_reads(&sf.value, reads, named),
         }),
         _ => {}
     }
@@ -357,6 +370,21 @@ mod tests {
             );
             assert_eq!(errors[0].path, "alert[0].when");
         }
+    }
+
+    #[test]
+    fn named_fields_are_known_even_when_the_whole_document_is_read() {
+        let c = cond("size(doc) > 2 && doc.stat == 'x' && before['titel'] != doc.meta.urgent");
+        assert_eq!(c.reads, Reads::Whole);
+        let named: Vec<(&str, &str)> = c
+            .named
+            .iter()
+            .map(|(v, f)| (v.as_str(), f.as_str()))
+            .collect();
+        assert_eq!(
+            named,
+            vec![("before", "titel"), ("doc", "meta"), ("doc", "stat")]
+        );
     }
 
     #[test]

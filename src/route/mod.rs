@@ -48,11 +48,11 @@ use crate::source::{Catalog, Lookup};
 use alert::{Alert, AlertEngine};
 use cache::CachedLookup;
 use expr::Condition;
+use spec::{FieldReads, check_rule_names, compile_fields, compile_ops, compile_to, spec_reads};
 pub use spec::{
     LookupSpec, Operand, RecipientSet, RecipientSpec, RouteError, check_lookup_names,
     compile_lookup, compile_operand, project, recipients_of, toml_to_json,
 };
-use spec::{check_rule_names, compile_fields, compile_ops, compile_to, spec_reads};
 use trace::{ConditionTrace, RuleTrace, Skip, SpecTrace};
 
 /// A compiled `[[route]]`.
@@ -84,23 +84,30 @@ pub fn compile_route(
         errors.push(ConfigError::new(format!("{at}.name"), "must not be empty"));
     }
     let ops = compile_ops(config.on.as_ref(), &Op::ALL, &at, errors);
-    let mut to = Vec::new();
-    compile_to(&config.to, &format!("{at}.to"), &mut to, errors);
+    let mut located = Vec::new();
+    compile_to(&config.to, &format!("{at}.to"), &mut located, errors);
     let fields = compile_fields(config.fields.as_ref(), &at, errors);
     let when = config
         .when
         .as_ref()
         .and_then(|w| Condition::compile(w, &format!("{at}.when"), errors));
     if let Some(catalog) = catalog {
+        let reads: FieldReads = when
+            .iter()
+            .flat_map(|w| &w.named)
+            .map(|(var, field)| (format!("{at}.when"), var.clone(), field.clone()))
+            .collect();
         check_rule_names(
             &at,
             &config.collection,
-            &to,
+            &located,
             fields.as_deref(),
+            &reads,
             catalog,
             errors,
         );
     }
+    let to: Vec<RecipientSpec> = located.into_iter().map(|(_, spec)| spec).collect();
     if errors.len() > before {
         return None;
     }

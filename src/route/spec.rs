@@ -107,12 +107,14 @@ pub fn compile_lookup(
     errors: &mut Vec<ConfigError>,
 ) -> Option<LookupSpec> {
     let before = errors.len();
+    const KEYS: [&str; 4] = ["lookup", "where", "pick", "many"];
     for key in table.keys() {
-        if !["lookup", "where", "pick", "many"].contains(&key.as_str()) {
-            errors.push(ConfigError::new(
-                format!("{path}.{key}"),
-                "unknown key (expected lookup, where, pick or many)",
-            ));
+        if !KEYS.contains(&key.as_str()) {
+            let message = match crate::suggest::closest(key, &KEYS) {
+                Some(s) => format!("unknown key `{key}`, did you mean `{s}`?"),
+                None => format!("unknown key `{key}` (expected lookup, where, pick or many)"),
+            };
+            errors.push(ConfigError::new(format!("{path}.{key}"), message));
         }
     }
     let collection = match table.get("lookup") {
@@ -190,15 +192,17 @@ pub fn compile_lookup(
     })
 }
 
+/// Compiles a `to` value into `out`, each spec with the config path it was written at
+/// (`route[0].to`, `route[0].to[1]`), so that later checks name the exact key.
 pub(crate) fn compile_to(
     v: &toml::Value,
     path: &str,
-    out: &mut Vec<RecipientSpec>,
+    out: &mut Vec<(String, RecipientSpec)>,
     errors: &mut Vec<ConfigError>,
 ) {
     match v {
         toml::Value::String(s) => match s.strip_prefix('$').map(FieldPath::parse) {
-            Some(Ok(p)) => out.push(RecipientSpec::Field(p)),
+            Some(Ok(p)) => out.push((path.to_owned(), RecipientSpec::Field(p))),
             Some(Err(e)) => errors.push(ConfigError::new(path, e)),
             None => errors.push(ConfigError::new(
                 path,
@@ -207,7 +211,7 @@ pub(crate) fn compile_to(
         },
         toml::Value::Table(t) => {
             if let Some(l) = compile_lookup(t, path, false, errors) {
-                out.push(RecipientSpec::Lookup(l));
+                out.push((path.to_owned(), RecipientSpec::Lookup(l)));
             }
         }
         toml::Value::Array(items) if !items.is_empty() => {
@@ -222,7 +226,8 @@ pub(crate) fn compile_to(
     }
 }
 
-/// Checks a lookup's collection, `where` fields and `pick` against the catalog.
+/// Checks a lookup's collection, `where` fields and `pick` against the catalog, each
+/// error at its exact key and with the closest known name. `at` is the lookup's path.
 pub fn check_lookup_names(
     at: &str,
     l: &LookupSpec,
@@ -231,35 +236,65 @@ pub fn check_lookup_names(
 ) {
     let collections = catalog.collections();
     match collections.get(&l.collection) {
-        None => {
-            let names: Vec<&str> = collections.keys().map(String::as_str).collect();
-            errors.push(ConfigError::new(
-                format!("{at}.lookup"),
-                format!(
-                    "no such collection `{}` (the source has: {})",
-                    l.collection,
-                    names.join(", ")
-                ),
-            ));
-        }
+        None => errors.push(no_collection(
+            &format!("{at}.lookup"),
+            &l.collection,
+            catalog,
+        )),
         Some(Some(cols)) => {
             for (target, _) in &l.filter {
                 if !cols.iter().any(|c| c == target.root()) {
-                    errors.push(ConfigError::new(
-                        format!("{at}.where.{target}"),
-                        format!("`{}` has no field `{}`", l.collection, target.root()),
+                    errors.push(no_field(
+                        &format!("{at}.where.{target}"),
+                        &l.collection,
+                        target.root(),
+                        "",
+                        cols,
                     ));
                 }
             }
             if !cols.iter().any(|c| c == l.pick.root()) {
-                errors.push(ConfigError::new(
-                    format!("{at}.pick"),
-                    format!("`{}` has no field `{}`", l.collection, l.pick.root()),
+                errors.push(no_field(
+                    &format!("{at}.pick"),
+                    &l.collection,
+                    l.pick.root(),
+                    "",
+                    cols,
                 ));
             }
         }
         Some(None) => {}
     }
+}
+
+/// "no such collection", with the closest one the source has.
+fn no_collection(path: &str, name: &str, catalog: &dyn Catalog) -> ConfigError {
+    let names: Vec<&str> = catalog.collections().keys().map(String::as_str).collect();
+    let message = match crate::suggest::closest(name, &names) {
+        Some(s) => format!("no such collection `{name}`, did you mean `{s}`?"),
+        None => format!(
+            "no such collection `{name}` (the source has: {})",
+            names.join(", ")
+        ),
+    };
+    ConfigError::new(path, message)
+}
+
+/// "`c` has no field `f`", with the closest column written as the config would write it
+/// (`prefix` is `$`, `doc.` or nothing).
+fn no_field(
+    path: &str,
+    collection: &str,
+    field: &str,
+    prefix: &str,
+    cols: &[String],
+) -> ConfigError {
+    let names: Vec<&str> = cols.iter().map(String::as_str).collect();
+    let hint = match crate::suggest::closest(field, &names) {
+        Some(s) => format!(", did you mean `{prefix}{s}`?"),
+        None => format!(" (it has: {})", names.join(", ")),
+    };
+    ConfigError::new(path, format!("`{collection}` has no field `{field}`{hint}"))
 }
 
 /// Why part of a delivery was skipped.
@@ -511,59 +546,63 @@ pub fn compile_fields(
     })
 }
 
-/// Checks a rule's collection, the fields it reads and its lookups against the catalog.
-/// Returns false when the collection itself is unknown.
+/// What a rule reads of the changed document, beyond its recipients, for
+/// [`check_rule_names`]: `(config path, variable, field)`, e.g. `("alert[0].when", "doc",
+/// "status")`. Only the first segment of a path is known to the catalog (a JSON column's
+/// inside is not), so `field` is a top-level field.
+pub type FieldReads = Vec<(String, String, String)>;
+
+/// Checks a rule's collection, the fields it reads (recipients, `fields`, its condition
+/// and template) and its lookups against the catalog; each error names its exact key and
+/// the closest known name. Returns false when the collection itself is unknown.
 pub fn check_rule_names(
     at: &str,
     collection: &str,
-    to: &[RecipientSpec],
+    to: &[(String, RecipientSpec)],
     fields: Option<&[FieldPath]>,
+    reads: &FieldReads,
     catalog: &dyn Catalog,
     errors: &mut Vec<ConfigError>,
 ) -> bool {
     let collections = catalog.collections();
-    let has_field = |field: &str| match collections.get(collection) {
-        Some(Some(cols)) => cols.iter().any(|c| c == field),
-        _ => true, // unknown schema: cannot tell, so do not refuse
-    };
-    if !collections.contains_key(collection) {
-        let names: Vec<&str> = collections.keys().map(String::as_str).collect();
-        errors.push(ConfigError::new(
-            format!("{at}.collection"),
-            format!(
-                "no such collection `{collection}` (the source has: {})",
-                names.join(", ")
-            ),
+    let Some(cols) = collections.get(collection) else {
+        errors.push(no_collection(
+            &format!("{at}.collection"),
+            collection,
+            catalog,
         ));
         return false;
-    }
-    for field in spec_reads(to) {
-        if !has_field(&field) {
-            errors.push(ConfigError::new(
-                format!("{at}.to"),
-                format!("`{collection}` has no field `{field}`"),
-            ));
+    };
+    // An unknown schema (a collection without columns): cannot tell, so do not refuse.
+    let mut field = |path: &str, name: &str, prefix: &str| {
+        if let Some(cols) = cols
+            && !cols.iter().any(|c| c == name)
+        {
+            errors.push(no_field(path, collection, name, prefix, cols));
+        }
+    };
+    for (path, spec) in to {
+        match spec {
+            RecipientSpec::Field(p) => field(path, p.root(), "$"),
+            RecipientSpec::Lookup(l) => {
+                for (target, operand) in &l.filter {
+                    if let Operand::Field(p) = operand {
+                        field(&format!("{path}.where.{target}"), p.root(), "$");
+                    }
+                }
+            }
         }
     }
     for (i, f) in fields.unwrap_or_default().iter().enumerate() {
-        if !has_field(f.root()) {
-            errors.push(ConfigError::new(
-                format!("{at}.fields[{i}]"),
-                format!("`{collection}` has no field `{}`", f.root()),
-            ));
-        }
+        field(&format!("{at}.fields[{i}]"), f.root(), "");
     }
-    let multiple = to.len() > 1;
-    for (i, spec) in to.iter().enumerate() {
-        let RecipientSpec::Lookup(l) = spec else {
-            continue;
-        };
-        let p = if multiple {
-            format!("{at}.to[{i}]")
-        } else {
-            format!("{at}.to")
-        };
-        check_lookup_names(&p, l, catalog, errors);
+    for (path, variable, name) in reads {
+        field(path, name, &format!("{variable}."));
+    }
+    for (path, spec) in to {
+        if let RecipientSpec::Lookup(l) = spec {
+            check_lookup_names(path, l, catalog, errors);
+        }
     }
     true
 }
