@@ -21,7 +21,11 @@ use changecast::{auth, demo, explain, init, server};
 #[command(
     name = "changecast",
     version,
-    about = "Streams a database's changes to the right users, live."
+    about = "Streams a database's changes to the right users, live.",
+    after_help = "Environment:\n  \
+        RUST_LOG  what to log (default `info`; e.g. `changecast=debug`)\n  \
+        A config names the other variables it reads: [auth] jwt_secret_env, [publish] \
+        api_keys_env, [cluster] token_env and password_env."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -40,12 +44,22 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway from a config file.
+    #[command(
+        after_help = "Environment: RUST_LOG, and the variables the config names \
+        ([auth] jwt_secret_env, [publish] api_keys_env, [cluster] token_env / password_env)."
+    )]
     Serve {
+        /// The TOML config file (see `changecast check`).
         #[arg(long)]
         config: PathBuf,
     },
     /// One-command demo: the Mercury app on SQLite, a simulator, and the activity page.
+    #[command(
+        after_help = "Environment: CHANGECAST_DEMO_TOKEN_TTL (seconds) shortens the demo \
+        tokens' 24 h lifetime, to watch the page refresh its token."
+    )]
     Demo {
+        /// The address to serve the activity page and the API on.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: SocketAddr,
         /// Folder for the demo database and config (default: a temporary folder).
@@ -64,7 +78,12 @@ enum Command {
     },
     /// Validate a config without starting and print the compiled plan. Errors and
     /// warnings go to stderr, one per line, each naming its config path.
+    #[command(
+        after_help = "Environment: the variables the config names (the JWT secret, \
+        the API keys) must be set, as for `serve`."
+    )]
     Check {
+        /// The TOML config file.
         #[arg(long)]
         config: PathBuf,
         /// Also connect to the source and verify what the config assumes of it (MongoDB: a
@@ -109,6 +128,7 @@ enum Command {
     /// Runs the routing code on the document as it is now (lookups read the current state),
     /// as a dry run. Reads the environment variables the config names (the JWT secret).
     Explain {
+        /// The TOML config file whose rules to run.
         #[arg(long)]
         config: PathBuf,
         /// The table or collection.
@@ -133,8 +153,10 @@ enum Command {
     },
     /// Mint an HS256 JWT for testing.
     Token {
+        /// The token's subject (`sub`): the user id, unless the config reads another claim.
         #[arg(long)]
         sub: String,
+        /// The HS256 secret itself (prefer --secret-env: a command line is visible to others).
         #[arg(long, conflicts_with = "secret_env")]
         secret: Option<String>,
         /// Environment variable holding the secret.
@@ -571,4 +593,50 @@ async fn run_demo(
     stop_sim.store(true, Ordering::Relaxed);
     let _ = sim.join();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_flag_of_every_subcommand_has_help_text() {
+        let cli = Cli::command();
+        let mut missing = Vec::new();
+        for sub in cli.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help" && id != "version" && arg.get_help().is_none() {
+                    missing.push(format!("{} --{id}", sub.get_name()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "flags without help: {missing:?}");
+    }
+
+    #[test]
+    fn help_names_the_environment_variables_read() {
+        let mut cli = Cli::command();
+        let top = cli.render_long_help().to_string();
+        assert!(
+            top.contains("RUST_LOG") && top.contains("jwt_secret_env"),
+            "{top}"
+        );
+        let demo = cli
+            .find_subcommand_mut("demo")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(demo.contains("CHANGECAST_DEMO_TOKEN_TTL"), "{demo}");
+        let token = cli
+            .find_subcommand_mut("token")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(
+            token.contains("Environment variable holding the secret"),
+            "{token}"
+        );
+    }
 }
