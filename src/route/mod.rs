@@ -532,10 +532,101 @@ fn skip(
         });
         return;
     }
-    tracing::warn!(rule, name, key, reason, "skipped a delivery: {why}");
     metrics::counter!("changecast_rule_skips_total",
         "rule" => rule, "name" => name.to_string(), "reason" => reason)
     .increment(1);
+    static LOGGED: std::sync::LazyLock<SkipLog> =
+        std::sync::LazyLock::new(|| SkipLog::new(SKIP_LOG_EVERY));
+    if let Some(suppressed) = LOGGED.admit(rule, name, reason, std::time::Instant::now()) {
+        tracing::warn!(
+            rule,
+            name,
+            key,
+            reason,
+            suppressed,
+            "skipped a delivery: {why}"
+        );
+    }
+}
+
+/// How often one rule's skips of one reason are logged: a route whose field is often empty
+/// would otherwise write a warning per change. Every skip is still counted.
+const SKIP_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// (rule kind, rule name, reason).
+type SkipKey = (&'static str, String, &'static str);
+
+/// Which skips are logged: the first of each (rule, name, reason), then at most one per
+/// period, saying how many were left out since the last line.
+struct SkipLog {
+    every: std::time::Duration,
+    /// Keyed by the config's rules and the fixed reasons: bounded by the config.
+    last: std::sync::Mutex<HashMap<SkipKey, (std::time::Instant, u64)>>,
+}
+
+impl SkipLog {
+    fn new(every: std::time::Duration) -> Self {
+        SkipLog {
+            every,
+            last: Default::default(),
+        }
+    }
+
+    /// `Some(left out since the last line)` when this skip is logged.
+    fn admit(
+        &self,
+        rule: &'static str,
+        name: &str,
+        reason: &'static str,
+        now: std::time::Instant,
+    ) -> Option<u64> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        match last.get_mut(&(rule, name.to_owned(), reason)) {
+            Some((at, left_out)) if now.saturating_duration_since(*at) < self.every => {
+                *left_out += 1;
+                None
+            }
+            Some((at, left_out)) => {
+                *at = now;
+                Some(std::mem::take(left_out))
+            }
+            None => {
+                last.insert((rule, name.to_owned(), reason), (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod skip_log_tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_rule_s_skips_are_logged_first_then_once_per_period_with_the_count_left_out() {
+        let log = SkipLog::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(log.admit("route", "tasks", "no_recipients", t0), Some(0));
+        for i in 1..=5 {
+            assert_eq!(
+                log.admit(
+                    "route",
+                    "tasks",
+                    "no_recipients",
+                    t0 + Duration::from_secs(i)
+                ),
+                None
+            );
+        }
+        // Another reason, or another rule, is logged on its own.
+        assert_eq!(log.admit("route", "tasks", "missing_field", t0), Some(0));
+        assert_eq!(log.admit("alert", "tasks", "no_recipients", t0), Some(0));
+        // A period later: logged again, saying five were left out.
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!(log.admit("route", "tasks", "no_recipients", later), Some(5));
+        assert_eq!(log.admit("route", "tasks", "no_recipients", later), None);
+    }
 }
 
 #[cfg(test)]
