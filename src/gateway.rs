@@ -63,6 +63,16 @@ impl Deliver {
         true
     }
 
+    /// Stores and delivers what came before a loss (`prepared`, bringing the history to
+    /// `before`), then records the loss ([`Deliver::history_lost`]), in stream order.
+    /// False when the store kept failing until shutdown.
+    async fn lost_after(&self, prepared: &mut Vec<Prepared>, before: u64) -> bool {
+        let prepared = std::mem::take(prepared);
+        self.store_and_deliver(prepared, Some(Position::from_seq(before)))
+            .await
+            && self.history_lost().await
+    }
+
     /// The source (or the stream) lost changes: connected clients get `gap`, and nobody
     /// resumes from before now. False when the store kept failing until shutdown.
     pub async fn history_lost(&self) -> bool {
@@ -339,12 +349,7 @@ pub async fn follow(
                     "cluster: stream messages expired before this node read them; clients get gap"
                 );
                 metrics::counter!("changecast_cluster_missed_total").increment(seq - head - 1);
-                let before = Some(Position::from_seq(head));
-                if !deliver
-                    .store_and_deliver(std::mem::take(&mut prepared), before)
-                    .await
-                    || !deliver.history_lost().await
-                {
+                if !deliver.lost_after(&mut prepared, head).await {
                     return Ok(());
                 }
             }
@@ -367,11 +372,9 @@ pub async fn follow(
                 }
                 Some(Kind::Gap) => {
                     // Everything before it first, then the gap, in stream order.
-                    let before = Some(Position::from_seq(seq.saturating_sub(1)));
                     if !deliver
-                        .store_and_deliver(std::mem::take(&mut prepared), before)
+                        .lost_after(&mut prepared, seq.saturating_sub(1))
                         .await
-                        || !deliver.history_lost().await
                     {
                         return Ok(());
                     }

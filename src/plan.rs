@@ -316,6 +316,20 @@ impl Plan {
         m
     }
 
+    /// The router of these rules, on `lookup`, with the configured cache (one process's,
+    /// or a cluster node's for each routing term).
+    pub fn router(
+        &self,
+        lookup: std::sync::Arc<dyn crate::source::Lookup>,
+    ) -> crate::route::Router {
+        crate::route::Router::new(
+            self.routes.clone(),
+            self.alerts.clone(),
+            lookup,
+            self.lookups.cache_entries,
+        )
+    }
+
     /// The plan in words, for `changecast check`.
     pub fn describe(&self) -> String {
         let mut s = String::new();

@@ -56,7 +56,6 @@ use crate::hub::new_epoch;
 use crate::hub::store::{HistoryStore, Opened};
 use crate::hub::{Hub, HubConfig};
 use crate::plan::{Plan, SourcePlan};
-use crate::route::Router;
 use crate::router::{self, EventStream, PublishRequest, StreamError};
 use crate::source::mongodb::MongoSource;
 use crate::source::sqlite::{SqliteLookup, SqliteSource};
@@ -102,12 +101,9 @@ impl App {
         let (Some(nats), Some(since)) = (&self.nats, since) else {
             return;
         };
-        let Some((epoch, seq)) = since.rsplit_once('-') else {
-            return;
-        };
-        let Ok(seq) = seq.parse::<u64>() else { return };
-        if epoch != self.hub.epoch() || seq <= self.hub.known() {
-            return;
+        match self.hub.seq_of(since) {
+            Some(seq) if seq > self.hub.known() => {}
+            _ => return,
         }
         if let Ok(Ok((_, _, last))) =
             tokio::time::timeout(Duration::from_secs(2), nats.state()).await
@@ -484,12 +480,7 @@ fn single_process(
     publish_rx: mpsc::Receiver<PublishRequest>,
     shutdown: &CancellationToken,
 ) -> Pipeline {
-    let router = Router::new(
-        plan.routes.clone(),
-        plan.alerts.clone(),
-        lookup,
-        plan.lookups.cache_entries,
-    );
+    let router = plan.router(lookup);
     let (batch_tx, batch_rx) = mpsc::channel(BATCH_QUEUE);
     let (ack_tx, ack_rx) = watch::channel(None);
     let health = Arc::clone(&deliver.health);
@@ -708,12 +699,7 @@ async fn route_term(
     let from = publish::resume_position(nats)
         .await
         .map_err(|e| e.to_string())?;
-    let router = Router::new(
-        plan.routes.clone(),
-        plan.alerts.clone(),
-        Arc::clone(lookup),
-        plan.lookups.cache_entries,
-    );
+    let router = plan.router(Arc::clone(lookup));
     if let Some(window) = router.longest_cooldown() {
         let fired = publish::recent_alerts(nats, window)
             .await

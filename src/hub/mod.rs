@@ -723,11 +723,17 @@ impl Hub {
     /// The sequence number to replay after, or `None` when `since` cannot be honoured:
     /// malformed, from another epoch, from the future, or below the floor.
     fn resume_point(&self, since: &str, head: u64) -> Option<u64> {
-        let (epoch, seq) = since.rsplit_once('-')?;
-        let seq: u64 = seq.parse().ok()?;
+        let seq = self.seq_of(since)?;
         let floor = self.floor.load(Ordering::Acquire);
         let newest = head.max(self.known.load(Ordering::Acquire));
-        (epoch == &*self.epoch && seq <= newest && seq >= floor).then_some(seq)
+        (seq <= newest && seq >= floor).then_some(seq)
+    }
+
+    /// The sequence number of `id` when it is an id of this history (`<epoch>-<seq>` with
+    /// this epoch); `None` for anything else.
+    pub fn seq_of(&self, id: &str) -> Option<u64> {
+        let (epoch, seq) = id.rsplit_once('-')?;
+        (epoch == &*self.epoch).then(|| seq.parse().ok()).flatten()
     }
 
     /// Reads `user`'s events `after < seq <= upto` from the store; `None` when history

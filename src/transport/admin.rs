@@ -80,11 +80,7 @@ pub async fn explain(
 
 /// A delivered event's stored audience.
 async fn audience(app: &App, id: &str) -> Response {
-    let Some(seq) = id
-        .rsplit_once('-')
-        .filter(|(epoch, _)| *epoch == app.hub.epoch())
-        .and_then(|(_, seq)| seq.parse::<u64>().ok())
-    else {
+    let Some(seq) = app.hub.seq_of(id) else {
         return refuse(
             StatusCode::NOT_FOUND,
             format!(
