@@ -184,6 +184,13 @@ fn parse_claim(s: &str) -> Result<(String, Value), String> {
     Ok((k.to_owned(), v))
 }
 
+/// mimalloc rather than the system allocator: an idle connection is a few dozen small,
+/// long-lived allocations made among the handshake's short-lived ones, and glibc's malloc
+/// left about 1 KiB of headers and holes per connection around them (BENCHMARKS.md, (c)).
+/// Set here, in the binary: the library leaves the allocator to whoever embeds it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter =

@@ -406,6 +406,16 @@ pub async fn start(
         nats: nats.clone(),
         explain: Arc::new(crate::explain::Explainer::new(&plan, Arc::clone(&lookup))),
     });
+    // Shutdown closes every subscribed connection with 1012: the hub kicks them all (a
+    // connection waits on its own queue only, not on the shutdown token too).
+    tokio::spawn({
+        let hub = Arc::clone(&hub);
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown.cancelled().await;
+            hub.kick_all(crate::event::CloseReason::Restarting);
+        }
+    });
     let deliver = Deliver {
         hub: Arc::clone(&hub),
         health: Arc::clone(&health),

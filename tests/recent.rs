@@ -230,6 +230,9 @@ async fn last_n_while_events_arrive_during_the_connect_has_no_gap_and_no_repeat(
     let (mut watcher, _) = Ws::user(&gw, "u1", None).await;
     // Another process writes u1's orders w1..wN as fast as it can, while clients connect.
     const N: usize = 200; // under the per-connection queue (256) of a client not yet reading
+    // Half way, the writer waits (up to 10 s) for a client that was served some events, so
+    // that at least one connects while events flow however slow the machine is.
+    let (connected_tx, connected_rx) = std::sync::mpsc::channel::<()>();
     let writer = {
         let path = db.path.clone();
         std::thread::spawn(move || {
@@ -237,6 +240,9 @@ async fn last_n_while_events_arrive_during_the_connect_has_no_gap_and_no_repeat(
             conn.busy_timeout(std::time::Duration::from_secs(5))
                 .unwrap();
             for i in 1..=N {
+                if i == N / 2 {
+                    let _ = connected_rx.recv_timeout(std::time::Duration::from_secs(10));
+                }
                 conn.execute_batch(&insert_order(&format!("w{i}"), "b1"))
                     .unwrap();
             }
@@ -245,7 +251,11 @@ async fn last_n_while_events_arrive_during_the_connect_has_no_gap_and_no_repeat(
     let mut clients = Vec::new();
     let mut sse_clients = Vec::new();
     while !writer.is_finished() && clients.len() < 20 {
-        clients.push(ws_with(&gw, "u1", "last=8").await);
+        let (ws, ready) = ws_with(&gw, "u1", "last=8").await;
+        if ready["last"].as_u64() > Some(0) {
+            let _ = connected_tx.send(());
+        }
+        clients.push((ws, ready));
         let (status, sse, _) = Sse::open(&gw, Some(&token_for("u1")), "last=8", None).await;
         assert_eq!(status, 200);
         let mut sse = sse.unwrap();

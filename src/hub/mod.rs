@@ -22,7 +22,11 @@
 //! - The epoch names a history's lifetime. With the durable store it survives restarts; in
 //!   memory, a new process is a new epoch and older ids get `gap`.
 
+mod mailbox;
 pub mod store;
+
+pub use mailbox::Mailbox;
+use mailbox::Offer;
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
@@ -31,8 +35,6 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use axum::extract::ws::Utf8Bytes;
 use bytes::{Bytes, BytesMut};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::change::{Recipients, UserId};
 use crate::event::{CloseReason, ServerEvent};
@@ -122,7 +124,6 @@ pub struct Hub {
     shards: Box<[Mutex<Users>]>,
     hasher: RandomState,
     config: HubConfig,
-    next_conn: AtomicU64,
     /// Connections registered now.
     connections: AtomicUsize,
     /// Metric handles, resolved once: looking a metric up by name costs a hash per call.
@@ -138,65 +139,8 @@ struct UserState {
     recent: VecDeque<Arc<Frame>>,
     /// Events with `seq <= floor` are not in `recent` (dropped, or from before this process).
     floor: u64,
-    conns: Vec<Outbox>,
-}
-
-/// The hub's end of one connection.
-struct Outbox {
-    id: u64,
-    tx: mpsc::Sender<Arc<Frame>>,
-    queued_bytes: Arc<AtomicUsize>,
-    kick: Arc<Kick>,
-}
-
-/// What became of a frame offered to a connection.
-#[derive(Debug, PartialEq, Eq)]
-enum Offer {
-    Sent,
-    /// The connection is gone; its `Registration` removes it shortly.
-    Gone,
-    /// The queue is full (events or bytes): the connection was kicked with 4008.
-    TooSlow,
-}
-
-impl Outbox {
-    /// Queues `frame` without waiting; a connection too far behind is kicked.
-    fn offer(&self, frame: &Arc<Frame>, max_bytes: usize) -> Offer {
-        let size = frame.json.len();
-        let queued = self.queued_bytes.fetch_add(size, Ordering::Relaxed) + size;
-        let sent = queued <= max_bytes && self.tx.try_send(Arc::clone(frame)).is_ok();
-        if sent {
-            return Offer::Sent;
-        }
-        // Not queued: take its bytes back, so the count matches what the reader will see.
-        self.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-        if self.tx.is_closed() {
-            return Offer::Gone;
-        }
-        self.kick.kick(CloseReason::TooSlow);
-        Offer::TooSlow
-    }
-}
-
-/// A request, from the hub or the server, that a connection close with a reason.
-#[derive(Default, Debug)]
-pub struct Kick {
-    reason: OnceLock<CloseReason>,
-    token: CancellationToken,
-}
-
-impl Kick {
-    /// Asks the connection to close. The first reason given wins.
-    pub fn kick(&self, reason: CloseReason) {
-        let _ = self.reason.set(reason);
-        self.token.cancel();
-    }
-
-    /// Resolves once the connection has been kicked, with the reason.
-    pub async fn kicked(&self) -> CloseReason {
-        self.token.cancelled().await;
-        self.reason.get().copied().unwrap_or(CloseReason::Internal)
-    }
+    /// Each connection's queue.
+    conns: Vec<Arc<Mailbox>>,
 }
 
 /// An event with its id and encoding, not yet delivered.
@@ -257,25 +201,25 @@ enum Resume {
 
 /// A registered connection; dropping it unsubscribes.
 pub struct Subscription {
-    position: String,
-    resume: Option<Resume>,
-    /// Live events, each newer than everything in the opening.
-    pub rx: mpsc::Receiver<Arc<Frame>>,
-    pub kick: Arc<Kick>,
-    queued_bytes: Arc<AtomicUsize>,
+    /// What `opening` sends, until it has: boxed and then freed, so an open connection
+    /// keeps only what its live events need.
+    start: Option<Box<(String, Resume)>>,
+    /// Live events, each newer than everything in the opening, and the kick.
+    mailbox: Arc<Mailbox>,
     registration: Registration,
-    /// Live events up to this sequence are skipped: the client has them already (it
-    /// resumed on a cluster node that had not read that far yet).
-    seen: u64,
 }
 
 impl Subscription {
     /// `ready`, then `gap` or the replay. Reads the durable store when `since` is older
-    /// than what memory holds.
+    /// than what memory holds. Called once; later calls give nothing.
     pub async fn opening(&mut self) -> Vec<Opening> {
+        let Some(start) = self.start.take() else {
+            return Vec::new();
+        };
+        let (position, resume) = *start;
         let hub = Arc::clone(&self.registration.hub);
         let mut last = None;
-        let (resumed, replay, gap) = match self.resume.take().unwrap_or(Resume::Fresh) {
+        let (resumed, replay, gap) = match resume {
             Resume::Fresh => (false, Vec::new(), None),
             Resume::Recent { memory, more, upto } => {
                 let mut recent = if more > 0 {
@@ -300,7 +244,7 @@ impl Subscription {
         out.push(Opening::Control(
             ServerEvent::Ready {
                 user: &self.registration.user,
-                position: &self.position,
+                position: &position,
                 resumed,
                 last,
             }
@@ -311,7 +255,7 @@ impl Subscription {
             out.push(Opening::Control(
                 ServerEvent::Gap {
                     since: &since,
-                    position: &self.position,
+                    position: &position,
                 }
                 .to_json(),
             ));
@@ -321,28 +265,36 @@ impl Subscription {
         out
     }
 
-    /// Receives the next live event.
-    pub async fn recv(&mut self) -> Option<Arc<Frame>> {
-        loop {
-            let frame = self.rx.recv().await?;
-            self.queued_bytes
-                .fetch_sub(frame.json.len(), Ordering::Relaxed);
-            if frame.seq > self.seen {
-                return Some(frame);
-            }
-        }
+    /// Receives the next live event; `None` once the connection is kicked
+    /// ([`Subscription::kicked_for`] says why).
+    pub fn recv(&self) -> impl Future<Output = Option<Arc<Frame>>> + '_ {
+        std::future::poll_fn(|cx| self.mailbox.poll_recv(cx))
     }
 
-    /// The next live event if one is already queued.
-    pub fn try_recv(&mut self) -> Option<Arc<Frame>> {
-        loop {
-            let frame = self.rx.try_recv().ok()?;
-            self.queued_bytes
-                .fetch_sub(frame.json.len(), Ordering::Relaxed);
-            if frame.seq > self.seen {
-                return Some(frame);
-            }
-        }
+    /// The next live event if one is already queued (and the connection was not kicked).
+    pub fn try_recv(&self) -> Option<Arc<Frame>> {
+        self.mailbox.pop()
+    }
+
+    /// Resolves with the reason once the connection is kicked: by the hub (4008, too slow),
+    /// on shutdown ([`Hub::kick_all`]), or by [`Subscription::kick`].
+    pub fn kicked(&self) -> impl Future<Output = CloseReason> + '_ {
+        std::future::poll_fn(|cx| self.mailbox.poll_kicked(cx))
+    }
+
+    /// Why the connection was kicked, if it was.
+    pub fn kicked_for(&self) -> Option<CloseReason> {
+        self.mailbox.kicked_for()
+    }
+
+    /// Asks this connection to close (the first reason given wins).
+    pub fn kick(&self, reason: CloseReason) {
+        self.mailbox.kick(reason);
+    }
+
+    /// Events queued for this connection now.
+    pub fn queued(&self) -> usize {
+        self.mailbox.len()
     }
 }
 
@@ -350,20 +302,21 @@ impl Subscription {
 struct Registration {
     hub: Arc<Hub>,
     user: Box<str>,
-    conn: u64,
+    mailbox: Arc<Mailbox>,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
         let mut shard = self.hub.shard(&self.user);
         if let Some(state) = shard.get_mut(&*self.user) {
-            state.conns.retain(|c| c.id != self.conn);
+            state.conns.retain(|c| !Arc::ptr_eq(c, &self.mailbox));
             if state.conns.is_empty() && state.recent.is_empty() {
                 self.hub.forget(state.floor);
                 shard.remove(&*self.user);
             }
         }
         drop(shard);
+        self.mailbox.close();
         self.hub.connections.fetch_sub(1, Ordering::AcqRel);
         metrics::gauge!("changecast_connections").decrement(1.0);
     }
@@ -412,7 +365,6 @@ impl Hub {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
             config,
-            next_conn: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
             published: metrics::counter!("changecast_events_published_total"),
             deliveries: metrics::counter!("changecast_deliveries_total"),
@@ -518,19 +470,17 @@ impl Hub {
                     state.floor = old.seq;
                 }
             }
-            state
-                .conns
-                .retain(|c| match c.offer(frame, self.config.queue_bytes) {
-                    Offer::Sent => {
-                        delivered += 1;
-                        true
-                    }
-                    Offer::Gone => false,
-                    Offer::TooSlow => {
-                        kicked += 1;
-                        false
-                    }
-                });
+            state.conns.retain(|c| match self.offer(c, frame) {
+                Offer::Sent => {
+                    delivered += 1;
+                    true
+                }
+                Offer::Gone => false,
+                Offer::TooSlow => {
+                    kicked += 1;
+                    false
+                }
+            });
         }
         self.published.increment(1);
         self.deliveries.increment(delivered);
@@ -553,6 +503,12 @@ impl Hub {
         let event = self.prepare(recipients, encode)?;
         self.deliver(&event);
         Some(event.frame.seq)
+    }
+
+    /// Queues `frame` on a connection within the queue limits.
+    fn offer(&self, conn: &Mailbox, frame: &Arc<Frame>) -> Offer {
+        let max_frames = self.config.queue_capacity.max(1);
+        conn.offer(frame, max_frames, self.config.queue_bytes)
     }
 
     /// A new user entry (the caller inserts it into its shard).
@@ -628,10 +584,6 @@ impl Hub {
                 .increment(1);
             return Err(CloseReason::TryAgainLater);
         }
-        let (tx, rx) = mpsc::channel(self.config.queue_capacity.max(1));
-        let kick = Arc::new(Kick::default());
-        let queued_bytes = Arc::new(AtomicUsize::new(0));
-        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
 
         let mut shard = self.shard(user);
         let head = self.head();
@@ -692,12 +644,11 @@ impl Hub {
                 Some(_) => Resume::Gap(since.to_owned()),
             },
         };
-        state.conns.push(Outbox {
-            id: conn,
-            tx,
-            queued_bytes: Arc::clone(&queued_bytes),
-            kick: Arc::clone(&kick),
-        });
+        let mailbox = Mailbox::new(seen);
+        // Exact growth: most users have one or two connections, and the list lives as long
+        // as the user is connected.
+        state.conns.reserve_exact(1);
+        state.conns.push(Arc::clone(&mailbox));
         drop(shard);
         metrics::gauge!("changecast_connections").increment(1.0);
         let position = if seen > head {
@@ -706,16 +657,12 @@ impl Hub {
             position
         };
         Ok(Subscription {
-            seen,
-            position,
-            resume: Some(resume),
-            rx,
-            kick,
-            queued_bytes,
+            start: Some(Box::new((position, resume))),
+            mailbox: Arc::clone(&mailbox),
             registration: Registration {
                 hub: Arc::clone(self),
                 user: user.into(),
-                conn,
+                mailbox,
             },
         })
     }
@@ -799,9 +746,7 @@ impl Hub {
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
             for state in shard.values_mut() {
-                state
-                    .conns
-                    .retain(|c| c.offer(&gap, self.config.queue_bytes) == Offer::Sent);
+                state.conns.retain(|c| self.offer(c, &gap) == Offer::Sent);
             }
         }
         metrics::counter!("changecast_gaps_total").increment(1);
@@ -813,7 +758,7 @@ impl Hub {
         for shard in self.shards.iter() {
             let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
             for state in shard.values() {
-                state.conns.iter().for_each(|c| c.kick.kick(reason));
+                state.conns.iter().for_each(|c| c.kick(reason));
             }
         }
     }

@@ -29,7 +29,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -39,7 +39,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
@@ -93,7 +93,7 @@ struct Edge {
     pending: AtomicUsize,
     /// Pending connections with no request in flight, by accept order: eviction takes the
     /// first.
-    idle: Mutex<BTreeMap<u64, CancellationToken>>,
+    idle: Mutex<BTreeMap<u64, Weak<Conn>>>,
     next_id: AtomicU64,
     m: Metrics,
 }
@@ -110,16 +110,19 @@ struct Metrics {
 }
 
 impl Edge {
-    fn idle(&self) -> MutexGuard<'_, BTreeMap<u64, CancellationToken>> {
+    fn idle(&self) -> MutexGuard<'_, BTreeMap<u64, Weak<Conn>>> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Closes the oldest idle pending connection; false when there is none.
     fn evict_oldest(&self) -> bool {
-        let Some((_, close)) = self.idle().pop_first() else {
+        let Some((_, conn)) = self.idle().pop_first() else {
             return false;
         };
-        close.cancel();
+        // Taken out of the map first: `close` is not called under the map's lock.
+        if let Some(conn) = conn.upgrade() {
+            conn.close();
+        }
         self.m.evicted.increment(1);
         true
     }
@@ -147,12 +150,12 @@ impl Edge {
 pub struct Conn {
     edge: Arc<Edge>,
     id: u64,
-    /// Cancelled to close the connection: evicted, or a session that gave up on its peer.
-    close: CancellationToken,
+    /// Set to close the connection: evicted, or a session that gave up on its peer.
+    close: Signal,
     /// An authenticated session: no longer pending, never evicted.
     admitted: AtomicBool,
-    /// Cancelled when the connection's task ends (the socket is closed or upgraded).
-    done: CancellationToken,
+    /// Set when the connection's task ends (the socket is closed or upgraded).
+    done: Signal,
 }
 
 impl Conn {
@@ -167,12 +170,12 @@ impl Conn {
 
     /// Closes the connection now, whatever it is doing (a response it is writing is cut).
     pub fn close(&self) {
-        self.close.cancel();
+        self.close.fire();
     }
 
     /// Resolves once the connection's HTTP task has ended (for a WebSocket: once upgraded).
     pub async fn finished(&self) {
-        self.done.cancelled().await
+        self.done.wait().await
     }
 
     fn is_admitted(&self) -> bool {
@@ -185,9 +188,9 @@ impl Conn {
     }
 
     /// A response was sent and the connection waits for the next request.
-    fn idle(&self) {
-        if !self.is_admitted() && !self.close.is_cancelled() {
-            self.edge.idle().insert(self.id, self.close.clone());
+    fn idle(self: &Arc<Self>) {
+        if !self.is_admitted() && !self.close.is_set() {
+            self.edge.idle().insert(self.id, Arc::downgrade(self));
         }
     }
 }
@@ -291,9 +294,9 @@ pub async fn serve(
         let conn = Arc::new(Conn {
             edge: Arc::clone(&edge),
             id,
-            close: CancellationToken::new(),
+            close: Signal::default(),
             admitted: AtomicBool::new(false),
-            done: CancellationToken::new(),
+            done: Signal::default(),
         });
         conn.idle();
         tokio::spawn(connection(
@@ -329,7 +332,7 @@ async fn connection(
     shutdown: CancellationToken,
     _running: watch::Receiver<()>,
 ) {
-    let _done = conn.done.clone().drop_guard();
+    let _done = Done(Arc::clone(&conn));
     let heard = Arc::new(AtomicBool::new(false));
     let io = TokioIo::new(Heard {
         inner: tcp,
@@ -377,7 +380,7 @@ async fn connection(
                 }
                 return;
             }
-            _ = conn.close.cancelled() => return,
+            _ = conn.close.wait() => return,
             _ = &mut idle_deadline, if !idle_checked => {
                 idle_checked = true;
                 if !heard.load(Ordering::Acquire) {
@@ -392,6 +395,46 @@ async fn connection(
             }
             _ = &mut grace => return,
         }
+    }
+}
+
+/// Marks the connection's task ended ([`Conn::finished`]) when dropped.
+struct Done(Arc<Conn>);
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.0.done.fire();
+    }
+}
+
+/// A flag set once, that tasks can wait for. Held inline: every connection has two for as
+/// long as it is open, and a `CancellationToken` would be an allocation of its own each.
+#[derive(Default)]
+struct Signal {
+    set: AtomicBool,
+    notify: Notify,
+}
+
+impl Signal {
+    fn fire(&self) {
+        self.set.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    fn is_set(&self) -> bool {
+        self.set.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the flag is set (at once if it is).
+    async fn wait(&self) {
+        let notified = self.notify.notified();
+        tokio::pin!(notified);
+        // Registered before the flag is read: a `fire` in between still wakes this.
+        notified.as_mut().enable();
+        if self.is_set() {
+            return;
+        }
+        notified.await;
     }
 }
 

@@ -129,55 +129,57 @@ enum Ended {
 /// frees its slots), and a connection whose peer takes nothing is closed at the edge.
 async fn pump(
     app: Arc<App>,
-    mut sub: Subscription,
+    sub: Subscription,
     opening: Vec<Bytes>,
     expires: Instant,
     tx: mpsc::Sender<Bytes>,
     conn: Option<ConnHandle>,
 ) {
-    let kick = Arc::clone(&sub.kick);
     let keepalive = app.server.keepalive;
     let patience = keepalive * 2;
-    let kicked = kick.kicked();
-    let stopping = app.shutdown.cancelled();
-    let expiry = sleep_until(expires);
-    let comment = sleep_until(Instant::now() + keepalive);
-    tokio::pin!(kicked, stopping, expiry, comment);
+    let ended = {
+        let kicked = sub.kicked();
+        let stopping = app.shutdown.cancelled();
+        let expiry = sleep_until(expires);
+        let comment = sleep_until(Instant::now() + keepalive);
+        tokio::pin!(kicked, stopping, expiry, comment);
 
-    let mut ended = None;
-    for chunk in opening {
-        if let Err(e) = send(&tx, chunk, kicked.as_mut(), stopping.as_mut(), patience).await {
-            ended = Some(e);
-            break;
+        let mut ended = None;
+        for chunk in opening {
+            if let Err(e) = send(&tx, chunk, kicked.as_mut(), stopping.as_mut(), patience).await {
+                ended = Some(e);
+                break;
+            }
         }
-    }
-    let ended = match ended {
-        Some(e) => e,
-        None => {
-            // The response body was dropped (the peer went away): leave the hub now, not
-            // at the next write, which may be a keepalive period away.
-            let gone = tx.closed();
-            tokio::pin!(gone);
-            loop {
-                let chunk = tokio::select! {
-                    biased;
-                    reason = &mut kicked => break Ended::Close(reason),
-                    _ = &mut stopping => break Ended::Close(CloseReason::Restarting),
-                    _ = &mut expiry => break Ended::Close(CloseReason::TokenExpired),
-                    _ = &mut gone => break Ended::Gone,
-                    frame = sub.recv() => match frame {
-                        Some(frame) => frame.sse(),
-                        // The hub dropped this connection; the kick says why.
-                        None => break Ended::Close((&mut kicked).await),
-                    },
-                    _ = &mut comment => {
-                        comment.as_mut().reset(Instant::now() + keepalive);
-                        Bytes::from_static(b": keepalive\n\n")
+        match ended {
+            Some(e) => e,
+            None => {
+                // The response body was dropped (the peer went away): leave the hub now, not
+                // at the next write, which may be a keepalive period away.
+                let gone = tx.closed();
+                tokio::pin!(gone);
+                loop {
+                    let chunk = tokio::select! {
+                        biased;
+                        reason = &mut kicked => break Ended::Close(reason),
+                        _ = &mut stopping => break Ended::Close(CloseReason::Restarting),
+                        _ = &mut expiry => break Ended::Close(CloseReason::TokenExpired),
+                        _ = &mut gone => break Ended::Gone,
+                        frame = sub.recv() => match frame {
+                            Some(frame) => frame.sse(),
+                            // Kicked: the kick says why.
+                            None => break Ended::Close(sub.kicked_for().unwrap_or(CloseReason::Internal)),
+                        },
+                        _ = &mut comment => {
+                            comment.as_mut().reset(Instant::now() + keepalive);
+                            Bytes::from_static(b": keepalive\n\n")
+                        }
+                    };
+                    if let Err(e) =
+                        send(&tx, chunk, kicked.as_mut(), stopping.as_mut(), patience).await
+                    {
+                        break e;
                     }
-                };
-                if let Err(e) = send(&tx, chunk, kicked.as_mut(), stopping.as_mut(), patience).await
-                {
-                    break e;
                 }
             }
         }

@@ -6,16 +6,19 @@
 //! then live events, one JSON text frame each; closed with the codes of SPEC.md. A bad
 //! `last` is refused with `400` before the upgrade.
 //!
-//! One task per connection runs one `select!` loop: it writes queued frames (the hub's
-//! shared bytes, no copy), answers client frames (`ping`, `refresh`), sends keepalive
-//! pings and closes on a kick (4008), token expiry (4001) or shutdown (1012). Every write
-//! races the kick, shutdown and two keepalive periods, so a peer that stopped reading can
-//! delay none of them. Bad
+//! One task per connection runs one `select!` loop over its queue, its socket and one
+//! timer: it writes queued frames (the hub's shared bytes, no copy), answers client frames
+//! (`ping`, `refresh`), sends keepalive pings and closes on a kick (4008; shutdown kicks
+//! with 1012), token expiry (4001) or a dead peer. Every write that has to wait races the
+//! kick and two keepalive periods, so a peer that stopped reading can delay neither. The
+//! task holds only that loop's state (about 1.2 KiB): the opening and the close run boxed.
+//! Bad
 //! credentials are reported with a close frame after the upgrade, because a browser cannot
 //! read the status of a refused upgrade.
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -24,7 +27,7 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use futures_util::SinkExt;
 use serde::Deserialize;
-use tokio::time::{Instant, sleep_until};
+use tokio::time::{Instant, Sleep, sleep_until};
 
 use super::edge::ConnHandle;
 use super::{StreamParams, bad_request, bearer, close_text, parse_last};
@@ -56,7 +59,7 @@ pub fn parse_client_frame(text: &str) -> Option<ClientFrame> {
 
 /// Socket buffers are per connection: kept small so idle connections stay cheap. Event
 /// frames are small JSON; larger ones still go through, they just take more reads/writes.
-const READ_BUFFER: usize = 1024;
+const READ_BUFFER: usize = 256;
 /// Frames are buffered up to this size and written with one flush per wake-up: under
 /// fan-out one `sendto` carries every event queued for the connection, not one each.
 const WRITE_BUFFER: usize = 16 * 1024;
@@ -79,52 +82,88 @@ pub async fn handler(
     };
     let token = bearer(&headers).or(params.token);
     let max = app.server.max_client_frame;
-    let start = Opener {
+    let opener = Opener {
         client_id: params.client_id,
         since: params.since,
         last,
+        token,
+        conn,
     };
+    // Boxed before the upgrade: the upgrade task keeps what its callback captures for as long
+    // as the connection lives.
+    let pending = Box::new((app, opener));
     ws.read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| session(app, socket, conn, token, start))
+        .on_upgrade(move |socket| {
+            let (app, opener) = *pending;
+            session(Box::new((app, socket, opener)))
+        })
 }
 
-/// What the request asked for besides the token.
+/// What the request brought besides the socket: the token (from the header or the query),
+/// the parameters, and the connection's place at the edge (held for as long as the socket
+/// is open: it counts against the socket budget; admitted once subscribed).
 struct Opener {
     client_id: Option<String>,
     since: Option<String>,
     last: Option<usize>,
+    token: Option<String>,
+    conn: Option<ConnHandle>,
 }
 
-/// `conn` is the connection's place at the edge: held for as long as the socket is open
-/// (it counts against the socket budget), and admitted once subscribed.
-async fn session(
+/// One connection from upgrade to close.
+///
+/// The connection's task lives as long as the connection, so its state is kept to what
+/// the live loop needs: the upgrade arrives boxed (a future keeps room for its arguments
+/// for as long as it lives), and the opening (auth, subscribing, the replay) and the
+/// closing handshake, which await large futures once, run boxed.
+async fn session(upgraded: Box<(Arc<App>, WebSocket, Opener)>) {
+    let Some(mut live) = Box::pin(open(upgraded)).await else {
+        return;
+    };
+    let ended = live.run().await;
+    Box::pin(live.finish(ended)).await;
+}
+
+/// An open, subscribed connection.
+struct Live {
     app: Arc<App>,
-    mut socket: WebSocket,
-    conn: Option<ConnHandle>,
-    token: Option<String>,
-    start: Opener,
-) {
+    socket: WebSocket,
+    sub: Subscription,
+    identity: Identity,
+    _conn: Option<ConnHandle>,
+}
+
+/// Authenticates, subscribes and sends the opening; `None` when the connection ended
+/// (closed with its reason).
+async fn open(upgraded: Box<(Arc<App>, WebSocket, Opener)>) -> Option<Live> {
+    let (app, mut socket, opener) = *upgraded;
     let Opener {
         client_id,
         since,
         last,
-    } = start;
+        token,
+        conn,
+    } = opener;
     let (token, client_id) = match token {
         Some(t) => (t, client_id),
         None => match auth_frame(&mut socket, app.server.auth_timeout).await {
             Ok((t, c)) => (t, c.or(client_id)),
-            Err(e) => return close(socket, e.close_reason(), &e.to_string(), CLOSE_WAIT).await,
+            Err(e) => {
+                close(socket, e.close_reason(), &e.to_string(), CLOSE_WAIT).await;
+                return None;
+            }
         },
     };
-    let mut identity = match app.auth.identify(&token, client_id.as_deref()).await {
+    let identity = match app.auth.identify(&token, client_id.as_deref()).await {
         Ok(id) => id,
         Err(e) => {
             metrics::counter!("changecast_auth_failures_total", "reason" => e.close_reason().label())
                 .increment(1);
-            return close(socket, e.close_reason(), &e.to_string(), CLOSE_WAIT).await;
+            close(socket, e.close_reason(), &e.to_string(), CLOSE_WAIT).await;
+            return None;
         }
     };
 
@@ -132,142 +171,205 @@ async fn session(
     let start = Start::new(since.as_deref(), last);
     let mut sub = match app.hub.subscribe_from(&identity.user, start) {
         Ok(sub) => sub,
-        Err(reason) => return close(socket, reason, reason.text(), CLOSE_WAIT).await,
+        Err(reason) => {
+            close(socket, reason, reason.text(), CLOSE_WAIT).await;
+            return None;
+        }
     };
+    // Shutdown kicks every subscribed connection (`Hub::kick_all`); one that subscribed
+    // after that pass kicks itself.
+    if app.shutdown.is_cancelled() {
+        sub.kick(CloseReason::Restarting);
+    }
     if let Some(conn) = &conn {
         conn.0.admit();
     }
-    let kick = Arc::clone(&sub.kick);
-    let keepalive = app.server.keepalive;
-    // A write that has not finished after this long is to a peer that stopped reading.
-    let patience = keepalive * 2;
-    // The loop's futures live as long as the connection: made and registered once, not
-    // once per wake-up (a busy connection wakes for every batch of events).
-    let kicked = kick.kicked();
-    let stopping = app.shutdown.cancelled();
-    let (expires, warn_at) = deadlines(&app, &identity);
-    let expiry = sleep_until(expires);
-    let warning = sleep_until(warn_at);
-    let ping = sleep_until(Instant::now() + keepalive);
-    tokio::pin!(kicked, stopping, expiry, warning, ping);
     let opening = sub.opening().await;
+    let live = Live {
+        app,
+        socket,
+        sub,
+        identity,
+        _conn: conn,
+    };
+    let mut live = live;
+    let patience = live.patience();
     let write = async {
         for item in opening {
             let text = match item {
                 Opening::Control(json) => Utf8Bytes::from(json),
                 Opening::Event(frame) => frame.json.clone(),
             };
-            socket.feed(Message::Text(text)).await?;
+            live.socket.feed(Message::Text(text)).await?;
         }
-        socket.flush().await
+        live.socket.flush().await
     };
-    if let Err(ended) = guarded(write, kicked.as_mut(), stopping.as_mut(), patience).await {
-        return finish(&app, socket, sub, ended, patience).await;
+    let timer = std::pin::pin!(sleep_until(Instant::now()));
+    let written = guarded(std::pin::pin!(write), &live.sub, timer, patience).await;
+    if let Err(ended) = written {
+        live.finish(ended).await;
+        return None;
+    }
+    Some(live)
+}
+
+impl Live {
+    /// A write that has not finished after this long is to a peer that stopped reading.
+    fn patience(&self) -> Duration {
+        self.app.server.keepalive * 2
     }
 
-    let mut last_heard = Instant::now();
-    // The expiry a warning was sent for: a refresh moves the expiry, and a new warning is due.
-    let mut warned_for = 0;
-    let ended = loop {
-        let step = tokio::select! {
-            biased;
-            reason = &mut kicked => Err(Ended::Close(reason)),
-            _ = &mut stopping => Err(Ended::Close(CloseReason::Restarting)),
-            _ = &mut expiry => Err(Ended::Close(CloseReason::TokenExpired)),
-            _ = &mut warning, if warned_for != identity.expires_at => {
-                warned_for = identity.expires_at;
-                let left = identity.expires_at.saturating_sub(now_secs());
-                let warning = ServerEvent::Expiring { expires_in: left }.to_json();
-                let write = socket.send(Message::Text(warning.into()));
-                guarded(write, kicked.as_mut(), stopping.as_mut(), patience).await
-            }
-            frame = sub.recv() => match frame {
-                Some(frame) => {
-                    let write = write_batch(&mut socket, &mut sub, frame);
-                    guarded(write, kicked.as_mut(), stopping.as_mut(), patience).await
-                }
-                // The hub dropped this connection; the kick says why.
-                None => Err(Ended::Close((&mut kicked).await)),
-            },
-            msg = socket.recv() => {
-                last_heard = Instant::now();
-                match msg {
-                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => Err(Ended::Gone),
-                    Some(Ok(Message::Text(text))) => {
-                        let before = identity.expires_at;
-                        let handled = client_frame(&app, &mut identity, text.as_str()).await;
-                        if identity.expires_at != before {
-                            // A refresh: new deadlines, and a new warning before the new expiry.
-                            let (expires, warn_at) = deadlines(&app, &identity);
-                            expiry.as_mut().reset(expires);
-                            warning.as_mut().reset(warn_at);
-                        }
-                        match handled {
-                            Ok(Some(reply)) => {
-                                let write = socket.send(Message::Text(reply.into()));
-                                guarded(write, kicked.as_mut(), stopping.as_mut(), patience).await
-                            }
-                            Ok(None) => Ok(()),
-                            Err(e) => Err(Ended::Close(e.close_reason())),
-                        }
+    /// Writes live events, answers client frames, pings, warns before the token expires,
+    /// until a kick, expiry or a dead or departed peer ends the connection. One timer
+    /// serves the keepalive ping, the expiry warning and the expiry: an idle connection is
+    /// this loop waiting on its queue, its socket and that timer.
+    async fn run(&mut self) -> Ended {
+        let keepalive = self.app.server.keepalive;
+        let patience = self.patience();
+        let mut due = Due::new(&self.app, &self.identity, keepalive);
+        let timer = sleep_until(due.next());
+        tokio::pin!(timer);
+        let mut last_heard = Instant::now();
+        loop {
+            let Live {
+                app,
+                socket,
+                sub,
+                identity,
+                ..
+            } = self;
+            let step = tokio::select! {
+                biased;
+                frame = sub.recv() => match frame {
+                    Some(frame) => {
+                        let write = std::pin::pin!(write_batch(socket, sub, frame));
+                        guarded(write, sub, timer.as_mut(), patience).await
                     }
-                    // Pings are answered by the protocol layer; pongs only prove liveness.
-                    Some(Ok(_)) => Ok(()),
+                    None => Err(Ended::Close(sub.kicked_for().unwrap_or(CloseReason::Internal))),
+                },
+                _ = &mut timer => {
+                    let now = Instant::now();
+                    if now >= due.expires {
+                        Err(Ended::Close(CloseReason::TokenExpired))
+                    } else if due.warn_at.is_some_and(|at| now >= at) {
+                        due.warn_at = None;
+                        let left = identity.expires_at.saturating_sub(now_secs());
+                        let warning = ServerEvent::Expiring { expires_in: left }.to_json();
+                        let write = socket.send(Message::Text(warning.into()));
+                        guarded(std::pin::pin!(write), sub, timer.as_mut(), patience).await
+                    } else if now >= due.ping {
+                        if last_heard.elapsed() > patience {
+                            Err(Ended::Dead)
+                        } else {
+                            due.ping = now + keepalive;
+                            let write = socket.send(Message::Ping(Default::default()));
+                            guarded(std::pin::pin!(write), sub, timer.as_mut(), patience).await
+                        }
+                    } else {
+                        Ok(())
+                    }
                 }
-            }
-            _ = &mut ping => {
-                if last_heard.elapsed() > patience {
-                    Err(Ended::Dead)
-                } else {
-                    ping.as_mut().reset(Instant::now() + keepalive);
-                    let write = socket.send(Message::Ping(Default::default()));
-                    guarded(write, kicked.as_mut(), stopping.as_mut(), patience).await
+                msg = socket.recv() => {
+                    last_heard = Instant::now();
+                    match msg {
+                        None | Some(Err(_)) | Some(Ok(Message::Close(_))) => Err(Ended::Gone),
+                        Some(Ok(Message::Text(text))) => {
+                            let before = identity.expires_at;
+                            // Boxed: a refresh may look the user up; the loop stays small.
+                            let handled =
+                                Box::pin(client_frame(app, identity, text.as_str())).await;
+                            if identity.expires_at != before {
+                                // A refresh: new deadlines, and a new warning before the new
+                                // expiry.
+                                due = Due::new(app, identity, keepalive).with_ping(due.ping);
+                            }
+                            match handled {
+                                Ok(Some(reply)) => {
+                                    let write = socket.send(Message::Text(reply.into()));
+                                    guarded(std::pin::pin!(write), sub, timer.as_mut(), patience).await
+                                }
+                                Ok(None) => Ok(()),
+                                Err(e) => Err(Ended::Close(e.close_reason())),
+                            }
+                        }
+                        // Pings are answered by the protocol layer; pongs only prove liveness.
+                        Some(Ok(_)) => Ok(()),
+                    }
                 }
+            };
+            if let Err(ended) = step {
+                return ended;
             }
-        };
-        if let Err(ended) = step {
-            break ended;
+            // A due ping or warning was handled, or a write borrowed the timer.
+            if timer.deadline() != due.next() {
+                timer.as_mut().reset(due.next());
+            }
         }
-    };
-    finish(&app, socket, sub, ended, patience).await
-}
+    }
 
-/// Ends the session as `ended` says: with a close frame, or, for a peer that is gone or
-/// dead, by dropping the connection (counted).
-async fn finish(app: &App, socket: WebSocket, sub: Subscription, ended: Ended, patience: Duration) {
-    match ended {
-        Ended::Close(reason) => end(app, socket, sub, reason, patience).await,
-        Ended::Gone => {}
-        Ended::Dead => metrics::counter!("changecast_dead_peers_total").increment(1),
+    /// Ends the connection as `ended` says: with a close frame, or, for a peer that is gone
+    /// or dead, by dropping it (counted). A close leaves the hub at once (its queue is freed
+    /// and nothing more is sent), then closes the socket with the reason: a peer that
+    /// stopped reading has `patience` to take the close frame (after what its buffers
+    /// already hold) before the connection is dropped; on shutdown only a moment.
+    async fn finish(self, ended: Ended) {
+        let patience = self.patience();
+        let Live {
+            app, socket, sub, ..
+        } = self;
+        match ended {
+            Ended::Close(reason) => {
+                metrics::counter!("changecast_disconnects_total", "reason" => reason.label())
+                    .increment(1);
+                drop(sub);
+                let within = if app.shutdown.is_cancelled() {
+                    CLOSE_WAIT
+                } else {
+                    patience
+                };
+                close(socket, reason, reason.text(), within).await;
+            }
+            Ended::Gone => {}
+            Ended::Dead => metrics::counter!("changecast_dead_peers_total").increment(1),
+        }
     }
 }
 
-/// Ends a subscribed connection: leaves the hub at once (its queue is freed and nothing
-/// more is sent), then closes the socket with `reason`. A peer that stopped reading has
-/// `patience` to take the close frame (after what its buffers already hold) before the
-/// connection is dropped; on shutdown only a moment.
-async fn end(
-    app: &App,
-    socket: WebSocket,
-    sub: Subscription,
-    reason: CloseReason,
-    patience: Duration,
-) {
-    metrics::counter!("changecast_disconnects_total", "reason" => reason.label()).increment(1);
-    drop(sub);
-    let within = if app.shutdown.is_cancelled() {
-        CLOSE_WAIT
-    } else {
-        patience
-    };
-    close(socket, reason, reason.text(), within).await;
+/// What the connection's one timer waits for.
+struct Due {
+    /// The token's expiry: the connection closes with 4001.
+    expires: Instant,
+    /// The `expiring` warning, until sent.
+    warn_at: Option<Instant>,
+    /// The next keepalive ping (and the check that the peer was heard from).
+    ping: Instant,
+}
+
+impl Due {
+    fn new(app: &App, identity: &Identity, keepalive: Duration) -> Due {
+        let (expires, warn_at) = deadlines(app, identity);
+        Due {
+            expires,
+            warn_at: Some(warn_at),
+            ping: Instant::now() + keepalive,
+        }
+    }
+
+    fn with_ping(self, ping: Instant) -> Due {
+        Due { ping, ..self }
+    }
+
+    fn next(&self) -> Instant {
+        let first = self.expires.min(self.ping);
+        self.warn_at.map_or(first, |w| first.min(w))
+    }
 }
 
 /// Writes `first` and every event already queued after it (up to [`MAX_BATCH`]) with one
 /// flush.
 async fn write_batch(
     socket: &mut WebSocket,
-    sub: &mut Subscription,
+    sub: &Subscription,
     first: Arc<Frame>,
 ) -> Result<(), axum::Error> {
     let mut next = Some(first);
@@ -293,24 +395,32 @@ enum Ended {
     Dead,
 }
 
-/// Runs a write unless the connection ends first: a kick, shutdown, or a peer that has not
-/// taken the bytes within `patience`. A socket whose peer stopped reading blocks the write
-/// once the kernel's buffers are full; without this the task would wait on it for as long
-/// as the TCP connection lives, deaf to its kick. A write given up on leaves whole frames in
-/// the socket's buffer (the sink takes a frame whole or not at all), so a close frame can
-/// still follow them.
-async fn guarded(
-    write: impl Future<Output = Result<(), axum::Error>>,
-    kicked: Pin<&mut impl Future<Output = CloseReason>>,
-    stopping: Pin<&mut impl Future<Output = ()>>,
+/// Runs a write unless the connection ends first: a kick (shutdown kicks too), or a peer
+/// that has not taken the bytes within `patience`. A socket whose peer stopped reading
+/// blocks the write once the kernel's buffers are full; without this the task would wait
+/// on it for as long as the TCP connection lives, deaf to its kick. A write given up on
+/// leaves whole frames in the socket's buffer (the sink takes a frame whole or not at all),
+/// so a close frame can still follow them. A write that completes at once (a reader keeping
+/// up) arms no timer.
+///
+/// `timer` is the connection's one timer, set to the patience's end when the write has to
+/// wait; the caller sets it back to what it waits for next.
+async fn guarded<W: Future<Output = Result<(), axum::Error>>>(
+    mut write: Pin<&mut W>,
+    sub: &Subscription,
+    mut timer: Pin<&mut Sleep>,
     patience: Duration,
 ) -> Result<(), Ended> {
+    let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+    if let Poll::Ready(written) = first {
+        return written.map_err(|_| Ended::Gone);
+    }
+    timer.as_mut().reset(Instant::now() + patience);
     tokio::select! {
         biased;
         written = write => written.map_err(|_| Ended::Gone),
-        reason = kicked => Err(Ended::Close(reason)),
-        _ = stopping => Err(Ended::Close(CloseReason::Restarting)),
-        _ = tokio::time::sleep(patience) => Err(Ended::Dead),
+        reason = sub.kicked() => Err(Ended::Close(reason)),
+        _ = timer => Err(Ended::Dead),
     }
 }
 
@@ -397,4 +507,24 @@ async fn close(mut socket: WebSocket, reason: CloseReason, text: &str, within: D
         }
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn future_size<F, A>(_: fn(A) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// An idle connection is its task: the session future holds the live loop only (the
+    /// opening and the close run boxed). It was 4,152 bytes before that split; this keeps
+    /// a change from quietly putting a large future back into every connection.
+    #[test]
+    fn an_idle_connection_s_task_state_stays_under_1_5_kib() {
+        let session = future_size(session);
+        let opening = future_size(open);
+        eprintln!("session {session} B, opening (boxed, transient) {opening} B");
+        assert!(session <= 1536, "session future is {session} bytes");
+    }
 }
