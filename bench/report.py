@@ -128,8 +128,8 @@ def cap_table():
                f"{ex.get('cap_p99_ms', 100):g} ms, any loss or error, or the writer short of the rate (then the writer is the limit). "
                "One run per step, a fresh server each; sustainable = the delivered rate of the highest step that passed; "
                "the median over the searches (one per run), the other columns from the search with that median. "
-               "Load generator busy: its own CPU share at the failing step (near 100%, the load generator may be the limit).\n")
-    out.append("| server | searches | sustainable deliveries/s | offered there | p99 ms there | server CPU s there (writes + drain) | deliveries per server CPU s there | first failing step (offered) | why | load generator busy there |")
+               "Load generator busy: its own CPU share from the first write to the end of the drain, at the failing step (else the top step): near 100%, the load generator may be the limit.\n")
+    out.append("| server | searches | sustainable deliveries/s | offered there | p99 ms there | server CPU s there (writes + drain) | deliveries per server CPU s there | first failing step (offered) | why | load generator busy (at the failing step, else the top one) |")
     out.append("|---|---|---|---|---|---|---|---|---|---|")
     for s in present:
         searches = []
