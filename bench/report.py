@@ -1,12 +1,33 @@
 #!/usr/bin/env python3
 """Turns bench/run.sh's results.jsonl into the Markdown table: medians over runs, ratios to
 changecast from the same run set. With --cluster: only the bcluster table (changecast
-against changecast-cluster: the latency the NATS hop adds, CPU per delivery per node)."""
+against changecast-cluster: the latency the NATS hop adds, CPU per delivery per node). With
+--cap: only the capacity search's table. With --cap-verdict: reads one cap result line on
+stdin and prints why that step failed (nothing if it passed): run.sh's stop rule."""
 import json, statistics, sys
 from collections import defaultdict
 
+def cap_verdict(r):
+    """Why a capacity step failed, or "" if it passed. A step passes when every connection was
+    held, nothing was lost, there was no error, p99 stayed at or under the limit, and the
+    writer offered the rate (within 5%: otherwise the writer, not the server, is the limit)."""
+    if r.get("failed"): return "run failed"
+    if r.get("connections") != r.get("requested"): return f"{r.get('connections')} of {r.get('requested')} connections"
+    rate, wrote = r.get("rate") or r.get("cap_rate") or 0, r.get("writer", {}).get("rows_per_s", 0)
+    if wrote < 0.95 * rate: return f"writer ceiling: {wrote:,.0f} of {rate:,.0f} orders/s"
+    if r.get("lost"): return f"lost {r['lost']:,}"
+    if r.get("errors"): return f"{r['errors']:,} errors"
+    limit = r.get("cap_p99_ms", 100)
+    if r.get("p99_ms", 0) > limit: return f"p99 {r['p99_ms']:,.0f} ms > {limit:g}"
+    return ""
+
+if "--cap-verdict" in sys.argv[1:]:
+    print(cap_verdict(json.loads(sys.stdin.read().strip().splitlines()[-1])))
+    sys.exit(0)
+
 cluster_only = "--cluster" in sys.argv[1:]
-rows = [json.loads(l) for l in open([a for a in sys.argv[1:] if a != "--cluster"][0]) if l.strip()]
+cap_only = "--cap" in sys.argv[1:]
+rows = [json.loads(l) for l in open([a for a in sys.argv[1:] if not a.startswith("--")][0]) if l.strip()]
 by = defaultdict(list)
 for r in rows:
     by[(r["workload"], r["server"])].append(r)
@@ -93,8 +114,47 @@ def cluster_tables():
                        f"{fmt(med(ok, lambda r: owned(r)[0]), 0)} | {fmt(med(ok, lambda r: owned(r)[1]), 0)} | {fmt(med(ok, lambda r: per(r, owned(r)[1])), 2)} | "
                        f"{fmt(med(ok, lambda r: rss(r, 'rss0_kb')), 1)} | {fmt(med(ok, lambda r: rss(r, 'rss_max_kb')), 1)} |")
 
-if cluster_only:
-    cluster_tables()
+def cap_table():
+    """(cap): per server, each run's search (steps upwards until one fails), the median
+    sustainable rate over the runs, and the details of the run with that median."""
+    present = [s for s in servers if ("cap", s) in by]
+    if not present: return
+    ex = next(r for s in present for r in by[("cap", s)] if not r.get("failed")) if any(
+        not r.get("failed") for s in present for r in by[("cap", s)]) else {}
+    out.append("\n### (cap) capacity: the highest account-wide delivery rate each server sustains\n")
+    out.append(f"{ex.get('requested', '—')} connections, {ex.get('keys', '—')} businesses (each order = "
+               f"{(ex.get('requested') or 0) // max(ex.get('keys') or 1, 1)} deliveries); steps of "
+               f"{ex.get('writer', {}).get('seconds', 0):.0f} s of writing, upwards until one fails: p99 over "
+               f"{ex.get('cap_p99_ms', 100):g} ms, any loss or error, or the writer short of the rate (then the writer is the limit). "
+               "One run per step, a fresh server each; sustainable = the delivered rate of the highest step that passed; "
+               "the median over the searches (one per run), the other columns from the search with that median. "
+               "Load generator busy: its own CPU share from the first write to the end of the drain, at the failing step (else the top step): near 100%, the load generator may be the limit.\n")
+    out.append("| server | searches | sustainable deliveries/s | offered there | p99 ms there | server CPU s there (writes + drain) | deliveries per server CPU s there | first failing step (offered) | why | load generator busy (at the failing step, else the top one) |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|")
+    for s in present:
+        searches = []
+        for run in sorted({r["run"] for r in by[("cap", s)]}):
+            steps = sorted((r for r in by[("cap", s)] if r["run"] == run), key=lambda r: r.get("cap_rate", 0))
+            good, bad = None, None
+            for r in steps:
+                if cap_verdict(r): bad = r; break
+                good = r
+            searches.append((good.get("events_per_s", 0) if good else 0, good, bad))
+        searches.sort(key=lambda x: x[0])
+        sus, good, bad = searches[(len(searches) - 1) // 2]
+        wcpu = lambda r: sum(v.get("write_cpu_s", 0) for v in r.get("nodes", {}).values()) if r else None
+        offered = lambda r: f"{r['cap_step']:g}M" if r else "—"
+        why = cap_verdict(bad) if bad else "none: the top step passed"
+        # Not the server's limit when no step failed or the writer was: then "at least".
+        ceiling = " (at least: no step failed)" if not bad else " (at least: the writer's ceiling)" if why.startswith("writer") else ""
+        busy = bad.get("client_busy") if bad else (good.get("client_busy") if good else None)
+        out.append(f"| {s} | {len(searches)} | {fmt(float(sus), 0) if good else 'none passed'}{ceiling} | {offered(good)} | "
+                   f"{fmt(good.get('p99_ms'), 2) if good else '—'} | {fmt(wcpu(good), 2) if good else '—'} | "
+                   f"{fmt(good['received'] / wcpu(good), 0) if good and wcpu(good) else '—'} | {offered(bad)} | {why} | "
+                   f"{f'{100 * busy:.0f}%' if busy is not None else '—'} |")
+
+if cluster_only or cap_only:
+    cluster_tables() if cluster_only else cap_table()
     print("\n".join(out))
     sys.exit(0)
 

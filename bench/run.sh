@@ -5,7 +5,7 @@
 #
 #   bench/run.sh                      # everything, 3 runs per figure (about 15 minutes)
 #   RUNS=1 SERVERS="changecast" bench/run.sh
-#   WORKLOADS="a b" bench/run.sh      # a b bmax c d e bcluster, see below
+#   WORKLOADS="a b" bench/run.sh      # a b bmax c d e bcluster cap, see below
 #   RUNS=1 WORKLOADS=bcluster SERVERS="changecast changecast-cluster" bench/run.sh
 #   UPDATE_DOC=0 B_RATE=20 ... bench/run.sh   # a variant: tables in bench/out only
 #
@@ -19,6 +19,12 @@
 # like the single process, by default) and measured one by one. It runs in the account-wide
 # workloads b and bcluster (bcluster: b against changecast and changecast-cluster only, with
 # its own table: the latency the NATS hop adds, CPU per delivery per node).
+#
+# cap is a capacity search: for each server, the account-wide workload at CAP_STEPS million
+# deliveries/s offered, one short run per step (a fresh server each), upwards until a step
+# fails (p99 over CAP_P99_MS, a loss, an error, or the writer short of the rate); a server's
+# sustainable rate is the delivered rate of its highest step that passed, the median over RUNS
+# searches (table in cap.md and BENCHMARKS.md's bench:cap section).
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -26,7 +32,7 @@ RUNS="${RUNS:-3}"
 # changecast runs as configured by default (durable history in SQLite) and, as
 # changecast-memory, with `[history] store = "memory"` (the peers keep no durable history).
 SERVERS="${SERVERS:-changecast changecast-memory changecast-cluster node-ws bun nchan fastapi}"
-WORKLOADS="${WORKLOADS:-a b bmax c d e bcluster}"
+WORKLOADS="${WORKLOADS:-a b bmax c d e bcluster cap}"
 SERVER_CPU="${SERVER_CPU:-0}"
 CLUSTER_CPU="${CLUSTER_CPU:-$SERVER_CPU}"
 CLIENT_CPU="${CLIENT_CPU:-1}"
@@ -47,6 +53,9 @@ C_CONNS="${C_CONNS:-10000}"                                    # (c) idle
 D_STEPS="${D_STEPS:-5000 10000 19500}"   # the hard open-files limit here is 20000                   # (d) ramp
 E_CONNS="${E_CONNS:-2000}"; E_RATE="${E_RATE:-200}"; E_DURATION="${E_DURATION:-20}"  # (e) as (b), 20 s, 1% stalled
 DURATION="${DURATION:-5}"
+# (cap) steps in million deliveries/s offered (2,000 connections, 500 per business: orders/s =
+# deliveries/s / 500), seconds of writing per step, and the p99 a step must stay under.
+CAP_STEPS="${CAP_STEPS:-0.25 0.5 1 1.5 2 3 4}"; CAP_DURATION="${CAP_DURATION:-4}"; CAP_P99_MS="${CAP_P99_MS:-100}"
 
 log() { echo "[bench] $*" >&2; }
 
@@ -248,8 +257,8 @@ sample_rss() { local pid="$1" file="$2"; : > "$file"; while kill -0 "$pid" 2>/de
 # count as ready at the 101 (it has subscribed them by then: checked, see BENCHMARKS.md).
 loadgen_flags() { [ "$1" = nchan ] && echo --ready-on-open; return 0; }
 
-# emit WORKLOAD SERVER RUN JSON -> one line in results.jsonl
-emit() { python3 -c 'import json,sys; d=json.loads(sys.argv[4]); d.update(workload=sys.argv[1], server=sys.argv[2], run=int(sys.argv[3])); print(json.dumps(d))' "$1" "$2" "$3" "$4" >> "$RESULTS"; }
+# emit WORKLOAD SERVER RUN JSON -> one line in results.jsonl (with EMIT_EXTRA's fields, if set)
+emit() { python3 -c 'import json,sys; d=json.loads(sys.argv[4]); d.update(json.loads(sys.argv[5])); d.update(workload=sys.argv[1], server=sys.argv[2], run=int(sys.argv[3])); print(json.dumps(d))' "$1" "$2" "$3" "$4" "${EMIT_EXTRA:-"{}"}" >> "$RESULTS"; }
 
 # measure WORKLOAD SERVER RUN MODE INIT_ARGS -- LOADGEN_ARGS
 measure() {
@@ -338,6 +347,18 @@ for run in $(seq 1 "$RUNS"); do
              measure "d$n" "$name" "$run" user "$n" 1 --conns "$n" --idle --hold 2 \
                --bind 127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4
            done ;;
+        cap) [ "$name" = fastapi ] && continue  # it cannot hold the connections (see a, b)
+           # Upwards until a step fails; every step is its own bounded run (timeout 45).
+           for step in $CAP_STEPS; do
+             rate=$(python3 -c 'import sys; print(round(float(sys.argv[1]) * 1e6 / (int(sys.argv[2]) / int(sys.argv[3]))))' "$step" "$B_CONNS" "$B_BUSINESSES")
+             EMIT_EXTRA="{\"cap_step\": $step, \"cap_rate\": $rate, \"cap_p99_ms\": $CAP_P99_MS}" \
+               measure cap "$name" "$run" business "$B_CONNS" "$B_BUSINESSES" --conns "$B_CONNS" \
+               --businesses "$B_BUSINESSES" --rate "$rate" --duration "$CAP_DURATION" \
+               || { log "cap/$name run $run: ${step}M: no result (init failed)"; break; }
+             why=$(tail -1 "$RESULTS" | python3 "$ROOT/bench/report.py" --cap-verdict)
+             log "cap/$name run $run: ${step}M deliveries/s offered: ${why:-passed}"
+             [ -z "$why" ] || break
+           done ;;
         e) [ "$name" = fastapi ] && continue
            # The same load without (e0) and with 1% of the connections never reading (e).
            for stall in 0 0.01; do
@@ -351,12 +372,13 @@ done
 
 python3 "$ROOT/bench/report.py" "$RESULTS" | tee "$OUT/table.md"
 python3 "$ROOT/bench/report.py" --cluster "$RESULTS" | tee "$OUT/cluster.md"
+python3 "$ROOT/bench/report.py" --cap "$RESULTS" | tee "$OUT/cap.md"
 # Put each table into BENCHMARKS.md between its own markers (with the run's date and
-# settings): bench:table for a-e, bench:cluster for bcluster. A table this run has no rows
-# for leaves its section as it was.
-for section in table cluster; do
+# settings): bench:table for a-e, bench:cluster for bcluster, bench:cap for cap. A table this
+# run has no rows for leaves its section as it was.
+for section in table cluster cap; do
   [ "${UPDATE_DOC:-1}" = 1 ] || break
-  src="$OUT/table.md"; [ "$section" = cluster ] && src="$OUT/cluster.md"
+  src="$OUT/$section.md"
   [ -n "$(tr -d '[:space:]' < "$src")" ] || continue
   python3 - "$ROOT/BENCHMARKS.md" "$src" "RUNS=$RUNS SERVERS=\"$SERVERS\" WORKLOADS=\"$WORKLOADS\"" "$section" <<'PY'
 import sys, datetime

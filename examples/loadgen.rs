@@ -1,6 +1,6 @@
 //! Load generator for changecast and its peers (issue 7, `bench/run.sh`).
 //!
-//! Three modes:
+//! Three modes (and `parse-cost`, below):
 //!
 //! - `init`: creates the benchmark database (the demo's `businesses`, `users`, `orders`
 //!   schema), with users `u0..u{M-1}`; user `uJ` belongs to business `b{J % B}`.
@@ -22,6 +22,14 @@
 //!   just before the row's INSERT (rows of one 1 ms tick share a transaction, committed right
 //!   after). Latency = receive time − that, so it covers the commit, the server's change
 //!   source, routing, fan-out, the socket and the client's parse.
+//!
+//! Receiving: each text frame is read in one pass over its bytes, without allocating
+//! (`read_frame`): it must be one well-formed JSON object, and only `type` and, for `change`,
+//! `doc.creator_id`, `doc.quantity` and `doc.status` are taken from it. A malformed frame counts
+//! as `parse_errors`, a well-formed one of another type after `ready` as `unexpected`; both are
+//! errors. `loadgen parse-cost` times that reader. The output's `client_busy` is the load
+//! generator's own CPU share from the first write to the end of the drain: near 1.0, the load
+//! generator (its one core), not the server, may be what limits the run.
 //!
 //! `--url` takes several URLs (comma-separated, the nodes of a cluster): each key's
 //! connections go to them in turn, and the output counts connections and events per URL.
@@ -73,6 +81,11 @@ enum Cmd {
     },
     /// Connect, write, measure.
     Run(RunArgs),
+    /// Times the receive path's frame reader on a `change` event (ns per frame).
+    ParseCost {
+        #[arg(long, default_value_t = 2_000_000)]
+        frames: u32,
+    },
 }
 
 #[derive(clap::Args, Clone)]
@@ -175,6 +188,23 @@ fn main() -> anyhow::Result<()> {
             let keys: Vec<String> = (0..keys).map(|k| format!("{key_prefix}{k}")).collect();
             let out = write_orders(&w, &keys)?;
             println!("{}", out.json);
+            Ok(())
+        }
+        Cmd::ParseCost { frames } => {
+            let t = Instant::now();
+            let mut sum = 0u64;
+            for _ in 0..frames {
+                if let Some(Frame::Change { seq, .. }) =
+                    read_frame(std::hint::black_box(SAMPLE_CHANGE))
+                {
+                    sum = sum.wrapping_add(seq);
+                }
+            }
+            let ns = t.elapsed().as_nanos() as f64 / f64::from(frames.max(1));
+            println!(
+                "{}",
+                json!({"frames": frames, "bytes": SAMPLE_CHANGE.len(), "ns_per_frame": ns, "check": sum})
+            );
             Ok(())
         }
         Cmd::Run(args) => {
@@ -314,6 +344,8 @@ struct Shared {
     handshake_errors: AtomicU64,
     closed_early: AtomicU64,
     parse_errors: AtomicU64,
+    /// Well-formed frames other than `change` after `ready` (and binary frames).
+    unexpected: AtomicU64,
     out_of_order: AtomicU64,
     wrong_key: AtomicU64,
     gaps: AtomicU64,
@@ -331,20 +363,259 @@ struct ConnResult {
     close_code: Option<u16>,
 }
 
-/// Finds `"name":` in `s` and returns the text after it.
-fn after<'a>(s: &'a str, name: &str) -> Option<&'a str> {
-    s.find(name).map(|i| &s[i + name.len()..])
+/// A text frame as the receive loop sees it: read in one pass over the bytes, without
+/// allocating and without building a JSON tree, yet checked to be one well-formed JSON object.
+#[derive(Debug, PartialEq)]
+enum Frame<'a> {
+    /// A `change` event: `doc.creator_id` (the stream key), `doc.quantity` (the per-key
+    /// sequence) and `doc.status` (the insert time, µs, as decimal text).
+    Change { key: &'a str, seq: u64, ts_us: u64 },
+    /// A well-formed event of another `type` (`ready`, `gap`, …).
+    Other(&'a str),
 }
 
-/// (key, seq, ts_us) of a change event: a fast scan, not a full JSON parse.
-fn parse_change(s: &str) -> Option<(&str, u64, u64)> {
-    let key = after(s, "\"creator_id\":\"")?;
-    let key = &key[..key.find('"')?];
-    let q = after(s, "\"quantity\":")?;
-    let q: u64 = q[..q.find(|c: char| !c.is_ascii_digit())?].parse().ok()?;
-    let t = after(s, "\"status\":\"")?;
-    let t: u64 = t[..t.find('"')?].parse().ok()?;
-    Some((key, q, t))
+/// A `change` event as changecast writes it in this benchmark (`parse-cost`, the tests).
+const SAMPLE_CHANGE: &str = r#"{"type":"change","id":"mio3k2x1a-7","route":"orders","op":"insert","collection":"orders","key":"19a-7","at":"2026-12-01T22:30:00.123Z","doc":{"_id":"19a-7","creator_id":"b2","item_id":"i1","quantity":12345,"status":"1764628200123456"}}"#;
+
+/// Nesting allowed in the values the scanner skips (a hostile frame cannot recurse deeper).
+const MAX_DEPTH: u32 = 32;
+
+/// Reads a frame; `None` for anything that is not one JSON object with a string `type` (and,
+/// for `change`, a `doc` object with a string `creator_id`, an unsigned integer `quantity`
+/// and a `status` of decimal digits), or that has anything after the object.
+fn read_frame(s: &str) -> Option<Frame<'_>> {
+    let mut c = Scan { s, i: 0 };
+    let (mut ty, mut doc) = (None, None);
+    c.expect(b'{')?;
+    if !c.eat(b'}') {
+        loop {
+            let name = c.string()?;
+            c.expect(b':')?;
+            match name {
+                "type" => ty = Some(c.string()?),
+                "doc" if c.peek() == Some(b'{') => doc = Some(c.doc()?),
+                _ => c.skip(MAX_DEPTH)?,
+            }
+            if c.eat(b'}') {
+                break;
+            }
+            c.expect(b',')?;
+        }
+    }
+    c.ws();
+    if c.i != s.len() {
+        return None;
+    }
+    match ty? {
+        "change" => {
+            let (key, seq, status) = doc?;
+            Some(Frame::Change {
+                key: key?,
+                seq: seq?,
+                ts_us: status?.parse().ok()?,
+            })
+        }
+        other => Some(Frame::Other(other)),
+    }
+}
+
+/// The bytes a JSON string holds as they are: all but `"`, `\` and control characters.
+const PLAIN: [bool; 256] = {
+    let mut t = [true; 256];
+    let mut i = 0;
+    while i < 0x20 {
+        t[i] = false;
+        i += 1;
+    }
+    t[b'"' as usize] = false;
+    t[b'\\' as usize] = false;
+    t
+};
+
+/// The high bit of each byte of `w` that is `"`, `\\` or a control character (and perhaps of
+/// bytes above the first such one: only the lowest is used).
+fn not_plain(w: u64) -> u64 {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero_byte = |x: u64| x.wrapping_sub(ONES) & !x;
+    let (quote, backslash) = (w ^ (ONES * u64::from(b'"')), w ^ (ONES * u64::from(b'\\')));
+    (zero_byte(quote) | zero_byte(backslash) | (w.wrapping_sub(ONES * 0x20) & !w)) & HIGH
+}
+
+/// A cursor over a frame's text: the smallest JSON reader the receive path needs.
+struct Scan<'a> {
+    s: &'a str,
+    i: usize,
+}
+
+impl<'a> Scan<'a> {
+    fn peek(&mut self) -> Option<u8> {
+        self.ws();
+        self.s.as_bytes().get(self.i).copied()
+    }
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\n' | b'\r' | b'\t') = self.s.as_bytes().get(self.i) {
+            self.i += 1;
+        }
+    }
+    /// Consumes `b` if it is next.
+    fn eat(&mut self, b: u8) -> bool {
+        let next = self.peek() == Some(b);
+        if next {
+            self.i += 1;
+        }
+        next
+    }
+    fn expect(&mut self, b: u8) -> Option<()> {
+        self.eat(b).then_some(())
+    }
+    /// A string's text as written (escapes checked, left as they are: the fields read here
+    /// never need one, and a key written with one is simply another key).
+    fn string(&mut self) -> Option<&'a str> {
+        self.expect(b'"')?;
+        let (b, start) = (self.s.as_bytes(), self.i);
+        let mut i = start;
+        loop {
+            // Eight bytes at a time to the next byte that is not plain: this loop is most of
+            // the frame; then byte by byte for the tail.
+            while let Some(w) = b.get(i..i + 8).and_then(|w| <[u8; 8]>::try_from(w).ok()) {
+                let m = not_plain(u64::from_le_bytes(w));
+                if m != 0 {
+                    i += (m.trailing_zeros() / 8) as usize;
+                    break;
+                }
+                i += 8;
+            }
+            while i < b.len() && PLAIN[usize::from(b[i])] {
+                i += 1;
+            }
+            match *b.get(i)? {
+                b'"' => {
+                    self.i = i + 1;
+                    // Both ends are ASCII quotes, so this is a char boundary.
+                    return self.s.get(start..i);
+                }
+                b'\\' => match *b.get(i + 1)? {
+                    b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => i += 2,
+                    b'u' if b.get(i + 2..i + 6)?.iter().all(u8::is_ascii_hexdigit) => i += 6,
+                    _ => return None,
+                },
+                _ => return None, // a control character
+            }
+        }
+    }
+    /// An unsigned integer (no sign, fraction or exponent), without overflow.
+    fn uint(&mut self) -> Option<u64> {
+        self.ws();
+        let (b, start) = (self.s.as_bytes(), self.i);
+        let mut v: u64 = 0;
+        while let Some(d @ b'0'..=b'9') = b.get(self.i) {
+            v = v.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+            self.i += 1;
+        }
+        let more = matches!(b.get(self.i), Some(b'.' | b'e' | b'E'));
+        (self.i > start && !more).then_some(v)
+    }
+    /// The `doc` object: the three fields the writer put there, each `None` if absent.
+    #[allow(clippy::type_complexity)]
+    fn doc(&mut self) -> Option<(Option<&'a str>, Option<u64>, Option<&'a str>)> {
+        let (mut key, mut seq, mut status) = (None, None, None);
+        self.expect(b'{')?;
+        if self.eat(b'}') {
+            return Some((key, seq, status));
+        }
+        loop {
+            let name = self.string()?;
+            self.expect(b':')?;
+            match name {
+                "creator_id" => key = Some(self.string()?),
+                "quantity" => seq = Some(self.uint()?),
+                "status" => status = Some(self.string()?),
+                _ => self.skip(MAX_DEPTH - 1)?,
+            }
+            if self.eat(b'}') {
+                return Some((key, seq, status));
+            }
+            self.expect(b',')?;
+        }
+    }
+    /// Skips one value, checking its syntax.
+    fn skip(&mut self, depth: u32) -> Option<()> {
+        let close = match self.peek()? {
+            b'"' => return self.string().map(drop),
+            b'{' => b'}',
+            b'[' => b']',
+            b't' => return self.literal("true"),
+            b'f' => return self.literal("false"),
+            b'n' => return self.literal("null"),
+            b'-' | b'0'..=b'9' => return self.number(),
+            _ => return None,
+        };
+        let depth = depth.checked_sub(1)?;
+        self.i += 1;
+        if self.eat(close) {
+            return Some(());
+        }
+        loop {
+            if close == b'}' {
+                self.string()?;
+                self.expect(b':')?;
+            }
+            self.skip(depth)?;
+            if self.eat(close) {
+                return Some(());
+            }
+            self.expect(b',')?;
+        }
+    }
+    fn literal(&mut self, word: &str) -> Option<()> {
+        let end = self.i + word.len();
+        (self.s.get(self.i..end)? == word).then(|| self.i = end)
+    }
+    /// A JSON number: `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`.
+    fn number(&mut self) -> Option<()> {
+        let b = self.s.as_bytes();
+        let digits = |i: &mut usize| {
+            let from = *i;
+            while let Some(b'0'..=b'9') = b.get(*i) {
+                *i += 1;
+            }
+            *i > from
+        };
+        let mut i = self.i;
+        if b.get(i) == Some(&b'-') {
+            i += 1;
+        }
+        match b.get(i) {
+            Some(b'0') => i += 1,
+            Some(b'1'..=b'9') => {
+                digits(&mut i);
+            }
+            _ => return None,
+        }
+        if b.get(i) == Some(&b'.') {
+            i += 1;
+            digits(&mut i).then_some(())?;
+        }
+        if let Some(b'e' | b'E') = b.get(i) {
+            i += 1;
+            if let Some(b'+' | b'-') = b.get(i) {
+                i += 1;
+            }
+            digits(&mut i).then_some(())?;
+        }
+        self.i = i;
+        Some(())
+    }
+}
+
+/// CPU time this process has used so far, in seconds (utime + stime from /proc/self/stat,
+/// 100 ticks a second as on Linux here); `None` where there is no /proc.
+fn self_cpu_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let mut f = stat.rsplit_once(") ")?.1.split(' ').skip(11);
+    let (u, s): (u64, u64) = (f.next()?.parse().ok()?, f.next()?.parse().ok()?);
+    Some((u + s) as f64 / 100.0)
 }
 
 async fn run(a: RunArgs) -> anyhow::Result<()> {
@@ -379,12 +650,6 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             Box::new(|u| u),
         ),
     };
-    let key_ids: std::collections::HashMap<String, usize> = keys
-        .iter()
-        .enumerate()
-        .map(|(i, k)| (k.clone(), i))
-        .collect();
-    let key_ids = Arc::new(key_ids);
 
     let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
         1,
@@ -430,13 +695,14 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         let bind = a.bind[i % a.bind.len()];
         let key = user_key(u);
         let stalled = stall_every > 0 && i % stall_every == stall_every / 2;
-        let (hist, shared, stop, release, sem, key_ids) = (
+        // The key this connection must see: compared byte for byte with each event's.
+        let my_key: Arc<str> = keys[key].as_str().into();
+        let (hist, shared, stop, release, sem) = (
             hist.clone(),
             shared.clone(),
             stop.clone(),
             release_stalled.clone(),
             sem.clone(),
-            key_ids.clone(),
         );
         handles.push(tokio::spawn(async move {
             let mut r = ConnResult { key, stalled, url: url_idx, ..Default::default() };
@@ -494,7 +760,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             if !ready_on_open {
                 loop {
                     match ws.next().await {
-                        Some(Ok(Message::Text(t))) if t.as_str().starts_with("{\"type\":\"ready\"") => break,
+                        Some(Ok(Message::Text(t))) if read_frame(t.as_str()) == Some(Frame::Other("ready")) => break,
                         Some(Ok(Message::Text(_))) | Some(Ok(Message::Ping(_))) | Some(Ok(Message::Pong(_))) => {}
                         Some(Ok(Message::Close(f))) => {
                             r.close_code = f.map(|f| u16::from(f.code));
@@ -544,22 +810,22 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                 }
                 return r;
             }
+            // One cancellation future for the whole loop: a new one per event would register
+            // (and unregister) a waiter with the token on every wake-up.
+            let stopped = stop.cancelled();
+            tokio::pin!(stopped);
             loop {
                 let m = tokio::select! {
                     biased;
                     m = ws.next() => m,
-                    _ = stop.cancelled() => break,
+                    _ = &mut stopped => break,
                 };
                 match m {
                     Some(Ok(Message::Text(t))) => {
-                        let s = t.as_str();
-                        if !s.starts_with("{\"type\":\"change\"") {
-                            continue;
-                        }
                         let now = now_us();
-                        match parse_change(s) {
-                            Some((k, seq, ts)) => {
-                                if key_ids.get(k) != Some(&r.key) {
+                        match read_frame(t.as_str()) {
+                            Some(Frame::Change { key, seq, ts_us }) => {
+                                if key != &*my_key {
                                     shared.wrong_key.fetch_add(1, Relaxed);
                                     continue;
                                 }
@@ -574,12 +840,19 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                                 r.received += 1;
                                 shared.received.fetch_add(1, Relaxed);
                                 shared.last_recv_us.fetch_max(now, Relaxed);
-                                hist.lock().unwrap().saturating_record(now.saturating_sub(ts).max(1));
+                                hist.lock().unwrap().saturating_record(now.saturating_sub(ts_us).max(1));
+                            }
+                            // Nothing but `change` is expected once `ready` has come.
+                            Some(Frame::Other(_)) => {
+                                shared.unexpected.fetch_add(1, Relaxed);
                             }
                             None => {
                                 shared.parse_errors.fetch_add(1, Relaxed);
                             }
                         }
+                    }
+                    Some(Ok(Message::Binary(_))) => {
+                        shared.unexpected.fetch_add(1, Relaxed);
                     }
                     Some(Ok(Message::Close(f))) => {
                         r.close_code = f.map(|f| u16::from(f.code));
@@ -635,6 +908,9 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     let expected_per_key: Vec<u64>;
     let mut write_json = serde_json::Value::Null;
     let write_start_us;
+    // The load generator's own CPU from the first write to the end of the drain: near one
+    // second per second means it, not the server, may be what limits the run.
+    let (cpu_w0, wall_w0) = (self_cpu_s(), Instant::now());
     if a.no_write {
         write_start_us = now_us();
         tokio::time::sleep(Duration::from_secs_f64(a.w.duration)).await;
@@ -662,6 +938,9 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     while Instant::now() < drain_until && shared.received.load(Relaxed) < expected_total {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let client_write = self_cpu_s()
+        .zip(cpu_w0)
+        .map(|(c1, c0)| (c1 - c0, (c1 - c0) / wall_w0.elapsed().as_secs_f64()));
     stop.cancel();
     release_stalled.cancel();
     // Connections still in their handshake (a server that never answered) do not see the
@@ -724,6 +1003,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         + shared.handshake_errors.load(Relaxed)
         + shared.closed_early.load(Relaxed)
         + shared.parse_errors.load(Relaxed)
+        + shared.unexpected.load(Relaxed)
         + shared.out_of_order.load(Relaxed)
         + shared.wrong_key.load(Relaxed);
     let ms = |v: u64| v as f64 / 1000.0;
@@ -734,7 +1014,10 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             "ready_on_open": a.ready_on_open,
             "users": users, "keys": keys.len(), "measured_connections": measured,
             "connect_seconds": connect_secs,
-            "writer": write_json,
+            "writer": write_json, "rate": a.w.rate,
+            "client_cpu_s": self_cpu_s(),
+            "client_write_cpu_s": client_write.map(|c| c.0),
+            "client_busy": client_write.map(|c| c.1),
             "expected": expected_total, "received": received,
             "events_per_s": if span_s > 0.0 { received as f64 / span_s } else { 0.0 },
             "lost": gaps + lost_tail, "lost_gaps": gaps, "lost_tail": lost_tail,
@@ -746,6 +1029,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             "handshake_errors": shared.handshake_errors.load(Relaxed),
             "closed_early": shared.closed_early.load(Relaxed),
             "parse_errors": shared.parse_errors.load(Relaxed),
+            "unexpected": shared.unexpected.load(Relaxed),
             "out_of_order": shared.out_of_order.load(Relaxed),
             "wrong_key": shared.wrong_key.load(Relaxed),
             "stalled": stalled, "stalled_closed_4008": stalled_4008, "stalled_close_codes": stalled_codes,
@@ -755,4 +1039,78 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
         })
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHANGE: &str = SAMPLE_CHANGE;
+
+    fn change(key: &str, seq: u64, ts_us: u64) -> Option<Frame<'_>> {
+        Some(Frame::Change { key, seq, ts_us })
+    }
+
+    #[test]
+    fn reads_the_three_fields_of_a_change_in_any_order() {
+        assert_eq!(read_frame(CHANGE), change("b2", 12345, 1764628200123456));
+        let reordered = r#" { "doc" : { "status" : "5", "quantity" : 3, "x" : [1, -2.5e+3, {"a": null}], "creator_id" : "u7" } , "n": 0, "ok": true, "type" : "change" } "#;
+        assert_eq!(read_frame(reordered), change("u7", 3, 5));
+        let escaped = r#"{"type":"change","note":"a \"quoted\" \\ \u00e9 é","doc":{"creator_id":"b0","quantity":1,"status":"9"}}"#;
+        assert_eq!(read_frame(escaped), change("b0", 1, 9));
+    }
+
+    #[test]
+    fn other_event_types_are_read_as_other() {
+        let ready = r#"{"type":"ready","user":"u1","position":"e7-1042","resumed":false}"#;
+        assert_eq!(read_frame(ready), Some(Frame::Other("ready")));
+        let gap = r#"{"type":"gap","since":"e7-12","position":"e7-1042"}"#;
+        assert_eq!(read_frame(gap), Some(Frame::Other("gap")));
+    }
+
+    #[test]
+    fn malformed_frames_are_refused() {
+        let deep = format!(
+            r#"{{"type":"change","x":{}{},"doc":{{"creator_id":"b2","quantity":1,"status":"1"}}}}"#,
+            "[".repeat(40),
+            "]".repeat(40)
+        );
+        let mut bad = vec![
+            "",
+            "[]",
+            "{",
+            r#"{"type":"change"}"#,
+            r#"{"type":7,"doc":{"creator_id":"b2","quantity":1,"status":"1"}}"#,
+            r#"{"doc":{"creator_id":"b2","quantity":1,"status":"1"}}"#,
+            r#"{"type":"change","doc":{"quantity":1,"status":"1"}}"#,
+            r#"{"type":"change","doc":{"creator_id":"b2","status":"1"}}"#,
+            r#"{"type":"change","doc":{"creator_id":"b2","quantity":1}}"#,
+            r#"{"type":"change","doc":{"creator_id":"b2","quantity":1.5,"status":"1"}}"#,
+            r#"{"type":"change","doc":{"creator_id":"b2","quantity":-1,"status":"1"}}"#,
+            r#"{"type":"change","doc":{"creator_id":"b2","quantity":99999999999999999999,"status":"1"}}"#,
+            r#"{"type":"change","doc":{"creator_id":"b2","quantity":1,"status":"1x"}}"#,
+            r#"{"type":"change","doc":{"creator_id":"b2","quantity":1,"status":1}}"#,
+            r#"{"type":"change","doc":{"creator_id":"b2","quantity":1,"status":"1"}} x"#,
+            r#"{"type":"change","doc":{"creator_id":"b2","quantity":1,"status":"1"},}"#,
+            r#"{"type":"change","n":01,"doc":{"creator_id":"b2","quantity":1,"status":"1"}}"#,
+            r#"{"type":"change","n":1.,"doc":{"creator_id":"b2","quantity":1,"status":"1"}}"#,
+            r#"{"type":"change","s":"\x","doc":{"creator_id":"b2","quantity":1,"status":"1"}}"#,
+            r#"{"type":"change","b":tru,"doc":{"creator_id":"b2","quantity":1,"status":"1"}}"#,
+            "{\"type\":\"change\",\"s\":\"a\u{1}b\",\"doc\":{\"creator_id\":\"b2\",\"quantity\":1,\"status\":\"1\"}}",
+            &deep,
+        ];
+        // Every proper prefix of a good frame is refused too (a frame cut short).
+        let prefixes: Vec<&str> = (0..CHANGE.len()).map(|n| &CHANGE[..n]).collect();
+        bad.extend(prefixes);
+        for f in bad {
+            assert_eq!(read_frame(f), None, "accepted: {f}");
+        }
+        // Nesting up to the limit is fine.
+        let nested = format!(
+            r#"{{"type":"change","x":{}{},"doc":{{"creator_id":"b2","quantity":1,"status":"1"}}}}"#,
+            "[".repeat(30),
+            "]".repeat(30)
+        );
+        assert_eq!(read_frame(&nested), change("b2", 1, 1));
+    }
 }
