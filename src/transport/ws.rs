@@ -57,9 +57,10 @@ pub fn parse_client_frame(text: &str) -> Option<ClientFrame> {
     serde_json::from_str(text).ok()
 }
 
-/// Socket buffers are per connection: kept small so idle connections stay cheap. Event
-/// frames are small JSON; larger ones still go through, they just take more reads/writes.
-const READ_BUFFER: usize = 256;
+/// Socket buffers are per connection: kept small so idle connections stay cheap. Clients
+/// send little (pongs, `ping`, a `refresh` now and then); a larger frame still goes
+/// through, it just takes more reads, and the buffer grows to hold it.
+const READ_BUFFER: usize = 128;
 /// Frames are buffered up to this size and written with one flush per wake-up: under
 /// fan-out one `sendto` carries every event queued for the connection, not one each.
 const WRITE_BUFFER: usize = 16 * 1024;
