@@ -10,7 +10,7 @@
 //! Each event is stored once with its *audience*: the set of its recipients, stored once
 //! per distinct set (`audiences`, and `members` to find a user's). An account-wide change
 //! to 500 users is one row, not 500, and the next change to the same business reuses the
-//! audience (the writer keeps the ids it has seen).
+//! audience (the writer keeps the ids it has seen, up to 4 MiB of them).
 //!
 //! Retention ([`HistoryStore::prune`]): by age, and by count per user. What is pruned
 //! raises a floor (global for age, per user for count), so a client asking for pruned
@@ -208,11 +208,43 @@ fn checkpoint(conn: &Connection, mode: &str) -> rusqlite::Result<i64> {
 /// stored, by [`audience_key`].
 struct Writer {
     conn: Connection,
-    audiences: HashMap<Box<str>, i64>,
+    audiences: AudienceIds,
 }
 
-/// Audience ids kept in memory; past this the map starts over (and refills from the file).
-const AUDIENCE_CACHE: usize = 4096;
+/// Audience ids kept in memory, bounded by the bytes of their keys: past
+/// [`AUDIENCE_CACHE_BYTES`] the map starts over (and refills from the file). A count bound
+/// (4096) made a per-user route with more users than that miss on most events, and each
+/// miss is a query inside the transaction that delivery waits for (issue 14 item 4).
+#[derive(Default)]
+struct AudienceIds {
+    ids: HashMap<Box<str>, i64>,
+    /// Bytes of the keys held.
+    bytes: usize,
+}
+
+/// About 100,000 one-user audiences, or 1,000 of 500 users.
+const AUDIENCE_CACHE_BYTES: usize = 4 << 20;
+
+impl AudienceIds {
+    fn get(&self, key: &str) -> Option<i64> {
+        self.ids.get(key).copied()
+    }
+
+    fn insert(&mut self, key: String, id: i64) {
+        // Each entry also costs its map slot and box: counted as 32 bytes.
+        let cost = key.len() + 32;
+        if self.bytes + cost > AUDIENCE_CACHE_BYTES {
+            self.clear();
+        }
+        self.bytes += cost;
+        self.ids.insert(key.into_boxed_str(), id);
+    }
+
+    fn clear(&mut self) {
+        self.ids.clear();
+        self.bytes = 0;
+    }
+}
 
 /// The text an audience is stored under: its sorted, distinct ids as a JSON array, which
 /// cannot be ambiguous whatever characters ids contain.
@@ -402,7 +434,7 @@ impl HistoryStore {
             checkpointer,
             writer: Mutex::new(Writer {
                 conn,
-                audiences: HashMap::new(),
+                audiences: AudienceIds::default(),
             }),
             readers: Mutex::new(Vec::new()),
         };
@@ -665,7 +697,7 @@ impl HistoryStore {
 /// [`HistoryStore::append`]'s transaction.
 fn append(
     conn: &mut Connection,
-    audiences: &mut HashMap<Box<str>, i64>,
+    audiences: &mut AudienceIds,
     records: &[Record<'_>],
     checkpoint: Option<&Position>,
 ) -> rusqlite::Result<()> {
@@ -677,14 +709,11 @@ fn append(
         )?;
         for r in records {
             let key = audience_key(r.recipients);
-            let audience = match audiences.get(key.as_str()) {
-                Some(&id) => id,
+            let audience = match audiences.get(&key) {
+                Some(id) => id,
                 None => {
                     let id = audience_id(&tx, &key, r.recipients)?;
-                    if audiences.len() >= AUDIENCE_CACHE {
-                        audiences.clear();
-                    }
-                    audiences.insert(key.into_boxed_str(), id);
+                    audiences.insert(key, id);
                     id
                 }
             };
@@ -1088,6 +1117,47 @@ mod tests {
             (again.head, again.checkpoint),
             (3000, Some(Position::from_seq(29)))
         );
+    }
+
+    /// Issue 14 item 4: a per-user route to more users than the old 4,096-entry bound
+    /// keeps every audience id in memory (a miss is a query in the commit delivery waits
+    /// for), and the ids stay right.
+    #[test]
+    fn audience_ids_of_thousands_of_users_stay_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = open(dir.path());
+        let each: Vec<Vec<UserId>> = (0..5001).map(|i| users(&[&format!("u{i}")])).collect();
+        let records: Vec<Record> = each
+            .iter()
+            .enumerate()
+            .map(|(i, to)| Record {
+                seq: i as u64 + 1,
+                json: "{}",
+                recipients: to,
+            })
+            .collect();
+        h.store.append(&records, None).unwrap();
+        assert_eq!(lock(&h.store.writer).audiences.ids.len(), 5001);
+        h.store
+            .append(
+                &[Record {
+                    seq: 5002,
+                    json: "{}",
+                    recipients: &each[7],
+                }],
+                None,
+            )
+            .unwrap();
+        assert_eq!(count(dir.path(), "audiences"), 5001, "u7's audience reused");
+        let seqs: Vec<u64> = h
+            .store
+            .replay("u7", 0, 5002, 0, "e1")
+            .unwrap()
+            .unwrap()
+            .iter()
+            .map(|f| f.seq)
+            .collect();
+        assert_eq!(seqs, vec![8, 5002]);
     }
 
     #[test]
