@@ -115,7 +115,7 @@ impl Checkpointer {
     /// Starts the thread, on its own read-write connection to `path`. Without one (the
     /// thread or the connection could not be made), checkpoints stay in the writer's
     /// commits, as SQLite does by default: slower, never wrong.
-    fn start(path: &Path, every: Checkpoints, writer: &Arc<Mutex<Writer>>) -> Checkpointer {
+    fn start(path: &Path, when: Checkpoints, writer: &Arc<Mutex<Writer>>) -> Checkpointer {
         let signal = Arc::new(CheckpointSignal::default());
         let thread = Connection::open(path)
             .and_then(|conn| {
@@ -127,7 +127,7 @@ impl Checkpointer {
                 let (signal, writer) = (Arc::clone(&signal), Arc::clone(writer));
                 std::thread::Builder::new()
                     .name("history-checkpoint".into())
-                    .spawn(move || checkpoint_loop(&conn, &signal, &writer, every))
+                    .spawn(move || checkpoint_loop(&conn, &signal, &writer, when))
                     .map_err(|e| e.to_string())
             });
         let thread = match thread {
@@ -173,7 +173,7 @@ fn checkpoint_loop(
     conn: &Connection,
     signal: &CheckpointSignal,
     writer: &Mutex<Writer>,
-    every: Checkpoints,
+    when: Checkpoints,
 ) {
     let mut failing = false;
     loop {
@@ -188,7 +188,7 @@ fn checkpoint_loop(
             }
             let (mut state, _) = signal
                 .wake
-                .wait_timeout_while(state, every.every, |s| !s.stop)
+                .wait_timeout_while(state, when.every, |s| !s.stop)
                 .unwrap_or_else(|p| p.into_inner());
             if state.stop {
                 return;
@@ -200,7 +200,7 @@ fn checkpoint_loop(
         // the writer off (SQLite's own wait for it, a busy handler, loses to a writer
         // that commits back to back).
         let result = checkpoint(conn, "PASSIVE").and_then(|log| {
-            if log > every.wal_limit_pages {
+            if log > when.wal_limit_pages {
                 let _writer = lock(writer);
                 checkpoint(conn, "RESTART").map(|_| ())
             } else {
@@ -404,11 +404,11 @@ impl HistoryStore {
         HistoryStore::open_with(path, new_epoch, Checkpoints::default())
     }
 
-    /// [`HistoryStore::open`], checkpointing as `every` says.
+    /// [`HistoryStore::open`], checkpointing `when` says.
     pub fn open_with(
         path: &Path,
         new_epoch: impl FnOnce() -> String,
-        every: Checkpoints,
+        when: Checkpoints,
     ) -> rusqlite::Result<Opened> {
         if let Some(dir) = path.parent()
             && !dir.as_os_str().is_empty()
@@ -454,7 +454,7 @@ impl HistoryStore {
             conn,
             audiences: AudienceIds::default(),
         }));
-        let checkpointer = Checkpointer::start(path, every, &writer);
+        let checkpointer = Checkpointer::start(path, when, &writer);
         let store = HistoryStore {
             path: path.to_owned(),
             checkpointer,
