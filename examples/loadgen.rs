@@ -23,7 +23,12 @@
 //!   after). Latency = receive time − that, so it covers the commit, the server's change
 //!   source, routing, fan-out, the socket and the client's parse.
 //!
-//! Receiving: each text frame is read in one pass over its bytes, without allocating
+//! Receiving: after the HTTP upgrade (by hand, so the frames that come with the 101 are kept),
+//! each connection reads into the thread's one 64 KiB buffer and handles every complete
+//! WebSocket frame of the read in place (`WsConn`, `parse_ws_frame`): one receive time per
+//! read, no allocation per frame, only an incomplete tail kept per connection; pings are
+//! answered with a masked pong; fragmented, masked, oversized or reserved frames end the
+//! connection (`closed_early`). Each text frame is read in one pass over its bytes, without allocating
 //! (`read_frame`): it must be one well-formed JSON object, and only `type` and, for `change`,
 //! `doc.creator_id`, `doc.quantity` and `doc.status` are taken from it. A malformed frame counts
 //! as `parse_errors`, a well-formed one of another type after `ready` as `unexpected`; both are
@@ -36,6 +41,8 @@
 //!
 //! Output: one JSON line on stdout.
 
+#![recursion_limit = "256"]
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -47,7 +54,10 @@ use serde_json::json;
 use std::cell::RefCell;
 use std::ops::ControlFlow;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::pin::Pin;
+use std::task::Poll;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
@@ -351,6 +361,8 @@ struct Shared {
     out_of_order: AtomicU64,
     wrong_key: AtomicU64,
     gaps: AtomicU64,
+    /// Socket reads of the receive loops (events per read: how much each read batches).
+    reads: AtomicU64,
 }
 
 #[derive(Default)]
@@ -831,22 +843,31 @@ impl WsConn {
         if let Some(p) = self.pong.take() {
             self.stream.write_all(&p).await.map_err(|_| WsError::Io)?;
         }
-        loop {
-            self.stream.readable().await.map_err(|_| WsError::Io)?;
-            let read = SCRATCH.with_borrow_mut(|scratch| {
+        // `poll_read` rather than `readable` + `try_read`: after a short read tokio marks the
+        // socket not ready, so the next wait goes straight to epoll instead of costing a
+        // read that would block. The buffer is borrowed only within one poll.
+        let flow = std::future::poll_fn(|cx| {
+            SCRATCH.with_borrow_mut(|scratch| {
                 let p = self.pending.len();
                 if scratch.len() < p + READ_CHUNK {
                     scratch.resize(p + READ_CHUNK, 0);
                 }
-                let n = match self.stream.try_read(&mut scratch[p..p + READ_CHUNK]) {
-                    Ok(0) => return Err(WsError::Io),
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
-                    Err(_) => return Err(WsError::Io),
-                };
+                let mut rb = ReadBuf::new(&mut scratch[p..p + READ_CHUNK]);
+                match Pin::new(&mut self.stream).poll_read(cx, &mut rb) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(_)) => return Poll::Ready(Err(WsError::Io)),
+                    Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                        return Poll::Ready(Err(WsError::Io));
+                    }
+                    Poll::Ready(Ok(())) => {}
+                }
+                let n = rb.filled().len();
                 scratch[..p].copy_from_slice(&self.pending);
                 let buf = &scratch[..p + n];
-                let (used, flow) = parse_frames(buf, now_us(), &mut self.pong, f)?;
+                let (used, flow) = match parse_frames(buf, now_us(), &mut self.pong, f) {
+                    Ok(x) => x,
+                    Err(e) => return Poll::Ready(Err(e)),
+                };
                 self.pending.clear();
                 self.pending.extend_from_slice(&buf[used..]);
                 // A connection's idle tail buffer stays small.
@@ -854,15 +875,14 @@ impl WsConn {
                     self.pending = Vec::new();
                 }
                 self.unread = flow.is_break() && !self.pending.is_empty();
-                Ok(Some(flow))
-            })?;
-            if let Some(flow) = read {
-                if let Some(p) = self.pong.take() {
-                    self.stream.write_all(&p).await.map_err(|_| WsError::Io)?;
-                }
-                return Ok(flow);
-            }
+                Poll::Ready(Ok(flow))
+            })
+        })
+        .await?;
+        if let Some(p) = self.pong.take() {
+            self.stream.write_all(&p).await.map_err(|_| WsError::Io)?;
         }
+        Ok(flow)
     }
 
     /// Reads until the `ready` event; `Err` with the close code if the connection closes or
@@ -1089,6 +1109,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             // Counted per read, added to the shared counters once per read.
             let (mut wrong_key, mut out_of_order, mut gaps, mut unexpected, mut parse_errors) =
                 (0u64, 0u64, 0u64, 0u64, 0u64);
+            let mut reads = 0u64;
             let mut close = None;
             loop {
                 let before = r.received;
@@ -1126,6 +1147,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                     b = ws.read_batch(&mut on) => b,
                     _ = &mut stopped => break,
                 };
+                reads += 1;
                 if r.received > before {
                     shared.received.fetch_add(r.received - before, Relaxed);
                     shared.last_recv_us.fetch_max(latest, Relaxed);
@@ -1142,6 +1164,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                 (&shared.gaps, gaps),
                 (&shared.unexpected, unexpected),
                 (&shared.parse_errors, parse_errors),
+                (&shared.reads, reads),
             ] {
                 c.fetch_add(n, Relaxed);
             }
@@ -1298,6 +1321,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             "client_write_cpu_s": client_write.map(|c| c.0),
             "client_busy": client_write.map(|c| c.1),
             "expected": expected_total, "received": received,
+            "client_reads": shared.reads.load(Relaxed),
             "events_per_s": if span_s > 0.0 { received as f64 / span_s } else { 0.0 },
             "lost": gaps + lost_tail, "lost_gaps": gaps, "lost_tail": lost_tail,
             "connections_with_loss": lost_conns,
@@ -1562,5 +1586,81 @@ mod tests {
             parse_frames(&buf, 0, &mut None, &mut |_, _| ControlFlow::Break(())).unwrap();
         assert!(flow.is_break());
         assert_eq!(&buf[used..], &rest[..]);
+    }
+
+    /// A real loopback socket: the frames sent with the 101 are kept, `ready` is found, a
+    /// change split over two writes is read whole, a ping gets its pong, a close its code.
+    #[tokio::test]
+    async fn a_connection_reads_frames_from_the_101_on_and_answers_pings() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut req = Vec::new();
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                assert!(s.read_buf(&mut req).await.unwrap() > 0);
+            }
+            let req = String::from_utf8(req).unwrap();
+            assert!(req.starts_with("GET /v1/ws?token=t HTTP/1.1\r\n"), "{req}");
+            let key = req
+                .lines()
+                .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+                .unwrap();
+            let mut out = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 sec-websocket-accept: {}\r\n\r\n",
+                derive_accept_key(key.as_bytes())
+            )
+            .into_bytes();
+            out.extend(server_frame(true, 1, br#"{"type":"ready"}"#));
+            out.extend(server_frame(true, 1, CHANGE.as_bytes()));
+            s.write_all(&out).await.unwrap();
+            let change = server_frame(true, 1, CHANGE.as_bytes());
+            s.write_all(&change[..5]).await.unwrap();
+            s.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            s.write_all(&change[5..]).await.unwrap();
+            s.write_all(&server_frame(true, 9, b"hb")).await.unwrap();
+            let mut pong = [0u8; 8];
+            s.read_exact(&mut pong).await.unwrap();
+            let body: Vec<u8> = pong[6..]
+                .iter()
+                .zip(&pong[2..6])
+                .map(|(b, m)| b ^ m)
+                .collect();
+            assert_eq!((pong[0], pong[1], &body[..]), (0x8A, 0x82, &b"hb"[..]));
+            s.write_all(&server_frame(true, 8, &4008u16.to_be_bytes()))
+                .await
+                .unwrap();
+        });
+        // Bounded: a lost frame would otherwise leave the reads waiting.
+        let client = async {
+            let stream = TcpStream::connect(addr).await.unwrap();
+            let mut ws = WsConn::handshake(stream, &format!("ws://{addr}/v1/ws?token=t"))
+                .await
+                .unwrap();
+            ws.wait_ready().await.unwrap();
+            let (mut changes, mut close) = (0, None);
+            while close.is_none() {
+                ws.read_batch(&mut |ev, _| {
+                    match ev {
+                        WsEvent::Text(t) => {
+                            assert_eq!(read_frame(t), change("b2", 12345, 1764628200123456));
+                            changes += 1;
+                        }
+                        WsEvent::Close(c) => close = Some(c),
+                        WsEvent::Binary => panic!("binary"),
+                    }
+                    ControlFlow::Continue(())
+                })
+                .await
+                .unwrap();
+            }
+            assert_eq!((changes, close), (2, Some(Some(4008))));
+        };
+        tokio::time::timeout(Duration::from_secs(10), client)
+            .await
+            .expect("every frame read within 10 s");
+        server.await.unwrap();
     }
 }
