@@ -23,7 +23,12 @@
 //!   after). Latency = receive time − that, so it covers the commit, the server's change
 //!   source, routing, fan-out, the socket and the client's parse.
 //!
-//! Receiving: each text frame is read in one pass over its bytes, without allocating
+//! Receiving: after the HTTP upgrade (by hand, so the frames that come with the 101 are kept),
+//! each connection reads into the thread's one 64 KiB buffer and handles every complete
+//! WebSocket frame of the read in place (`WsConn`, `parse_ws_frame`): one receive time per
+//! read, no allocation per frame, only an incomplete tail kept per connection; pings are
+//! answered with a masked pong; fragmented, masked, oversized or reserved frames end the
+//! connection (`closed_early`). Each text frame is read in one pass over its bytes, without allocating
 //! (`read_frame`): it must be one well-formed JSON object, and only `type` and, for `change`,
 //! `doc.creator_id`, `doc.quantity` and `doc.status` are taken from it. A malformed frame counts
 //! as `parse_errors`, a well-formed one of another type after `ready` as `unexpected`; both are
@@ -36,19 +41,26 @@
 //!
 //! Output: one JSON line on stdout.
 
+#![recursion_limit = "256"]
+
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
-use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use serde_json::json;
-use tokio::net::TcpSocket;
+use std::cell::RefCell;
+use std::ops::ControlFlow;
+
+use std::pin::Pin;
+use std::task::Poll;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -349,6 +361,8 @@ struct Shared {
     out_of_order: AtomicU64,
     wrong_key: AtomicU64,
     gaps: AtomicU64,
+    /// Socket reads of the receive loops (events per read: how much each read batches).
+    reads: AtomicU64,
 }
 
 #[derive(Default)]
@@ -609,6 +623,294 @@ impl<'a> Scan<'a> {
     }
 }
 
+/// What the receive loops see of a server's WebSocket frames (pings and pongs are handled by
+/// [`WsConn`] itself: a ping is answered with a pong after the read it came in).
+#[derive(Debug, PartialEq)]
+enum WsEvent<'a> {
+    /// A text frame's payload, checked to be UTF-8 (invalid UTF-8 is a protocol error).
+    Text(&'a str),
+    Binary,
+    /// A close frame and its status code, if it has one.
+    Close(Option<u16>),
+}
+
+/// One frame at the start of a buffer, its payload borrowed from it.
+#[derive(Debug, PartialEq)]
+enum WsFrame<'a> {
+    Text(&'a [u8]),
+    Binary,
+    Ping(&'a [u8]),
+    Pong,
+    Close(Option<u16>),
+}
+
+/// Frames this client refuses (the connection is then counted as closed early).
+#[derive(Debug, PartialEq)]
+enum WsError {
+    /// A continuation frame or one without FIN: the servers measured never fragment.
+    Fragmented,
+    /// Reserved bits (no extension is negotiated), a reserved opcode, a masked server frame,
+    /// a control frame over 125 bytes, a close payload of one byte, text that is not UTF-8.
+    Protocol,
+    /// A payload over [`MAX_FRAME`].
+    TooLong,
+    /// The peer closed the TCP connection, or a socket error.
+    Io,
+}
+
+/// The largest frame accepted (tungstenite's default, 16 MiB).
+const MAX_FRAME: usize = 16 << 20;
+
+/// Reads one server→client frame (unmasked) at the start of `buf`: the frame and its length
+/// in bytes, `Ok(None)` if `buf` holds only part of it.
+fn parse_ws_frame(buf: &[u8]) -> Result<Option<(WsFrame<'_>, usize)>, WsError> {
+    let [b0, b1, ..] = *buf else { return Ok(None) };
+    let (fin, rsv, opcode) = (b0 & 0x80 != 0, b0 & 0x70, b0 & 0x0f);
+    if rsv != 0 || b1 & 0x80 != 0 {
+        return Err(WsError::Protocol);
+    }
+    if opcode == 0 || !fin {
+        return Err(WsError::Fragmented);
+    }
+    let (len, head) = match b1 & 0x7f {
+        126 => match buf.get(2..4) {
+            Some(l) => (u64::from(u16::from_be_bytes([l[0], l[1]])), 4),
+            None => return Ok(None),
+        },
+        127 => match buf.get(2..10).and_then(|l| <[u8; 8]>::try_from(l).ok()) {
+            Some(l) => (u64::from_be_bytes(l), 10),
+            None => return Ok(None),
+        },
+        n => (u64::from(n), 2),
+    };
+    let len = usize::try_from(len)
+        .ok()
+        .filter(|&l| l <= MAX_FRAME)
+        .ok_or(WsError::TooLong)?;
+    if opcode >= 8 && len > 125 {
+        return Err(WsError::Protocol);
+    }
+    let Some(payload) = buf.get(head..head + len) else {
+        return Ok(None);
+    };
+    let frame = match opcode {
+        1 => WsFrame::Text(payload),
+        2 => WsFrame::Binary,
+        8 => match *payload {
+            [] => WsFrame::Close(None),
+            [_] => return Err(WsError::Protocol),
+            [a, b, ..] => WsFrame::Close(Some(u16::from_be_bytes([a, b]))),
+        },
+        9 => WsFrame::Ping(payload),
+        10 => WsFrame::Pong,
+        _ => return Err(WsError::Protocol),
+    };
+    Ok(Some((frame, head + len)))
+}
+
+/// Hands every complete frame of `buf` to `f` (all with the receive time `now`), answering
+/// pings into `pong`; returns how many bytes were used and whether `f` asked to stop.
+fn parse_frames(
+    buf: &[u8],
+    now: u64,
+    pong: &mut Option<Vec<u8>>,
+    f: &mut impl FnMut(WsEvent<'_>, u64) -> ControlFlow<()>,
+) -> Result<(usize, ControlFlow<()>), WsError> {
+    let mut at = 0;
+    while let Some((frame, n)) = parse_ws_frame(&buf[at..])? {
+        at += n;
+        let ev = match frame {
+            WsFrame::Text(t) => {
+                WsEvent::Text(std::str::from_utf8(t).map_err(|_| WsError::Protocol)?)
+            }
+            WsFrame::Binary => WsEvent::Binary,
+            WsFrame::Close(c) => WsEvent::Close(c),
+            WsFrame::Ping(p) => {
+                // Only the latest ping needs its pong (RFC 6455 §5.5.3).
+                *pong = Some(masked_frame(0xA, p));
+                continue;
+            }
+            WsFrame::Pong => continue,
+        };
+        if f(ev, now).is_break() {
+            return Ok((at, ControlFlow::Break(())));
+        }
+    }
+    Ok((at, ControlFlow::Continue(())))
+}
+
+/// A client→server frame (FIN, `opcode`, masked) carrying `payload` (at most 125 bytes).
+fn masked_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    // Any mask will do for this benchmark client (RFC 6455 wants it unpredictable to keep
+    // proxies from being poisoned by a browser's script; no proxy sits in between here).
+    let mask = (now_us() as u32 | 1).to_le_bytes();
+    let mut v = Vec::with_capacity(6 + payload.len());
+    v.push(0x80 | opcode);
+    v.push(0x80 | payload.len().min(125) as u8);
+    v.extend_from_slice(&mask);
+    v.extend(
+        payload
+            .iter()
+            .take(125)
+            .zip(mask.iter().cycle())
+            .map(|(b, m)| b ^ m),
+    );
+    v
+}
+
+/// Bytes read from the socket at most per read.
+const READ_CHUNK: usize = 64 * 1024;
+
+thread_local! {
+    /// The one read buffer of this thread's connections: a connection reads into it only
+    /// between two awaits, and keeps just the incomplete tail of its last read.
+    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A client WebSocket connection read in large reads: every complete frame of a read is
+/// handed over in place, with one receive timestamp per read and no allocation per frame.
+struct WsConn {
+    stream: TcpStream,
+    /// Bytes of a frame not yet complete; or, with `unread`, frames not yet handed over.
+    pending: Vec<u8>,
+    /// `pending` may hold complete frames (left by the handshake or by a stop in `read_batch`).
+    unread: bool,
+    pong: Option<Vec<u8>>,
+}
+
+impl WsConn {
+    /// The HTTP upgrade, done by hand so the bytes after the 101 (the first frames) are kept.
+    async fn handshake(mut stream: TcpStream, url: &str) -> anyhow::Result<WsConn> {
+        let rest = url
+            .strip_prefix("ws://")
+            .ok_or_else(|| anyhow::anyhow!("not ws://"))?;
+        let (host, path) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+        let path = if path.starts_with('/') {
+            path.to_string()
+        } else {
+            format!("/{path}")
+        };
+        let key = generate_key();
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n"
+        );
+        stream.write_all(req.as_bytes()).await?;
+        let mut buf = Vec::with_capacity(1024);
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            anyhow::ensure!(buf.len() < 16 * 1024, "response head too long");
+            if stream.read_buf(&mut buf).await? == 0 {
+                anyhow::bail!("closed during the handshake");
+            }
+        };
+        let head = std::str::from_utf8(&buf[..end])?;
+        let mut lines = head.split("\r\n");
+        let status = lines.next().unwrap_or("");
+        anyhow::ensure!(status.split(' ').nth(1) == Some("101"), "no 101: {status}");
+        let accept = derive_accept_key(key.as_bytes());
+        let accepted = lines.filter_map(|l| l.split_once(':')).any(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("sec-websocket-accept") && v.trim() == accept
+        });
+        anyhow::ensure!(accepted, "wrong or missing Sec-WebSocket-Accept");
+        let pending = buf[end..].to_vec();
+        Ok(WsConn {
+            stream,
+            unread: !pending.is_empty(),
+            pending,
+            pong: None,
+        })
+    }
+
+    /// Waits for one read and hands its complete frames to `f`, which may stop early (the
+    /// frames after that one stay for the next call). `Continue` = read again.
+    /// Cancel-safe: it waits only for the socket to be readable (and for a pong to go out).
+    async fn read_batch(
+        &mut self,
+        f: &mut impl FnMut(WsEvent<'_>, u64) -> ControlFlow<()>,
+    ) -> Result<ControlFlow<()>, WsError> {
+        if self.unread {
+            self.unread = false;
+            let (used, flow) = parse_frames(&self.pending, now_us(), &mut self.pong, f)?;
+            self.pending.drain(..used);
+            if flow.is_break() {
+                self.unread = true;
+                return Ok(flow);
+            }
+        }
+        if let Some(p) = self.pong.take() {
+            self.stream.write_all(&p).await.map_err(|_| WsError::Io)?;
+        }
+        // `poll_read` rather than `readable` + `try_read`: after a short read tokio marks the
+        // socket not ready, so the next wait goes straight to epoll instead of costing a
+        // read that would block. The buffer is borrowed only within one poll.
+        let flow = std::future::poll_fn(|cx| {
+            SCRATCH.with_borrow_mut(|scratch| {
+                let p = self.pending.len();
+                if scratch.len() < p + READ_CHUNK {
+                    scratch.resize(p + READ_CHUNK, 0);
+                }
+                let mut rb = ReadBuf::new(&mut scratch[p..p + READ_CHUNK]);
+                match Pin::new(&mut self.stream).poll_read(cx, &mut rb) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(_)) => return Poll::Ready(Err(WsError::Io)),
+                    Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                        return Poll::Ready(Err(WsError::Io));
+                    }
+                    Poll::Ready(Ok(())) => {}
+                }
+                let n = rb.filled().len();
+                scratch[..p].copy_from_slice(&self.pending);
+                let buf = &scratch[..p + n];
+                let (used, flow) = match parse_frames(buf, now_us(), &mut self.pong, f) {
+                    Ok(x) => x,
+                    Err(e) => return Poll::Ready(Err(e)),
+                };
+                self.pending.clear();
+                self.pending.extend_from_slice(&buf[used..]);
+                // A connection's idle tail buffer stays small.
+                if self.pending.is_empty() && self.pending.capacity() > 4096 {
+                    self.pending = Vec::new();
+                }
+                self.unread = flow.is_break() && !self.pending.is_empty();
+                Poll::Ready(Ok(flow))
+            })
+        })
+        .await?;
+        if let Some(p) = self.pong.take() {
+            self.stream.write_all(&p).await.map_err(|_| WsError::Io)?;
+        }
+        Ok(flow)
+    }
+
+    /// Reads until the `ready` event; `Err` with the close code if the connection closes or
+    /// fails first.
+    async fn wait_ready(&mut self) -> Result<(), Option<u16>> {
+        loop {
+            let mut close = None;
+            let b = self
+                .read_batch(&mut |ev, _| match ev {
+                    WsEvent::Text(t) if read_frame(t) == Some(Frame::Other("ready")) => {
+                        ControlFlow::Break(())
+                    }
+                    WsEvent::Close(c) => {
+                        close = Some(c);
+                        ControlFlow::Break(())
+                    }
+                    _ => ControlFlow::Continue(()),
+                })
+                .await;
+            match b {
+                Ok(ControlFlow::Continue(())) => {}
+                Ok(ControlFlow::Break(())) => return close.map_or(Ok(()), Err),
+                Err(_) => return Err(None),
+            }
+        }
+    }
+}
+
 /// CPU time this process has used so far, in seconds (utime + stime from /proc/self/stat,
 /// 100 ticks a second as on Linux here); `None` where there is no /proc.
 fn self_cpu_s() -> Option<f64> {
@@ -665,10 +967,6 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
     } else {
         0
     };
-    let cfg = WebSocketConfig::default()
-        .read_buffer_size(4096)
-        .write_buffer_size(0)
-        .max_write_buffer_size(64 * 1024);
     let idle = a.idle;
     let ready_on_open = a.ready_on_open;
     let multi_bind = a.bind.len() > 1 || a.bind[0] != IpAddr::from([127, 0, 0, 1]);
@@ -749,45 +1047,34 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                 }
             };
             let _ = stream.set_nodelay(true);
-            let mut ws = match tokio_tungstenite::client_async_with_config(url.as_str(), stream, Some(cfg)).await {
-                Ok((ws, _)) => ws,
+            let mut ws = match WsConn::handshake(stream, &url).await {
+                Ok(ws) => ws,
                 Err(_) => {
                     shared.handshake_errors.fetch_add(1, Relaxed);
                     return r;
                 }
             };
             // Wait for `ready` (unless the 101 is the signal).
-            if !ready_on_open {
-                loop {
-                    match ws.next().await {
-                        Some(Ok(Message::Text(t))) if read_frame(t.as_str()) == Some(Frame::Other("ready")) => break,
-                        Some(Ok(Message::Text(_))) | Some(Ok(Message::Ping(_))) | Some(Ok(Message::Pong(_))) => {}
-                        Some(Ok(Message::Close(f))) => {
-                            r.close_code = f.map(|f| u16::from(f.code));
-                            shared.handshake_errors.fetch_add(1, Relaxed);
-                            return r;
-                        }
-                        _ => {
-                            shared.handshake_errors.fetch_add(1, Relaxed);
-                            return r;
-                        }
-                    }
-                }
+            if !ready_on_open && let Err(code) = ws.wait_ready().await {
+                r.close_code = code;
+                shared.handshake_errors.fetch_add(1, Relaxed);
+                return r;
             }
             drop(permit);
             r.connected = true;
             shared.ready.fetch_add(1, Relaxed);
             if idle {
                 // Keep reading (pings are answered while reading), until told to stop.
+                let mut on = |ev: WsEvent<'_>, _| match ev {
+                    WsEvent::Close(_) => ControlFlow::Break(()),
+                    _ => ControlFlow::Continue(()),
+                };
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => break,
-                        m = ws.next() => match m {
-                            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
-                                shared.closed_early.fetch_add(1, Relaxed);
-                                break;
-                            }
-                            Some(Ok(_)) => {}
+                        b = ws.read_batch(&mut on) => if !matches!(b, Ok(ControlFlow::Continue(()))) {
+                            shared.closed_early.fetch_add(1, Relaxed);
+                            break;
                         }
                     }
                 }
@@ -798,73 +1085,88 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
                 release.cancelled().await;
                 let deadline = tokio::time::sleep(Duration::from_secs(1));
                 tokio::pin!(deadline);
+                let mut code = None;
+                let mut on = |ev: WsEvent<'_>, _| match ev {
+                    WsEvent::Close(c) => {
+                        code = c;
+                        ControlFlow::Break(())
+                    }
+                    _ => ControlFlow::Continue(()),
+                };
                 loop {
                     tokio::select! {
                         _ = &mut deadline => break,
-                        m = ws.next() => match m {
-                            Some(Ok(Message::Close(f))) => { r.close_code = f.map(|f| u16::from(f.code)); break; }
-                            Some(Ok(_)) => {}
-                            _ => break,
-                        }
+                        b = ws.read_batch(&mut on) => if !matches!(b, Ok(ControlFlow::Continue(()))) { break; }
                     }
                 }
+                r.close_code = code;
                 return r;
             }
             // One cancellation future for the whole loop: a new one per event would register
             // (and unregister) a waiter with the token on every wake-up.
             let stopped = stop.cancelled();
             tokio::pin!(stopped);
+            // Counted per read, added to the shared counters once per read.
+            let (mut wrong_key, mut out_of_order, mut gaps, mut unexpected, mut parse_errors) =
+                (0u64, 0u64, 0u64, 0u64, 0u64);
+            let mut reads = 0u64;
+            let mut close = None;
             loop {
-                let m = tokio::select! {
-                    biased;
-                    m = ws.next() => m,
-                    _ = &mut stopped => break,
-                };
-                match m {
-                    Some(Ok(Message::Text(t))) => {
-                        let now = now_us();
-                        match read_frame(t.as_str()) {
-                            Some(Frame::Change { key, seq, ts_us }) => {
-                                if key != &*my_key {
-                                    shared.wrong_key.fetch_add(1, Relaxed);
-                                    continue;
+                let before = r.received;
+                let mut latest = 0u64;
+                let mut on = |ev: WsEvent<'_>, now: u64| {
+                        match ev {
+                            WsEvent::Text(t) => match read_frame(t) {
+                                Some(Frame::Change { key, seq, ts_us }) => {
+                                    if key != &*my_key {
+                                        wrong_key += 1;
+                                    } else if seq <= r.last_seq {
+                                        out_of_order += 1;
+                                    } else {
+                                        gaps += seq - r.last_seq - 1;
+                                        r.last_seq = seq;
+                                        r.received += 1;
+                                        latest = now;
+                                        hist.lock().unwrap().saturating_record(now.saturating_sub(ts_us).max(1));
+                                    }
                                 }
-                                if seq <= r.last_seq {
-                                    shared.out_of_order.fetch_add(1, Relaxed);
-                                    continue;
-                                }
-                                if seq > r.last_seq + 1 {
-                                    shared.gaps.fetch_add(seq - r.last_seq - 1, Relaxed);
-                                }
-                                r.last_seq = seq;
-                                r.received += 1;
-                                shared.received.fetch_add(1, Relaxed);
-                                shared.last_recv_us.fetch_max(now, Relaxed);
-                                hist.lock().unwrap().saturating_record(now.saturating_sub(ts_us).max(1));
-                            }
-                            // Nothing but `change` is expected once `ready` has come.
-                            Some(Frame::Other(_)) => {
-                                shared.unexpected.fetch_add(1, Relaxed);
-                            }
-                            None => {
-                                shared.parse_errors.fetch_add(1, Relaxed);
+                                // Nothing but `change` is expected once `ready` has come.
+                                Some(Frame::Other(_)) => unexpected += 1,
+                                None => parse_errors += 1,
+                            },
+                            WsEvent::Binary => unexpected += 1,
+                            WsEvent::Close(c) => {
+                                close = Some(c);
+                                return ControlFlow::Break(());
                             }
                         }
-                    }
-                    Some(Ok(Message::Binary(_))) => {
-                        shared.unexpected.fetch_add(1, Relaxed);
-                    }
-                    Some(Ok(Message::Close(f))) => {
-                        r.close_code = f.map(|f| u16::from(f.code));
-                        shared.closed_early.fetch_add(1, Relaxed);
-                        break;
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(_)) | None => {
-                        shared.closed_early.fetch_add(1, Relaxed);
-                        break;
-                    }
+                        ControlFlow::Continue(())
+                };
+                let b = tokio::select! {
+                    biased;
+                    b = ws.read_batch(&mut on) => b,
+                    _ = &mut stopped => break,
+                };
+                reads += 1;
+                if r.received > before {
+                    shared.received.fetch_add(r.received - before, Relaxed);
+                    shared.last_recv_us.fetch_max(latest, Relaxed);
                 }
+                if !matches!(b, Ok(ControlFlow::Continue(()))) {
+                    r.close_code = close.flatten();
+                    shared.closed_early.fetch_add(1, Relaxed);
+                    break;
+                }
+            }
+            for (c, n) in [
+                (&shared.wrong_key, wrong_key),
+                (&shared.out_of_order, out_of_order),
+                (&shared.gaps, gaps),
+                (&shared.unexpected, unexpected),
+                (&shared.parse_errors, parse_errors),
+                (&shared.reads, reads),
+            ] {
+                c.fetch_add(n, Relaxed);
             }
             r
         }));
@@ -1019,6 +1321,7 @@ async fn run(a: RunArgs) -> anyhow::Result<()> {
             "client_write_cpu_s": client_write.map(|c| c.0),
             "client_busy": client_write.map(|c| c.1),
             "expected": expected_total, "received": received,
+            "client_reads": shared.reads.load(Relaxed),
             "events_per_s": if span_s > 0.0 { received as f64 / span_s } else { 0.0 },
             "lost": gaps + lost_tail, "lost_gaps": gaps, "lost_tail": lost_tail,
             "connections_with_loss": lost_conns,
@@ -1112,5 +1415,252 @@ mod tests {
             "]".repeat(30)
         );
         assert_eq!(read_frame(&nested), change("b2", 1, 1));
+    }
+
+    /// A server→client frame: FIN (unless `fin` is false), `opcode`, unmasked.
+    fn server_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut v = vec![if fin { 0x80 } else { 0 } | opcode];
+        match payload.len() {
+            n if n < 126 => v.push(n as u8),
+            n if n <= 0xffff => {
+                v.push(126);
+                v.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                v.push(127);
+                v.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        v.extend_from_slice(payload);
+        v
+    }
+
+    /// Every event of `buf`, as owned values, and the bytes used.
+    fn events(buf: &[u8], pong: &mut Option<Vec<u8>>) -> Result<(Vec<String>, usize), WsError> {
+        let mut out = vec![];
+        let (used, flow) = parse_frames(buf, 7, pong, &mut |ev, now| {
+            assert_eq!(now, 7, "one timestamp per read");
+            out.push(match ev {
+                WsEvent::Text(t) => format!("text:{t}"),
+                WsEvent::Binary => "binary".into(),
+                WsEvent::Close(c) => format!("close:{c:?}"),
+            });
+            ControlFlow::Continue(())
+        })?;
+        assert!(flow.is_continue());
+        Ok((out, used))
+    }
+
+    #[test]
+    fn several_frames_in_one_read_are_all_read_in_place() {
+        let mut buf = server_frame(true, 1, CHANGE.as_bytes());
+        buf.extend(server_frame(true, 1, b"{\"type\":\"ready\"}"));
+        buf.extend(server_frame(true, 8, &4008u16.to_be_bytes()));
+        let (ev, used) = events(&buf, &mut None).unwrap();
+        assert_eq!(used, buf.len());
+        assert_eq!(
+            ev,
+            [
+                format!("text:{CHANGE}"),
+                "text:{\"type\":\"ready\"}".into(),
+                "close:Some(4008)".into()
+            ]
+        );
+    }
+
+    #[test]
+    fn a_frame_split_across_reads_waits_for_its_rest() {
+        let mut buf = server_frame(true, 1, b"first");
+        let second = server_frame(true, 1, CHANGE.as_bytes());
+        buf.extend(&second);
+        let one = server_frame(true, 1, b"first").len();
+        // Cut anywhere inside the second frame (header included): only the first is read.
+        for cut in one..buf.len() {
+            let (ev, used) = events(&buf[..cut], &mut None).unwrap();
+            assert_eq!((ev.len(), used), (1, one), "cut at {cut}");
+        }
+        // Cut inside the first frame: nothing is read.
+        for cut in 0..one {
+            assert_eq!(events(&buf[..cut], &mut None).unwrap(), (vec![], 0));
+        }
+    }
+
+    #[test]
+    fn sixteen_and_sixty_four_bit_lengths_are_read() {
+        for n in [125usize, 126, 300, 0xffff, 0x1_0000, 200_000] {
+            let text = "x".repeat(n);
+            let f = server_frame(true, 1, text.as_bytes());
+            let head = match n {
+                0..126 => 2,
+                126..=0xffff => 4,
+                _ => 10,
+            };
+            assert_eq!(f.len(), head + n);
+            let (ev, used) = events(&f, &mut None).unwrap();
+            assert_eq!(
+                (ev, used),
+                (vec![format!("text:{text}")], f.len()),
+                "length {n}"
+            );
+            assert_eq!(events(&f[..f.len() - 1], &mut None).unwrap(), (vec![], 0));
+        }
+        // A length over the limit (or one that does not fit) is refused before any payload.
+        let mut huge = vec![0x81, 127];
+        huge.extend_from_slice(&u64::MAX.to_be_bytes());
+        assert_eq!(parse_ws_frame(&huge), Err(WsError::TooLong));
+    }
+
+    #[test]
+    fn a_ping_is_answered_with_a_masked_pong_of_its_payload() {
+        let mut buf = server_frame(true, 9, b"hb-1");
+        buf.extend(server_frame(true, 10, b"ignored"));
+        buf.extend(server_frame(true, 1, b"after"));
+        let mut pong = None;
+        let (ev, used) = events(&buf, &mut pong).unwrap();
+        assert_eq!((ev, used), (vec!["text:after".to_string()], buf.len()));
+        let pong = pong.expect("a pong is due");
+        assert_eq!(pong[0], 0x8A, "FIN + pong");
+        assert_eq!(pong[1], 0x80 | 4, "masked, 4 bytes");
+        let mask = &pong[2..6];
+        let unmasked: Vec<u8> = pong[6..]
+            .iter()
+            .zip(mask.iter().cycle())
+            .map(|(b, m)| b ^ m)
+            .collect();
+        assert_eq!(unmasked, b"hb-1");
+    }
+
+    #[test]
+    fn close_frames_carry_their_code() {
+        let with = server_frame(true, 8, &[0x0f, 0xa8, b'b', b'y', b'e']);
+        assert_eq!(events(&with, &mut None).unwrap().0, ["close:Some(4008)"]);
+        let without = server_frame(true, 8, b"");
+        assert_eq!(events(&without, &mut None).unwrap().0, ["close:None"]);
+        let one_byte = server_frame(true, 8, b"x");
+        assert_eq!(parse_ws_frame(&one_byte), Err(WsError::Protocol));
+    }
+
+    #[test]
+    fn fragments_and_protocol_violations_are_refused() {
+        // A first fragment (no FIN) and a continuation frame.
+        assert_eq!(
+            parse_ws_frame(&server_frame(false, 1, b"par")),
+            Err(WsError::Fragmented)
+        );
+        assert_eq!(
+            parse_ws_frame(&server_frame(true, 0, b"t")),
+            Err(WsError::Fragmented)
+        );
+        // Reserved bits, reserved opcodes, a masked server frame, a long control frame.
+        assert_eq!(parse_ws_frame(&[0xC1, 0]), Err(WsError::Protocol));
+        assert_eq!(parse_ws_frame(&[0x83, 0]), Err(WsError::Protocol));
+        assert_eq!(parse_ws_frame(&[0x8B, 0]), Err(WsError::Protocol));
+        assert_eq!(
+            parse_ws_frame(&[0x81, 0x81, 1, 2, 3, 4, b'a']),
+            Err(WsError::Protocol)
+        );
+        assert_eq!(
+            parse_ws_frame(&server_frame(true, 9, &[0; 126])),
+            Err(WsError::Protocol)
+        );
+        // Text that is not UTF-8.
+        assert_eq!(
+            events(&server_frame(true, 1, &[0xff, 0xfe]), &mut None),
+            Err(WsError::Protocol)
+        );
+        // A binary frame is read (and counted as unexpected by the receive loop).
+        assert_eq!(
+            events(&server_frame(true, 2, b"\x00\x01"), &mut None)
+                .unwrap()
+                .0,
+            ["binary"]
+        );
+    }
+
+    #[test]
+    fn a_stop_leaves_the_following_frames_unread() {
+        let mut buf = server_frame(true, 1, b"{\"type\":\"ready\"}");
+        let rest = server_frame(true, 1, b"next");
+        buf.extend(&rest);
+        let (used, flow) =
+            parse_frames(&buf, 0, &mut None, &mut |_, _| ControlFlow::Break(())).unwrap();
+        assert!(flow.is_break());
+        assert_eq!(&buf[used..], &rest[..]);
+    }
+
+    /// A real loopback socket: the frames sent with the 101 are kept, `ready` is found, a
+    /// change split over two writes is read whole, a ping gets its pong, a close its code.
+    #[tokio::test]
+    async fn a_connection_reads_frames_from_the_101_on_and_answers_pings() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut req = Vec::new();
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                assert!(s.read_buf(&mut req).await.unwrap() > 0);
+            }
+            let req = String::from_utf8(req).unwrap();
+            assert!(req.starts_with("GET /v1/ws?token=t HTTP/1.1\r\n"), "{req}");
+            let key = req
+                .lines()
+                .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: "))
+                .unwrap();
+            let mut out = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 sec-websocket-accept: {}\r\n\r\n",
+                derive_accept_key(key.as_bytes())
+            )
+            .into_bytes();
+            out.extend(server_frame(true, 1, br#"{"type":"ready"}"#));
+            out.extend(server_frame(true, 1, CHANGE.as_bytes()));
+            s.write_all(&out).await.unwrap();
+            let change = server_frame(true, 1, CHANGE.as_bytes());
+            s.write_all(&change[..5]).await.unwrap();
+            s.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            s.write_all(&change[5..]).await.unwrap();
+            s.write_all(&server_frame(true, 9, b"hb")).await.unwrap();
+            let mut pong = [0u8; 8];
+            s.read_exact(&mut pong).await.unwrap();
+            let body: Vec<u8> = pong[6..]
+                .iter()
+                .zip(&pong[2..6])
+                .map(|(b, m)| b ^ m)
+                .collect();
+            assert_eq!((pong[0], pong[1], &body[..]), (0x8A, 0x82, &b"hb"[..]));
+            s.write_all(&server_frame(true, 8, &4008u16.to_be_bytes()))
+                .await
+                .unwrap();
+        });
+        // Bounded: a lost frame would otherwise leave the reads waiting.
+        let client = async {
+            let stream = TcpStream::connect(addr).await.unwrap();
+            let mut ws = WsConn::handshake(stream, &format!("ws://{addr}/v1/ws?token=t"))
+                .await
+                .unwrap();
+            ws.wait_ready().await.unwrap();
+            let (mut changes, mut close) = (0, None);
+            while close.is_none() {
+                ws.read_batch(&mut |ev, _| {
+                    match ev {
+                        WsEvent::Text(t) => {
+                            assert_eq!(read_frame(t), change("b2", 12345, 1764628200123456));
+                            changes += 1;
+                        }
+                        WsEvent::Close(c) => close = Some(c),
+                        WsEvent::Binary => panic!("binary"),
+                    }
+                    ControlFlow::Continue(())
+                })
+                .await
+                .unwrap();
+            }
+            assert_eq!((changes, close), (2, Some(Some(4008))));
+        };
+        tokio::time::timeout(Duration::from_secs(10), client)
+            .await
+            .expect("every frame read within 10 s");
+        server.await.unwrap();
     }
 }
