@@ -1085,6 +1085,11 @@ mod tests {
         }
     }
 
+    /// A store in `dir` with epoch `e1` and these checkpoint settings.
+    fn with_checkpoints(dir: &Path, checkpoints: Checkpoints) -> Opened {
+        HistoryStore::open_with(&dir.join("history.db"), || "e1".into(), checkpoints).unwrap()
+    }
+
     fn file_len(dir: &Path) -> u64 {
         std::fs::metadata(dir.join("history.db")).unwrap().len()
     }
@@ -1095,15 +1100,13 @@ mod tests {
     #[test]
     fn commits_leave_checkpointing_to_the_checkpointer() {
         let dir = tempfile::tempdir().unwrap();
-        let h = HistoryStore::open_with(
-            &dir.path().join("history.db"),
-            || "e1".into(),
+        let h = with_checkpoints(
+            dir.path(),
             Checkpoints {
                 every: Duration::from_secs(3600),
                 ..Checkpoints::default()
             },
-        )
-        .unwrap();
+        );
         let before = file_len(dir.path());
         append_many(&h);
         assert_eq!(file_len(dir.path()), before, "no commit checkpointed");
@@ -1121,15 +1124,13 @@ mod tests {
     #[test]
     fn the_checkpointer_copies_commits_into_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let h = HistoryStore::open_with(
-            &dir.path().join("history.db"),
-            || "e1".into(),
+        let h = with_checkpoints(
+            dir.path(),
             Checkpoints {
                 every: Duration::from_millis(10),
                 ..Checkpoints::default()
             },
-        )
-        .unwrap();
+        );
         append_many(&h);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while file_len(dir.path()) < 3000 * 2000 {
@@ -1156,15 +1157,13 @@ mod tests {
     #[test]
     fn the_wal_starts_over_under_commits_that_never_pause() {
         let dir = tempfile::tempdir().unwrap();
-        let h = HistoryStore::open_with(
-            &dir.path().join("history.db"),
-            || "e1".into(),
+        let h = with_checkpoints(
+            dir.path(),
             Checkpoints {
                 every: Duration::from_millis(5),
                 wal_limit_pages: 64,
             },
-        )
-        .unwrap();
+        );
         let u1 = users(&["u1"]);
         let json = format!("{{\"pad\":\"{}\"}}", "x".repeat(2000));
         for seq in 1..=4000 {
