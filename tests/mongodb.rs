@@ -135,37 +135,8 @@ type Setup = Scripted<World>;
 
 impl Setup {
     fn config(&self, extra_source: &str) -> String {
-        format!(
-            r#"
-[source]
-type = "mongodb"
-uri = "{uri}"
-database = "{DB}"
-max_await_time = "200ms"
-{extra_source}
-
-[history]
-store = "memory"
-
-[auth]
-jwt_secret = "{SECRET}"
-user = {{ claim = "user_id", lookup = "users", where = {{ email = "$claim" }}, pick = "_id" }}
-
-[[route]]
-name = "orders"
-collection = "orders"
-on = ["insert", "update", "delete"]
-to = {{ lookup = "businesses", where = {{ _id = "$creator_id" }}, pick = "owner._id" }}
-
-[[alert]]
-name = "stock_low"
-collection = "inventory_items"
-when = "doc.quantity_in_stock <= doc.reorder_point"
-to = {{ lookup = "businesses", where = {{ _id = "$owned_by" }}, pick = "owner._id" }}
-message = "Stock low: {{{{ doc.name }}}} has {{{{ doc.quantity_in_stock }}}} left."
-"#,
-            uri = self.peer.uri()
-        )
+        let source = format!("max_await_time = \"200ms\"\n{extra_source}");
+        common::mongo_config(&self.peer.uri(), DB, &source, "orders")
     }
 
     async fn start(&self, extra_source: &str) -> anyhow::Result<Running> {

@@ -139,36 +139,7 @@ impl Script for Deployment {
 
 /// The test config: orders routed by owner (deletes too), a stock alert, users by email.
 fn config(uri: &str, extra_source: &str, orders: &str) -> String {
-    format!(
-        r#"
-[source]
-type = "mongodb"
-uri = "{uri}"
-database = "{DB}"
-{extra_source}
-
-[history]
-store = "memory"
-
-[auth]
-jwt_secret = "{secret}"
-user = {{ claim = "user_id", lookup = "users", where = {{ email = "$claim" }}, pick = "_id" }}
-
-[[route]]
-name = "orders"
-collection = "{orders}"
-on = ["insert", "update", "delete"]
-to = {{ lookup = "businesses", where = {{ _id = "$creator_id" }}, pick = "owner._id" }}
-
-[[alert]]
-name = "stock_low"
-collection = "inventory_items"
-when = "doc.quantity_in_stock <= doc.reorder_point"
-to = {{ lookup = "businesses", where = {{ _id = "$owned_by" }}, pick = "owner._id" }}
-message = "Stock low: {{{{ doc.name }}}} has {{{{ doc.quantity_in_stock }}}} left."
-"#,
-        secret = common::SECRET
-    )
+    common::mongo_config(uri, DB, extra_source, orders)
 }
 
 struct Run {

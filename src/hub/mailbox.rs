@@ -149,15 +149,6 @@ impl Mailbox {
         drop(frames); // frames freed outside the lock
     }
 
-    /// Frames queued now (tests, metrics).
-    pub fn len(&self) -> usize {
-        self.lock().frames.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn take(&self, inbox: &mut Inbox) -> Option<Arc<Frame>> {
         while let Some(frame) = inbox.frames.pop_front() {
             inbox.bytes = inbox.bytes.saturating_sub(frame.json.len());
@@ -241,7 +232,7 @@ mod tests {
         let c = Mailbox::new(0);
         c.offer(&frame(1, "{}"), 10, 1000);
         c.close();
-        assert!(c.is_empty(), "closing frees what was queued");
+        assert!(c.lock().frames.is_empty(), "closing frees what was queued");
         assert_eq!(c.offer(&frame(2, "{}"), 10, 1000), Offer::Gone);
     }
 

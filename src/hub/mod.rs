@@ -25,8 +25,7 @@
 mod mailbox;
 pub mod store;
 
-pub use mailbox::Mailbox;
-use mailbox::Offer;
+use mailbox::{Mailbox, Offer};
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
@@ -128,6 +127,8 @@ pub struct Hub {
     shards: Box<[Mutex<Users>]>,
     hasher: RandomState,
     config: HubConfig,
+    /// Set by [`Hub::kick_all`]: connections that subscribe later are kicked with it too.
+    closed_with: OnceLock<CloseReason>,
     /// Connections registered now.
     connections: AtomicUsize,
     /// Metric handles, resolved once: looking a metric up by name costs a hash per call.
@@ -295,11 +296,6 @@ impl Subscription {
     pub fn kick(&self, reason: CloseReason) {
         self.mailbox.kick(reason);
     }
-
-    /// Events queued for this connection now.
-    pub fn queued(&self) -> usize {
-        self.mailbox.len()
-    }
 }
 
 /// Removes the connection from the hub when dropped.
@@ -371,6 +367,7 @@ impl Hub {
                 .collect(),
             hasher: RandomState::default(),
             config,
+            closed_with: OnceLock::new(),
             connections: AtomicUsize::new(0),
             published: metrics::counter!("changecast_events_published_total"),
             deliveries: metrics::counter!("changecast_deliveries_total"),
@@ -651,6 +648,11 @@ impl Hub {
             },
         };
         let mailbox = Mailbox::new(seen);
+        // Under the shard lock `kick_all` takes after setting this: a connection is either
+        // kicked by it or sees it here.
+        if let Some(&reason) = self.closed_with.get() {
+            mailbox.kick(reason);
+        }
         // Exact growth: most users have one or two connections, and the list lives as long
         // as the user is connected.
         state.conns.reserve_exact(1);
@@ -759,8 +761,10 @@ impl Hub {
         floor
     }
 
-    /// Kicks every connection with `reason` (shutdown).
+    /// Kicks every connection with `reason` (shutdown), and every one that subscribes
+    /// from now on.
     pub fn kick_all(&self, reason: CloseReason) {
+        let _ = self.closed_with.set(reason);
         for shard in self.shards.iter() {
             let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
             for state in shard.values() {

@@ -99,6 +99,21 @@ async fn a_user_with_no_history_resumes_from_anywhere_in_the_epoch() {
 }
 
 #[tokio::test]
+async fn kick_all_closes_every_connection_and_every_later_one() {
+    let hub = hub(10, 4);
+    let before = hub.subscribe("u1", None).unwrap();
+    hub.kick_all(CloseReason::Restarting);
+    let after = hub.subscribe("u2", None).unwrap();
+    for sub in [&before, &after] {
+        assert_eq!(sub.kicked_for(), Some(CloseReason::Restarting));
+        assert!(
+            sub.recv().await.is_none(),
+            "a kicked connection reads nothing"
+        );
+    }
+}
+
+#[tokio::test]
 async fn full_queue_kicks_only_that_connection() {
     let hub = hub(10, 2);
     let slow = hub.subscribe("u1", None).unwrap();

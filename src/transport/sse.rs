@@ -123,7 +123,7 @@ enum Ended {
 }
 
 /// Feeds one stream: the opening, then live events, keepalive comments, and the closing
-/// comment. Every send races the kick, shutdown and the patience of two keepalive periods
+/// comment. Every send races the kick (shutdown kicks too) and the patience of two keepalive periods
 /// (the same rule as the WebSocket's writes): a peer that stopped reading holds up none of
 /// them. On a kick the subscription is dropped at once (the connection leaves the hub and
 /// frees its slots), and a connection whose peer takes nothing is closed at the edge.
@@ -139,14 +139,13 @@ async fn pump(
     let patience = keepalive * 2;
     let ended = {
         let kicked = sub.kicked();
-        let stopping = app.shutdown.cancelled();
         let expiry = sleep_until(expires);
         let comment = sleep_until(Instant::now() + keepalive);
-        tokio::pin!(kicked, stopping, expiry, comment);
+        tokio::pin!(kicked, expiry, comment);
 
         let mut ended = None;
         for chunk in opening {
-            if let Err(e) = send(&tx, chunk, kicked.as_mut(), stopping.as_mut(), patience).await {
+            if let Err(e) = send(&tx, chunk, kicked.as_mut(), patience).await {
                 ended = Some(e);
                 break;
             }
@@ -162,7 +161,6 @@ async fn pump(
                     let chunk = tokio::select! {
                         biased;
                         reason = &mut kicked => break Ended::Close(reason),
-                        _ = &mut stopping => break Ended::Close(CloseReason::Restarting),
                         _ = &mut expiry => break Ended::Close(CloseReason::TokenExpired),
                         _ = &mut gone => break Ended::Gone,
                         frame = sub.recv() => match frame {
@@ -175,9 +173,7 @@ async fn pump(
                             Bytes::from_static(b": keepalive\n\n")
                         }
                     };
-                    if let Err(e) =
-                        send(&tx, chunk, kicked.as_mut(), stopping.as_mut(), patience).await
-                    {
+                    if let Err(e) = send(&tx, chunk, kicked.as_mut(), patience).await {
                         break e;
                     }
                 }
@@ -225,7 +221,6 @@ async fn send(
     tx: &mpsc::Sender<Bytes>,
     chunk: Bytes,
     kicked: Pin<&mut impl Future<Output = CloseReason>>,
-    stopping: Pin<&mut impl Future<Output = ()>>,
     patience: Duration,
 ) -> Result<(), Ended> {
     // The common case, a reader keeping up: no timer armed per event.
@@ -238,7 +233,6 @@ async fn send(
         biased;
         sent = tx.send(chunk) => sent.map_err(|_| Ended::Gone),
         reason = kicked => Err(Ended::Close(reason)),
-        _ = stopping => Err(Ended::Close(CloseReason::Restarting)),
         _ = tokio::time::sleep(patience) => Err(Ended::Dead),
     }
 }

@@ -177,23 +177,17 @@ async fn open(upgraded: Box<(Arc<App>, WebSocket, Opener)>) -> Option<Live> {
             return None;
         }
     };
-    // Shutdown kicks every subscribed connection (`Hub::kick_all`); one that subscribed
-    // after that pass kicks itself.
-    if app.shutdown.is_cancelled() {
-        sub.kick(CloseReason::Restarting);
-    }
     if let Some(conn) = &conn {
         conn.0.admit();
     }
     let opening = sub.opening().await;
-    let live = Live {
+    let mut live = Live {
         app,
         socket,
         sub,
         identity,
         _conn: conn,
     };
-    let mut live = live;
     let patience = live.patience();
     let write = async {
         for item in opening {

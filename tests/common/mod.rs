@@ -463,3 +463,38 @@ pub fn id_parts(id: &str) -> (String, u64) {
             .unwrap_or_else(|_| panic!("not an event id: {id}")),
     )
 }
+
+/// The Mercury config on MongoDB that the scripted-peer tests share: orders (in the
+/// `orders` collection) routed to their business's owner, deletes too; a stock alert; users
+/// by email; history in memory. `extra_source` goes into `[source]`.
+pub fn mongo_config(uri: &str, database: &str, extra_source: &str, orders: &str) -> String {
+    format!(
+        r#"
+[source]
+type = "mongodb"
+uri = "{uri}"
+database = "{database}"
+{extra_source}
+
+[history]
+store = "memory"
+
+[auth]
+jwt_secret = "{SECRET}"
+user = {{ claim = "user_id", lookup = "users", where = {{ email = "$claim" }}, pick = "_id" }}
+
+[[route]]
+name = "orders"
+collection = "{orders}"
+on = ["insert", "update", "delete"]
+to = {{ lookup = "businesses", where = {{ _id = "$creator_id" }}, pick = "owner._id" }}
+
+[[alert]]
+name = "stock_low"
+collection = "inventory_items"
+when = "doc.quantity_in_stock <= doc.reorder_point"
+to = {{ lookup = "businesses", where = {{ _id = "$owned_by" }}, pick = "owner._id" }}
+message = "Stock low: {{{{ doc.name }}}} has {{{{ doc.quantity_in_stock }}}} left."
+"#
+    )
+}
