@@ -6,6 +6,7 @@
 pub mod binary;
 pub mod cluster;
 pub mod nats;
+pub mod pg;
 pub mod proxy;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,274 @@
+//! A real PostgreSQL server for the PostgreSQL source's tests: a fresh cluster (`initdb`)
+//! in a temporary folder, started on a free loopback port with `wal_level = logical`,
+//! crashed (`SIGQUIT`: an immediate shutdown, recovered from the WAL on the next start)
+//! and restarted on the same port and data, and stopped when dropped. Its log is drained
+//! by a thread into lines a failing test prints.
+//!
+//! The binaries come from `$PG_BIN`, else the newest `/usr/lib/postgresql/*/bin` (Debian's
+//! `postgresql` package, which `scripts/test` installs when missing), else `pg_config
+//! --bindir`. PostgreSQL refuses to run as root: as root, the server runs as the
+//! `postgres` user, which owns the temporary folder.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long the server may take to accept connections (crash recovery replays the WAL).
+const START_WITHIN: Duration = Duration::from_secs(30);
+
+/// The superuser the cluster is made with (`trust` authentication on loopback).
+pub const SUPERUSER: &str = "postgres";
+
+/// A running PostgreSQL server (or a crashed one, until [`PgServer::restart`]).
+pub struct PgServer {
+    child: Option<Child>,
+    /// Fixed at the first start so that clients reconnect to the restarted server.
+    port: u16,
+    /// Holds `data/` (the cluster) and the server's Unix socket; removed on drop.
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    /// `(uid, gid)` of `postgres` when the tests run as root.
+    user: Option<(u32, u32)>,
+    /// Every log line of every run, to print when a test fails.
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+/// The folder with `initdb` and `postgres`.
+pub fn bin_dir() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("PG_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").is_file().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    if let Some((_, bin)) = versions.pop() {
+        return Some(bin);
+    }
+    let out = Command::new("pg_config").arg("--bindir").output().ok()?;
+    let bin = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
+    bin.join("initdb").is_file().then_some(bin)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `(uid, gid)` of the `postgres` user, when this process is root.
+fn run_as() -> Option<(u32, u32)> {
+    let me = Command::new("id").arg("-u").output().ok()?;
+    if String::from_utf8_lossy(&me.stdout).trim() != "0" {
+        return None;
+    }
+    let id = |flag: &str| -> u32 {
+        let out = Command::new("id")
+            .args([flag, "postgres"])
+            .output()
+            .expect("runs `id`");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| {
+                panic!("running as root needs a `postgres` user to run PostgreSQL as")
+            })
+    };
+    Some((id("-u"), id("-g")))
+}
+
+impl PgServer {
+    /// Makes a cluster and starts it; waits until it accepts connections.
+    pub fn start() -> PgServer {
+        let bin = bin_dir().expect(
+            "PostgreSQL's initdb not found: install Debian's `postgresql` package \
+             (scripts/test does) or set PG_BIN",
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let user = run_as();
+        if let Some((uid, gid)) = user {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
+        }
+        let mut server = PgServer {
+            child: None,
+            port: free_port(),
+            dir,
+            bin,
+            user,
+            log: Arc::default(),
+        };
+        let out = server
+            .command("initdb")
+            .arg("-D")
+            .arg(server.data())
+            .args(["-U", SUPERUSER, "-A", "trust", "-E", "UTF8", "--no-sync"])
+            .args(["--locale", "C"])
+            .output()
+            .expect("runs initdb");
+        assert!(
+            out.status.success(),
+            "initdb failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        server.spawn();
+        server
+    }
+
+    /// The cluster's data folder.
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `postgres://postgres@127.0.0.1:PORT/db`.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://{SUPERUSER}@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Runs `sql` (one or more statements) with `psql` in database `db`; panics with
+    /// psql's message if a statement fails. Returns what psql printed (unaligned, tuples
+    /// only, `|`-separated).
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        let out = Command::new(self.bin.join("psql"))
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-U", SUPERUSER, "-d", db, "-c", sql])
+            .output()
+            .expect("runs psql");
+        assert!(
+            out.status.success(),
+            "psql failed on {sql:?}:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Creates database `name`.
+    pub fn create_db(&self, name: &str) {
+        self.psql("postgres", &format!("CREATE DATABASE \"{name}\""));
+    }
+
+    /// An immediate shutdown (SIGQUIT): no checkpoint, every backend dies at once, and the
+    /// next start recovers from the WAL, as after a crash.
+    pub fn crash(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-QUIT", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+
+    /// Crashes the server if it runs, then starts it again on the same port and data.
+    pub fn restart(&mut self) {
+        self.crash();
+        self.spawn();
+    }
+
+    /// The last `n` log lines.
+    pub fn log_tail(&self, n: usize) -> String {
+        let log = self.log.lock().unwrap();
+        log[log.len().saturating_sub(n)..].join("\n")
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(self.bin.join(program));
+        if let Some((uid, gid)) = self.user {
+            cmd.uid(uid).gid(gid);
+        }
+        cmd.current_dir(self.dir.path());
+        cmd
+    }
+
+    fn spawn(&mut self) {
+        let socket_dir: &Path = self.dir.path();
+        let mut child = self
+            .command("postgres")
+            .arg("-D")
+            .arg(self.data())
+            .args(["-c", &format!("port={}", self.port)])
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .arg("-c")
+            .arg(format!("unix_socket_directories={}", socket_dir.display()))
+            .args(["-c", "wal_level=logical"])
+            .args(["-c", "max_replication_slots=16"])
+            .args(["-c", "max_wal_senders=16"])
+            .args(["-c", "max_connections=200"])
+            // Durability against a crash of the server process only: the OS keeps what
+            // was written, so fsync buys nothing in these tests and costs seconds.
+            .args(["-c", "fsync=off"])
+            .args(["-c", "full_page_writes=off"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run postgres: {e}"));
+        let stderr = child.stderr.take().unwrap();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let lines = Arc::clone(&self.log);
+        // Drained to the end, so the server never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("ready to accept connections") {
+                    let _ = ready_tx.send(());
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        self.child = Some(child);
+        if ready_rx.recv_timeout(START_WITHIN).is_err() {
+            panic!(
+                "postgres did not become ready within {START_WITHIN:?}:\n{}",
+                self.log_tail(50)
+            );
+        }
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                started.elapsed() < START_WITHIN,
+                "postgres said it was ready but refuses connections:\n{}",
+                self.log_tail(50)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- postgres log (last 30 lines) ---\n{}", self.log_tail(30));
+        }
+        // A fast shutdown (SIGINT) so that no backend outlives the folder it runs in.
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
