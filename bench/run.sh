@@ -42,7 +42,7 @@ OUT="$ROOT/bench/out/$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$OUT"
 RESULTS="$OUT/results.jsonl"
 LOADGEN="$ROOT/target/release/examples/loadgen"
-CHANGECAST="$ROOT/target/release/changecast"
+CHANGECAST="${CHANGECAST:-$ROOT/target/release/changecast}"  # another build to compare: CHANGECAST=path
 PEERS="$ROOT/bench/peers"
 
 # Workload parameters (each run <= 15 s).
