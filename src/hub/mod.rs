@@ -838,7 +838,7 @@ impl Hub {
             .to_json(),
         ));
         for shard in self.shards.iter() {
-            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
             for entry in shard.values() {
                 lock_entry(entry)
                     .conns
