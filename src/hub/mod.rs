@@ -10,9 +10,11 @@
 //! - Every event gets one id, `<epoch>-<seq>`, from a sequence that only grows, so ids
 //!   increase for every user in delivery order. It is encoded to JSON once, and the same
 //!   bytes (`Arc<Frame>`) go to every connection of every recipient.
-//! - Users live in sharded maps behind `std` mutexes. A lock is held only to touch the map,
-//!   the user's recent events and its queue senders (`try_send`); never across an `.await`,
-//!   never while writing to a socket. A connection whose queue is full (events or bytes) is
+//! - Users live in sharded maps behind `std` mutexes, each user's state behind its own. A
+//!   lock is held only to touch the map, the user's recent events and its queues; never
+//!   across an `.await`, never while writing to a socket. An audience the router hands on
+//!   again (the same shared list: every user of an account) is resolved to its users'
+//!   entries once and remembered, so delivering to it hashes and looks up nobody. A connection whose queue is full (events or bytes) is
 //!   kicked with 4008 and resumes from history.
 //! - Subscribing registers the queue and notes the published head under the same lock that
 //!   delivery takes: every event up to the head is in history (memory or store), every
@@ -122,8 +124,9 @@ pub struct Hub {
     /// User entries in the shards (for the `changecast_hub_users` gauge and tests).
     users: AtomicUsize,
     store: Option<Arc<HistoryStore>>,
-    /// Serialises delivery so that sequence order is history order for every user.
-    deliver_lock: Mutex<()>,
+    /// Serialises delivery so that sequence order is history order for every user, and
+    /// holds the audiences seen lately, resolved to their users' entries.
+    deliver_lock: Mutex<Audiences>,
     shards: Box<[Mutex<Users>]>,
     hasher: RandomState,
     config: HubConfig,
@@ -138,14 +141,48 @@ pub struct Hub {
 }
 
 /// One shard of the user map.
-type Users = HashMap<Box<str>, UserState, RandomState>;
+type Users = HashMap<Box<str>, Arc<UserEntry>, RandomState>;
+
+/// A user's state, shared by its shard (which owns it) and the audiences that name it.
+/// Lock order: the shard, then the entry.
+type UserEntry = Mutex<UserState>;
 
 struct UserState {
+    /// Taken out of its shard: whoever still holds it (an audience) looks the user up again.
+    removed: bool,
     recent: VecDeque<Arc<Frame>>,
     /// Events with `seq <= floor` are not in `recent` (dropped, or from before this process).
     floor: u64,
     /// Each connection's queue.
     conns: Vec<Arc<Mailbox>>,
+}
+
+/// Audiences with at least this many users are resolved once and remembered.
+const CACHED_AUDIENCE: usize = 8;
+/// Audiences remembered at most (the router hands on one shared list per account).
+const AUDIENCES: usize = 64;
+
+/// Recipient lists seen lately (the router hands the same `Arc` on for every change of
+/// an account), each resolved to its users' entries: delivering to one of them needs no
+/// hash, shard lock or map lookup per user. An entry taken out of its shard is marked
+/// `removed` under its own lock and looked up again; connections come and go inside the
+/// entry, so the list stays valid until then. Only the delivering thread touches it.
+#[derive(Default)]
+struct Audiences {
+    /// By the list's address; the list is held, so the address is not reused meanwhile.
+    by_list: HashMap<usize, (Recipients, Vec<Arc<UserEntry>>), RandomState>,
+}
+
+fn lock_entry(entry: &UserEntry) -> MutexGuard<'_, UserState> {
+    // Every mutation under the lock leaves the state whole: a poisoned lock is usable.
+    entry.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What one delivery did.
+#[derive(Default)]
+struct Tally {
+    delivered: u64,
+    kicked: u64,
 }
 
 /// An event with its id and encoding, not yet delivered.
@@ -308,10 +345,13 @@ struct Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         let mut shard = self.hub.shard(&self.user);
-        if let Some(state) = shard.get_mut(&*self.user) {
+        if let Some(entry) = shard.get(&*self.user) {
+            let mut state = lock_entry(entry);
             state.conns.retain(|c| !Arc::ptr_eq(c, &self.mailbox));
             if state.conns.is_empty() && state.recent.is_empty() {
+                state.removed = true;
                 self.hub.forget(state.floor);
+                drop(state);
                 shard.remove(&*self.user);
             }
         }
@@ -361,7 +401,7 @@ impl Hub {
             forgotten: AtomicU64::new(head),
             users: AtomicUsize::new(0),
             store,
-            deliver_lock: Mutex::new(()),
+            deliver_lock: Mutex::new(Audiences::default()),
             shards: (0..SHARDS)
                 .map(|_| Mutex::new(HashMap::with_hasher(RandomState::default())))
                 .collect(),
@@ -454,42 +494,85 @@ impl Hub {
 
     /// Fans a prepared (and, with a store, stored) event out to its recipients' connections.
     pub fn deliver(&self, event: &Prepared) {
-        let _order = self.deliver_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut audiences = self.deliver_lock.lock().unwrap_or_else(|p| p.into_inner());
         let frame = &event.frame;
         self.head.store(frame.seq, Ordering::Release);
-        let mut delivered = 0u64;
-        let mut kicked = 0u64;
-        for user in event.recipients.iter() {
-            let mut shard = self.shard(user);
-            let state = match shard.get_mut(&**user) {
-                Some(s) => s,
-                None => shard
-                    .entry((**user).into())
-                    .or_insert_with(|| self.new_user()),
-            };
-            state.recent.push_back(Arc::clone(frame));
-            while state.recent.len() > self.config.history_per_user {
-                if let Some(old) = state.recent.pop_front() {
-                    state.floor = old.seq;
+        let mut tally = Tally::default();
+        let recipients = &event.recipients;
+        if recipients.len() >= CACHED_AUDIENCE {
+            let key = recipients.as_ptr() as usize;
+            if !audiences.by_list.contains_key(&key) {
+                if audiences.by_list.len() >= AUDIENCES {
+                    audiences.by_list.clear();
+                }
+                let entries = recipients.iter().map(|u| self.entry(u)).collect();
+                audiences
+                    .by_list
+                    .insert(key, (Arc::clone(recipients), entries));
+            }
+            if let Some((_, entries)) = audiences.by_list.get_mut(&key) {
+                for (user, entry) in recipients.iter().zip(entries.iter_mut()) {
+                    let mut state = lock_entry(entry);
+                    if !state.removed {
+                        self.deliver_to(&mut state, frame, &mut tally);
+                        continue;
+                    }
+                    drop(state);
+                    // Left memory since: the user's new entry (made now if need be).
+                    let mut shard = self.shard(user);
+                    let current = Arc::clone(self.entry_in(&mut shard, user));
+                    self.deliver_to(&mut lock_entry(&current), frame, &mut tally);
+                    drop(shard);
+                    *entry = current;
                 }
             }
-            state.conns.retain(|c| match self.offer(c, frame) {
-                Offer::Sent => {
-                    delivered += 1;
-                    true
-                }
-                Offer::Gone => false,
-                Offer::TooSlow => {
-                    kicked += 1;
-                    false
-                }
-            });
+        } else {
+            for user in recipients.iter() {
+                let mut shard = self.shard(user);
+                let entry = self.entry_in(&mut shard, user);
+                self.deliver_to(&mut lock_entry(entry), frame, &mut tally);
+            }
         }
+        drop(audiences);
         self.published.increment(1);
-        self.deliveries.increment(delivered);
-        if kicked > 0 {
-            self.slow_disconnects.increment(kicked);
+        self.deliveries.increment(tally.delivered);
+        if tally.kicked > 0 {
+            self.slow_disconnects.increment(tally.kicked);
         }
+    }
+
+    /// `user`'s entry, made if it has none.
+    fn entry(&self, user: &str) -> Arc<UserEntry> {
+        Arc::clone(self.entry_in(&mut self.shard(user), user))
+    }
+
+    /// `user`'s entry in its (locked) shard, made if it has none.
+    fn entry_in<'s>(&self, shard: &'s mut Users, user: &str) -> &'s Arc<UserEntry> {
+        if !shard.contains_key(user) {
+            shard.insert(user.into(), Arc::new(Mutex::new(self.new_user())));
+        }
+        &shard[user]
+    }
+
+    /// Adds `frame` to one user's recent events and offers it to each of its connections.
+    fn deliver_to(&self, state: &mut UserState, frame: &Arc<Frame>, tally: &mut Tally) {
+        state.recent.push_back(Arc::clone(frame));
+        while state.recent.len() > self.config.history_per_user {
+            if let Some(old) = state.recent.pop_front() {
+                state.floor = old.seq;
+            }
+        }
+        state.conns.retain(|c| match self.offer(c, frame) {
+            Offer::Sent => {
+                tally.delivered += 1;
+                true
+            }
+            Offer::Gone => false,
+            Offer::TooSlow => {
+                tally.kicked += 1;
+                false
+            }
+        });
     }
 
     /// Prepares and delivers in one step: for in-memory use (tests, tools). The router
@@ -518,6 +601,7 @@ impl Hub {
     fn new_user(&self) -> UserState {
         self.users.fetch_add(1, Ordering::Relaxed);
         UserState {
+            removed: false,
             recent: VecDeque::new(),
             floor: self.forgotten.load(Ordering::Acquire),
             conns: Vec::new(),
@@ -541,7 +625,8 @@ impl Hub {
         self.floor.fetch_max(upto, Ordering::AcqRel);
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
-            shard.retain(|_, state| {
+            shard.retain(|_, entry| {
+                let mut state = lock_entry(entry);
                 while state.recent.front().is_some_and(|f| f.seq <= upto) {
                     if let Some(old) = state.recent.pop_front() {
                         state.floor = state.floor.max(old.seq);
@@ -549,6 +634,7 @@ impl Hub {
                 }
                 let keep = !(state.conns.is_empty() && state.recent.is_empty());
                 if !keep {
+                    state.removed = true;
                     self.forget(state.floor);
                 }
                 keep
@@ -591,11 +677,10 @@ impl Hub {
         let mut shard = self.shard(user);
         let head = self.head();
         let position = format!("{}-{head}", self.epoch);
-        let state = match shard.get_mut(user) {
-            Some(s) => s,
-            None => shard.entry(user.into()).or_insert_with(|| self.new_user()),
-        };
+        let entry = Arc::clone(self.entry_in(&mut shard, user));
+        let mut state = lock_entry(&entry);
         if state.conns.len() >= self.config.max_connections_per_user {
+            drop(state);
             drop(shard);
             self.connections.fetch_sub(1, Ordering::AcqRel);
             metrics::counter!("changecast_connections_refused_total", "limit" => "per_user")
@@ -657,6 +742,7 @@ impl Hub {
         // as the user is connected.
         state.conns.reserve_exact(1);
         state.conns.push(Arc::clone(&mailbox));
+        drop(state);
         drop(shard);
         metrics::gauge!("changecast_connections").increment(1.0);
         let position = if seen > head {
@@ -752,9 +838,11 @@ impl Hub {
             .to_json(),
         ));
         for shard in self.shards.iter() {
-            let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
-            for state in shard.values_mut() {
-                state.conns.retain(|c| self.offer(c, &gap) == Offer::Sent);
+            let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            for entry in shard.values() {
+                lock_entry(entry)
+                    .conns
+                    .retain(|c| self.offer(c, &gap) == Offer::Sent);
             }
         }
         metrics::counter!("changecast_gaps_total").increment(1);
@@ -767,8 +855,8 @@ impl Hub {
         let _ = self.closed_with.set(reason);
         for shard in self.shards.iter() {
             let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
-            for state in shard.values() {
-                state.conns.iter().for_each(|c| c.kick(reason));
+            for entry in shard.values() {
+                lock_entry(entry).conns.iter().for_each(|c| c.kick(reason));
             }
         }
     }
@@ -784,7 +872,7 @@ impl Hub {
             .iter()
             .map(|s| {
                 let s = s.lock().unwrap_or_else(|p| p.into_inner());
-                s.values().map(|u| u.conns.len()).sum::<usize>()
+                s.values().map(|u| lock_entry(u).conns.len()).sum::<usize>()
             })
             .sum()
     }

@@ -516,3 +516,48 @@ async fn last_n_races_delivery_without_a_gap_or_a_repeat_at_the_seam() {
     assert_eq!(all.len(), TOTAL);
     assert!(checked > 0, "no connection opened mid-stream");
 }
+
+/// Delivers event `n` to `audience`, the same list every time (as the router's lookup
+/// cache hands on an account's users).
+fn deliver_to(hub: &Hub, audience: &Recipients, n: u64) {
+    let p = hub
+        .prepare(Arc::clone(audience), |id| {
+            format!("{{\"id\":\"{id}\",\"n\":{n}}}")
+        })
+        .unwrap();
+    hub.deliver(&p);
+}
+
+#[tokio::test]
+async fn a_repeated_audience_reaches_users_that_left_memory_came_back_or_connected_since() {
+    let hub = hub(10, 10);
+    let audience: Recipients = (0..2 * CACHED_AUDIENCE)
+        .map(|i| UserId::from(format!("u{i}")))
+        .collect();
+    let a = hub.subscribe("u0", None).unwrap();
+    deliver_to(&hub, &audience, 1);
+    assert_eq!(a.recv().await.unwrap().seq, 1);
+    // Everyone but u0 leaves memory while the audience is known.
+    assert_eq!(hub.expire(1), 1);
+    deliver_to(&hub, &audience, 2);
+    assert_eq!(a.recv().await.unwrap().seq, 2);
+    assert_eq!(hub.user_count(), audience.len(), "every user is back");
+    // Their history is the one a resume reads.
+    let mut back = hub.subscribe("u5", Some("e1-1")).unwrap();
+    assert_eq!(kinds(&opening(&mut back).await), vec!["ready", "e1-2"]);
+    // A connection that came after the audience was first seen gets its events.
+    let late = hub.subscribe("u7", None).unwrap();
+    drop(a);
+    let again = hub.subscribe("u0", None).unwrap();
+    deliver_to(&hub, &audience, 3);
+    for sub in [&back, &late, &again] {
+        assert_eq!(sub.recv().await.unwrap().seq, 3);
+    }
+    // And a user whose last connection left (with nothing in memory) is made again.
+    assert_eq!(hub.expire(3), 3, "the three connected users stay");
+    drop(late);
+    assert_eq!(hub.user_count(), 2, "u7 left with its connection");
+    deliver_to(&hub, &audience, 4);
+    let mut resumed = hub.subscribe("u7", Some("e1-3")).unwrap();
+    assert_eq!(kinds(&opening(&mut resumed).await), vec!["ready", "e1-4"]);
+}

@@ -7,12 +7,18 @@
 //! `last` is refused with `400` before the upgrade.
 //!
 //! One task per connection runs one `select!` loop over its queue, its socket and one
-//! timer: it writes queued frames (the hub's shared bytes, no copy), answers client frames
+//! timer: it writes queued frames, answers client frames
 //! (`ping`, `refresh`), sends keepalive pings and closes on a kick (4008; shutdown kicks
 //! with 1012), token expiry (4001) or a dead peer. Every write that has to wait races the
 //! kick and two keepalive periods, so a peer that stopped reading can delay neither. The
 //! task holds only that loop's state (about 1.2 KiB): the opening and the close run boxed.
-//! Bad
+//!
+//! Live events skip tungstenite's sink: a server frame is a 2–10 byte header and the
+//! payload unmasked, so everything queued for the connection goes out as one vectored
+//! write of headers and the hub's shared JSON bytes — no copy into a write buffer, no
+//! per-frame `Bytes` handle. tungstenite does the rest (reading, pings, pongs, control
+//! frames, the close handshake), always with its own buffer flushed first; the upgrade is
+//! answered here so that the socket stays reachable for those writes. Bad
 //! credentials are reported with a close frame after the upgrade, because a browser cannot
 //! read the status of a refused upgrade.
 
@@ -21,13 +27,21 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Extension, Query, State};
-use axum::http::HeaderMap;
-use axum::response::Response;
-use futures_util::SinkExt;
+use axum::body::Body;
+use axum::extract::{Extension, FromRequestParts, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
 use serde::Deserialize;
+use tokio::io::AsyncWrite;
 use tokio::time::{Instant, Sleep, sleep_until};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use super::edge::ConnHandle;
 use super::{StreamParams, bad_request, bearer, close_text, parse_last};
@@ -50,6 +64,10 @@ pub enum ClientFrame {
     },
     Ping,
 }
+
+/// The upgraded connection, as tungstenite sees it.
+type WebSocket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+type WsError = tokio_tungstenite::tungstenite::Error;
 
 /// Parses one client text frame. `None` for anything else: ignored and counted once the
 /// connection is authenticated, refused (1008) as the first frame of one that is not.
@@ -74,7 +92,7 @@ pub async fn handler(
     Query(params): Query<StreamParams>,
     headers: HeaderMap,
     conn: Option<Extension<ConnHandle>>,
-    ws: WebSocketUpgrade,
+    ws: Upgrade,
 ) -> Response {
     let conn = conn.map(|Extension(c)| c);
     let last = match parse_last(params.last.as_deref()) {
@@ -93,14 +111,86 @@ pub async fn handler(
     // Boxed before the upgrade: the upgrade task keeps what its callback captures for as long
     // as the connection lives.
     let pending = Box::new((app, opener));
-    ws.read_buffer_size(READ_BUFFER)
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| {
-            let (app, opener) = *pending;
-            session(Box::new((app, socket, opener)))
-        })
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max));
+    let Upgrade { key, on_upgrade } = ws;
+    tokio::spawn(async move {
+        // A failed upgrade (the client left) has nobody to tell.
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let socket =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
+        let (app, opener) = *pending;
+        session(Box::new((app, socket, opener))).await;
+    });
+    let mut response = Response::new(Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    response
+}
+
+/// A WebSocket upgrade request (HTTP/1.1, version 13), checked as axum's own extractor
+/// checks it; answered by [`handler`].
+pub struct Upgrade {
+    key: HeaderValue,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Response> {
+        let refuse = |status: StatusCode, why: &'static str| (status, why).into_response();
+        let headers = &parts.headers;
+        let has = |name: header::HeaderName, token: &str| {
+            headers.get_all(name).iter().any(|v| {
+                v.as_bytes()
+                    .split(|&b| b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+            })
+        };
+        if !has(header::CONNECTION, "upgrade") {
+            return Err(refuse(
+                StatusCode::BAD_REQUEST,
+                "Connection header did not include 'upgrade'",
+            ));
+        }
+        if !has(header::UPGRADE, "websocket") {
+            return Err(refuse(
+                StatusCode::BAD_REQUEST,
+                "`Upgrade` header did not include 'websocket'",
+            ));
+        }
+        if !has(header::SEC_WEBSOCKET_VERSION, "13") {
+            return Err(refuse(
+                StatusCode::BAD_REQUEST,
+                "`Sec-WebSocket-Version` header did not include '13'",
+            ));
+        }
+        let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY).cloned() else {
+            return Err(refuse(
+                StatusCode::BAD_REQUEST,
+                "`Sec-WebSocket-Key` header missing",
+            ));
+        };
+        let Some(on_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
+            return Err(refuse(
+                StatusCode::UPGRADE_REQUIRED,
+                "WebSocket request couldn't be upgraded since no upgrade state was present",
+            ));
+        };
+        Ok(Upgrade { key, on_upgrade })
+    }
 }
 
 /// What the request brought besides the socket: the token (from the header or the query),
@@ -134,6 +224,8 @@ struct Live {
     socket: WebSocket,
     sub: Subscription,
     identity: Identity,
+    /// Live events being written (empty, without a buffer, in between).
+    out: Batch,
     _conn: Option<ConnHandle>,
 }
 
@@ -186,6 +278,7 @@ async fn open(upgraded: Box<(Arc<App>, WebSocket, Opener)>) -> Option<Live> {
         socket,
         sub,
         identity,
+        out: Batch::default(),
         _conn: conn,
     };
     let patience = live.patience();
@@ -193,7 +286,7 @@ async fn open(upgraded: Box<(Arc<App>, WebSocket, Opener)>) -> Option<Live> {
         for item in opening {
             let text = match item {
                 Opening::Control(json) => Utf8Bytes::from(json),
-                Opening::Event(frame) => frame.json.clone(),
+                Opening::Event(frame) => Utf8Bytes::from(frame.json.as_str()),
             };
             live.socket.feed(Message::Text(text)).await?;
         }
@@ -231,13 +324,14 @@ impl Live {
                 socket,
                 sub,
                 identity,
+                out,
                 ..
             } = self;
             let step = tokio::select! {
                 biased;
                 frame = sub.recv() => match frame {
                     Some(frame) => {
-                        let write = std::pin::pin!(write_batch(socket, sub, frame));
+                        let write = std::pin::pin!(write_batch(socket, sub, out, frame));
                         guarded(write, sub, timer.as_mut(), patience).await
                     }
                     None => Err(Ended::Close(sub.kicked_for().unwrap_or(CloseReason::Internal))),
@@ -264,7 +358,7 @@ impl Live {
                         Ok(())
                     }
                 }
-                msg = socket.recv() => {
+                msg = socket.next() => {
                     last_heard = Instant::now();
                     match msg {
                         None | Some(Err(_)) | Some(Ok(Message::Close(_))) => Err(Ended::Gone),
@@ -310,7 +404,11 @@ impl Live {
     async fn finish(self, ended: Ended) {
         let patience = self.patience();
         let Live {
-            app, socket, sub, ..
+            app,
+            mut socket,
+            sub,
+            mut out,
+            ..
         } = self;
         match ended {
             Ended::Close(reason) => {
@@ -322,7 +420,12 @@ impl Live {
                 } else {
                     patience
                 };
-                close(socket, reason, reason.text(), within).await;
+                // A write given up on may have stopped inside a frame: its end goes first,
+                // so that the close frame is read as one.
+                let finished = tokio::time::timeout(within, out.finish_frame(socket.get_mut()));
+                if matches!(finished.await, Ok(Ok(()))) {
+                    close(socket, reason, reason.text(), within).await;
+                }
             }
             Ended::Gone => {}
             Ended::Dead => metrics::counter!("changecast_dead_peers_total").increment(1),
@@ -360,23 +463,126 @@ impl Due {
     }
 }
 
-/// Writes `first` and every event already queued after it (up to [`MAX_BATCH`]) with one
-/// flush.
+/// Writes `first` and every event already queued after it (up to [`MAX_BATCH`]) with as
+/// few vectored writes as the socket takes, after whatever tungstenite has buffered.
 async fn write_batch(
     socket: &mut WebSocket,
     sub: &Subscription,
+    out: &mut Batch,
     first: Arc<Frame>,
-) -> Result<(), axum::Error> {
-    let mut next = Some(first);
-    let mut written = 0;
-    while let Some(frame) = next.take() {
-        socket.feed(Message::Text(frame.json.clone())).await?;
-        written += 1;
-        if written < MAX_BATCH {
-            next = sub.try_recv();
+) -> Result<(), WsError> {
+    // tungstenite may hold a pong or the tail of an earlier control frame.
+    socket.flush().await?;
+    out.start(first, sub);
+    let io = socket.get_mut();
+    std::future::poll_fn(|cx| out.poll_write(Pin::new(&mut *io), cx)).await?;
+    out.clear();
+    Ok(())
+}
+
+/// Live events going out as WebSocket text frames, and how many of their bytes (headers
+/// included) the socket has taken.
+#[derive(Default)]
+struct Batch {
+    frames: Vec<Arc<Frame>>,
+    written: usize,
+}
+
+/// Buffers handed to one vectored write: a header and a payload per frame.
+const SLICES: usize = 2 * MAX_BATCH;
+
+impl Batch {
+    /// `first` and what is queued after it, up to [`MAX_BATCH`].
+    fn start(&mut self, first: Arc<Frame>, sub: &Subscription) {
+        self.frames.clear();
+        self.written = 0;
+        self.frames.reserve_exact(MAX_BATCH);
+        self.frames.push(first);
+        while self.frames.len() < MAX_BATCH {
+            match sub.try_recv() {
+                Some(frame) => self.frames.push(frame),
+                None => break,
+            }
         }
     }
-    socket.flush().await
+
+    /// Frees the frames and the list (an idle connection holds no buffer).
+    fn clear(&mut self) {
+        self.frames = Vec::new();
+        self.written = 0;
+    }
+
+    /// Writes until every frame is out, or the socket is full (`Pending`).
+    fn poll_write<W: AsyncWrite + Unpin>(
+        &mut self,
+        mut io: Pin<&mut W>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        loop {
+            let mut headers = [[0u8; 10]; MAX_BATCH];
+            let mut slices = [std::io::IoSlice::new(&[]); SLICES];
+            let mut n = 0;
+            let mut skip = self.written;
+            for (frame, header) in self.frames.iter().zip(headers.iter_mut()) {
+                let payload = frame.json.as_bytes();
+                let len = frame_header(header, payload.len());
+                for part in [&header[..len], payload] {
+                    if skip >= part.len() {
+                        skip -= part.len();
+                    } else {
+                        slices[n] = std::io::IoSlice::new(&part[skip..]);
+                        skip = 0;
+                        n += 1;
+                    }
+                }
+            }
+            if n == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            let wrote = std::task::ready!(io.as_mut().poll_write_vectored(cx, &slices[..n]))?;
+            if wrote == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.written += wrote;
+        }
+    }
+
+    /// Writes the rest of a frame the socket took only part of, and drops the frames not
+    /// started (the client resumes from history after the close).
+    async fn finish_frame<W: AsyncWrite + Unpin>(&mut self, io: &mut W) -> std::io::Result<()> {
+        let mut end = 0;
+        let mut header = [0u8; 10];
+        let mut keep = 0;
+        for frame in &self.frames {
+            if end >= self.written {
+                break;
+            }
+            end += frame_header(&mut header, frame.json.len()) + frame.json.len();
+            keep += 1;
+        }
+        self.frames.truncate(keep);
+        std::future::poll_fn(|cx| self.poll_write(Pin::new(&mut *io), cx)).await?;
+        self.clear();
+        Ok(())
+    }
+}
+
+/// Writes the header of an unmasked, final text frame with a payload of `len` bytes into
+/// `buf`; returns its length.
+fn frame_header(buf: &mut [u8; 10], len: usize) -> usize {
+    buf[0] = 0x81; // FIN, text
+    if len < 126 {
+        buf[1] = len as u8;
+        2
+    } else if let Ok(short) = u16::try_from(len) {
+        buf[1] = 126;
+        buf[2..4].copy_from_slice(&short.to_be_bytes());
+        4
+    } else {
+        buf[1] = 127;
+        buf[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+        10
+    }
 }
 
 /// Why a session ends.
@@ -400,7 +606,7 @@ enum Ended {
 ///
 /// `timer` is the connection's one timer, set to the patience's end when the write has to
 /// wait; the caller sets it back to what it waits for next.
-async fn guarded<W: Future<Output = Result<(), axum::Error>>>(
+async fn guarded<W: Future<Output = Result<(), WsError>>>(
     mut write: Pin<&mut W>,
     sub: &Subscription,
     mut timer: Pin<&mut Sleep>,
@@ -455,7 +661,7 @@ async fn auth_frame(
 ) -> Result<(String, Option<String>), AuthError> {
     let deadline = Instant::now() + timeout;
     loop {
-        let msg = tokio::time::timeout_at(deadline, socket.recv())
+        let msg = tokio::time::timeout_at(deadline, socket.next())
             .await
             .map_err(|_| AuthError::Missing)?;
         match msg {
@@ -487,7 +693,7 @@ fn deadlines(app: &App, identity: &Identity) -> (Instant, Instant) {
 /// to answer the close handshake, without waiting on a dead one.
 async fn close(mut socket: WebSocket, reason: CloseReason, text: &str, within: Duration) {
     let frame = CloseFrame {
-        code: reason.code(),
+        code: reason.code().into(),
         reason: close_text(text).into(),
     };
     let sent = tokio::time::timeout(within, socket.send(Message::Close(Some(frame)))).await;
@@ -495,7 +701,7 @@ async fn close(mut socket: WebSocket, reason: CloseReason, text: &str, within: D
         return;
     }
     let _ = tokio::time::timeout(CLOSE_WAIT, async {
-        while let Some(Ok(msg)) = socket.recv().await {
+        while let Some(Ok(msg)) = socket.next().await {
             if matches!(msg, Message::Close(_)) {
                 break;
             }
@@ -521,5 +727,117 @@ mod tests {
         let opening = future_size(open);
         eprintln!("session {session} B, opening (boxed, transient) {opening} B");
         assert!(session <= 1536, "session future is {session} bytes");
+    }
+
+    fn frame(json: String) -> Arc<Frame> {
+        Arc::new(Frame::new("e-1".into(), 1, json))
+    }
+
+    /// The frames as tungstenite writes them: what every client has been reading.
+    fn tungstenite_bytes(frames: &[Arc<Frame>]) -> Vec<u8> {
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+        let mut out = Vec::new();
+        for f in frames {
+            let payload = f.json.as_str().as_bytes().to_vec();
+            tokio_tungstenite::tungstenite::protocol::frame::Frame::message(
+                payload,
+                OpCode::Data(Data::Text),
+                true,
+            )
+            .format(&mut out)
+            .unwrap();
+        }
+        out
+    }
+
+    /// A socket that takes at most `take` bytes per write, then is full until `room` more.
+    struct Narrow {
+        got: Vec<u8>,
+        take: usize,
+        room: usize,
+    }
+
+    impl AsyncWrite for Narrow {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let me = self.get_mut();
+            let n = buf.len().min(me.take).min(me.room);
+            if n == 0 {
+                return Poll::Pending;
+            }
+            me.room -= n;
+            me.got.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn sizes() -> Vec<Arc<Frame>> {
+        [0, 1, 125, 126, 127, 65535, 65536, 70000]
+            .into_iter()
+            .map(|n| frame("x".repeat(n)))
+            .collect()
+    }
+
+    #[test]
+    fn live_frames_are_the_bytes_tungstenite_would_write_even_in_small_pieces() {
+        let frames = sizes();
+        let mut io = Narrow {
+            got: Vec::new(),
+            take: 7,
+            room: usize::MAX,
+        };
+        let mut out = Batch {
+            frames: frames.clone(),
+            written: 0,
+        };
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(matches!(
+            out.poll_write(Pin::new(&mut io), &mut cx),
+            Poll::Ready(Ok(()))
+        ));
+        assert_eq!(io.got, tungstenite_bytes(&frames));
+    }
+
+    #[tokio::test]
+    async fn a_write_given_up_inside_a_frame_is_finished_before_anything_follows() {
+        let frames = sizes();
+        let all = tungstenite_bytes(&frames);
+        // The socket fills 3 bytes into the fifth frame (header 126 + 2 length bytes).
+        let first_four = tungstenite_bytes(&frames[..4]).len();
+        let mut io = Narrow {
+            got: Vec::new(),
+            take: 1000,
+            room: first_four + 3,
+        };
+        let mut out = Batch {
+            frames: frames.clone(),
+            written: 0,
+        };
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(out.poll_write(Pin::new(&mut io), &mut cx).is_pending());
+        io.room = usize::MAX;
+        out.finish_frame(&mut io).await.unwrap();
+        let through_fifth = tungstenite_bytes(&frames[..5]);
+        assert_eq!(
+            io.got, through_fifth,
+            "the fifth frame whole, nothing after it"
+        );
+        assert!(all.starts_with(&io.got));
+        assert!(out.frames.is_empty() && out.frames.capacity() == 0);
     }
 }
