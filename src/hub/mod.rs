@@ -16,8 +16,8 @@
 //!   again (the same shared list: every user of an account) is resolved to its users'
 //!   entries once and remembered, so delivering to it hashes and looks up nobody. A connection whose queue is full (events or bytes) is
 //!   kicked with 4008 and resumes from history.
-//! - Subscribing registers the queue and notes the published head under the same lock that
-//!   delivery takes: every event up to the head is in history (memory or store), every
+//! - Subscribing registers the queue and notes the published head under the user's own
+//!   lock, which delivery takes too: every event up to the head is in history (memory or store), every
 //!   later one arrives in the queue. Nothing lost at the seam, nothing repeated. A
 //!   `last` opening is cut at the same place: the user's newest events up to the head
 //!   (memory, then the store for older ones), then the queue.
@@ -675,10 +675,14 @@ impl Hub {
         }
 
         let mut shard = self.shard(user);
-        let head = self.head();
-        let position = format!("{}-{head}", self.epoch);
         let entry = Arc::clone(self.entry_in(&mut shard, user));
         let mut state = lock_entry(&entry);
+        // Read under the entry's lock, which delivery holds while it adds an event to this
+        // user (a shared audience's delivery takes no shard lock): every event up to the
+        // head is in `recent` or the store, every later one will be offered to the queue
+        // registered below.
+        let head = self.head();
+        let position = format!("{}-{head}", self.epoch);
         if state.conns.len() >= self.config.max_connections_per_user {
             drop(state);
             drop(shard);

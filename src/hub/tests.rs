@@ -561,3 +561,48 @@ async fn a_repeated_audience_reaches_users_that_left_memory_came_back_or_connect
     let mut resumed = hub.subscribe("u7", Some("e1-3")).unwrap();
     assert_eq!(kinds(&opening(&mut resumed).await), vec!["ready", "e1-4"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_connection_gets_every_event_after_its_ready_position_while_a_shared_audience_is_delivered()
+ {
+    // The router delivers to one shared audience (the cached path, which takes no shard
+    // lock) while a member connects live again and again: nothing after the position its
+    // `ready` names may be missing from its queue.
+    let hub = hub(4, 100_000);
+    let audience: Recipients = (1..=8).map(|i| UserId::from(format!("u{i}"))).collect();
+    const TOTAL: u64 = 200_000;
+    let router = {
+        let (hub, audience) = (Arc::clone(&hub), Arc::clone(&audience));
+        std::thread::spawn(move || (1..=TOTAL).for_each(|n| deliver_to(&hub, &audience, n)))
+    };
+    let mut checked = 0;
+    while !router.is_finished() {
+        let mut sub = hub.subscribe("u1", None).unwrap();
+        let o = opening(&mut sub).await;
+        let ready: serde_json::Value = serde_json::from_str(&o[0].1).unwrap();
+        let position: u64 = ready["position"]
+            .as_str()
+            .unwrap()
+            .rsplit_once('-')
+            .unwrap()
+            .1
+            .parse()
+            .unwrap();
+        let Ok(Some(first)) =
+            tokio::time::timeout(std::time::Duration::from_secs(1), sub.recv()).await
+        else {
+            break; // the router finished
+        };
+        assert!(
+            first.seq <= position + 1,
+            "ready named {position}, the first live event is {}: the ones between are lost",
+            first.seq
+        );
+        checked += 1;
+    }
+    router.join().unwrap();
+    assert!(
+        checked > 100,
+        "only {checked} connections opened mid-stream"
+    );
+}
