@@ -253,7 +253,10 @@ impl PgServer {
 impl Drop for PgServer {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("--- postgres log (last 30 lines) ---\n{}", self.log_tail(30));
+            eprintln!(
+                "--- postgres log (last 30 lines) ---\n{}",
+                self.log_tail(30)
+            );
         }
         // A fast shutdown (SIGINT) so that no backend outlives the folder it runs in.
         if let Some(mut child) = self.child.take() {
