@@ -529,3 +529,102 @@ async fn check_validates_tables_and_columns_against_the_catalog_and_shows_the_sl
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidated_slot_is_recreated_and_a_resuming_client_gets_gap() {
+    let pg = server("lost", "");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&pg, "lost", "", "", dir.path());
+    let gw = Gateway::start(&cfg).await;
+    ready(&gw).await;
+    let (mut u1, _) = Ws::user(&gw, "u1", None).await;
+    pg.psql("lost", &order("l1", "b1"));
+    let first = u1.change().await;
+    drop(u1);
+    gw.stop().await;
+
+    // While changecast is down, the server removes WAL the slot still needs.
+    pg.psql("lost", "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'");
+    pg.psql("lost", "SELECT pg_reload_conf()");
+    for i in 2..=5 {
+        pg.psql("lost", &order(&format!("l{i}"), "b1"));
+        pg.psql("lost", "SELECT pg_switch_wal()");
+    }
+    pg.psql("lost", "CHECKPOINT");
+    assert_eq!(
+        pg.psql(
+            "lost",
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'changecast'"
+        )
+        .trim(),
+        "lost"
+    );
+
+    let gw = Gateway::start(&cfg).await;
+    ready(&gw).await;
+    let (mut u1, _) = Ws::user(&gw, "u1", Some(first["id"].as_str().unwrap())).await;
+    let gap = u1.next().await;
+    assert_eq!(gap["type"], "gap", "{gap}");
+    pg.psql("lost", &order("l6", "b1"));
+    assert_eq!(u1.change().await["key"], "l6");
+    assert_eq!(
+        pg.psql(
+            "lost",
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'changecast'"
+        )
+        .trim(),
+        "reserved"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_manage_assume_a_missing_slot_keeps_readyz_down_until_it_exists() {
+    let pg = server("assumed", "ALTER TABLE orders REPLICA IDENTITY FULL;");
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(&config(
+        &pg,
+        "assumed",
+        "manage = \"assume\"",
+        "",
+        dir.path(),
+    ))
+    .await;
+    let deadline = Instant::now() + WAIT;
+    let body = loop {
+        let res = reqwest::get(gw.http("/readyz")).await.unwrap();
+        let status = res.status();
+        let body = res.text().await.unwrap();
+        if body.contains("manage = \\\"assume\\\"") || body.contains("manage = \"assume\"") {
+            assert_ne!(status, 200);
+            break body;
+        }
+        assert!(Instant::now() < deadline, "no reason on /readyz: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        body.contains("publication `changecast` does not exist"),
+        "{body}"
+    );
+    assert_eq!(
+        pg.psql("assumed", "SELECT count(*) FROM pg_publication")
+            .trim(),
+        "0",
+        "assume creates nothing"
+    );
+
+    // Once they exist, the retries find them and delivery starts.
+    pg.psql(
+        "assumed",
+        "CREATE PUBLICATION changecast FOR TABLE orders, businesses",
+    );
+    pg.psql(
+        "assumed",
+        "SELECT pg_create_logical_replication_slot('changecast', 'pgoutput')",
+    );
+    ready(&gw).await;
+    let (mut u1, _) = Ws::user(&gw, "u1", None).await;
+    pg.psql("assumed", &order("a1", "b1"));
+    assert_eq!(u1.change().await["key"], "a1");
+    gw.stop().await;
+}
