@@ -628,3 +628,57 @@ async fn with_manage_assume_a_missing_slot_keeps_readyz_down_until_it_exists() {
     assert_eq!(u1.change().await["key"], "a1");
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_to_unwatched_tables_do_not_pin_the_slots_wal() {
+    let pg = server(
+        "quiet",
+        "CREATE TABLE other (id serial PRIMARY KEY, v text);",
+    );
+    // Keepalives every half second (wal_sender_timeout / 2) instead of every 30 s.
+    pg.psql("quiet", "ALTER SYSTEM SET wal_sender_timeout = '1s'");
+    pg.psql("quiet", "SELECT pg_reload_conf()");
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(&config(&pg, "quiet", "", "", dir.path())).await;
+    ready(&gw).await;
+    let (mut u1, _) = Ws::user(&gw, "u1", None).await;
+    pg.psql("quiet", &order("q1", "b1"));
+    assert_eq!(u1.change().await["key"], "q1");
+
+    // Only unwatched writes from here: the slot's confirmed position still moves past
+    // them, so the server can recycle their WAL.
+    pg.psql(
+        "quiet",
+        "INSERT INTO other (v) SELECT md5(i::text) FROM generate_series(1, 20000) i",
+    );
+    let written = pg
+        .psql("quiet", "SELECT pg_current_wal_lsn()")
+        .trim()
+        .to_owned();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let passed = pg.psql(
+            "quiet",
+            &format!(
+                "SELECT confirmed_flush_lsn >= '{written}' FROM pg_replication_slots \
+                 WHERE slot_name = 'changecast'"
+            ),
+        );
+        if passed.trim() == "t" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slot stayed behind {written}: {}",
+            pg.psql(
+                "quiet",
+                "SELECT confirmed_flush_lsn FROM pg_replication_slots"
+            )
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Delivery goes on, with nothing in between.
+    pg.psql("quiet", &order("q2", "b1"));
+    assert_eq!(u1.change().await["key"], "q2");
+    gw.stop().await;
+}
