@@ -682,3 +682,41 @@ async fn writes_to_unwatched_tables_do_not_pin_the_slots_wal() {
     assert_eq!(u1.change().await["key"], "q2");
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_moved_between_businesses_tells_both_owners_and_a_new_owner_is_looked_up() {
+    let pg = server("moves", "");
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(&config(&pg, "moves", "", "", dir.path())).await;
+    ready(&gw).await;
+    let (mut u1, _) = Ws::user(&gw, "u1", None).await;
+    let (mut u2, _) = Ws::user(&gw, "u2", None).await;
+    pg.psql("moves", &order("m1", "b1"));
+    assert_eq!(u1.change().await["key"], "m1");
+
+    // The old row (REPLICA IDENTITY FULL) names the old owner, the new row the new one.
+    pg.psql(
+        "moves",
+        "UPDATE orders SET creator_id = 'b2' WHERE _id = 'm1'",
+    );
+    let old = u1.change().await;
+    let new = u2.change().await;
+    assert_eq!(old, new);
+    assert_eq!(old["doc"]["creator_id"], "b2");
+
+    // b1 changes hands: the cached lookup is invalidated by the change to `businesses`.
+    pg.psql(
+        "moves",
+        r#"UPDATE businesses SET owner = '{"_id": "u2"}' WHERE _id = 'b1'"#,
+    );
+    pg.psql("moves", &order("m2", "b1"));
+    assert_eq!(u2.change().await["key"], "m2");
+    // u1's next event would be m2 had the cached old owner been used.
+    pg.psql(
+        "moves",
+        "UPDATE businesses SET owner = '{\"_id\": \"u1\"}' WHERE _id = 'b2'",
+    );
+    pg.psql("moves", &order("m4", "b2"));
+    assert_eq!(u1.change().await["key"], "m4");
+    gw.stop().await;
+}

@@ -39,6 +39,8 @@
 //!   `before` holds the key columns only. An unchanged TOASTed value (a large value the
 //!   update did not touch) is filled from the old row when the update carries it (`FULL`),
 //!   else left out of the document — never sent as `null`.
+//! - Lookups read the current state: PostgreSQL cannot read the past on an ordinary
+//!   connection, so changes carry no `as_of` (see [`lookup`]).
 //! - `TRUNCATE`: rows go away without per-row events, as a dropped MongoDB collection's
 //!   do: logged and counted once per truncated table in `changecast_source_drops_total`;
 //!   nothing is delivered for it.
