@@ -669,6 +669,10 @@ impl Config {
             SourceConfig::Mongodb(m) if m.checkpoint_file.is_relative() => {
                 m.checkpoint_file = base.join(&m.checkpoint_file)
             }
+            // The URL's `sslrootcert`.
+            SourceConfig::Postgres(p) => {
+                p.url = crate::source::postgres::tls::resolve_rootcert(&p.url, base)
+            }
             _ => {}
         }
         if config.history.path.is_relative() {

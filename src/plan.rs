@@ -640,11 +640,20 @@ fn check_postgres(p: &PostgresSourceConfig, errors: &mut Vec<ConfigError>) {
             "source.url",
             "expected a URL starting with postgres:// or postgresql://",
         ));
-    } else if let Err(e) = p.url.parse::<tokio_postgres::Config>() {
-        errors.push(ConfigError::new(
-            "source.url",
-            format!("not a PostgreSQL URL: {e}"),
-        ));
+    } else {
+        // TLS parameters first (tokio-postgres knows neither verify-* nor sslrootcert);
+        // this reads sslrootcert's file.
+        match crate::source::postgres::tls::split_url(&p.url) {
+            Err(e) => errors.push(ConfigError::new("source.url", e)),
+            Ok((url, _)) => {
+                if let Err(e) = url.parse::<tokio_postgres::Config>() {
+                    errors.push(ConfigError::new(
+                        "source.url",
+                        format!("not a PostgreSQL URL: {e}"),
+                    ));
+                }
+            }
+        }
     }
     // Both are written into the replication command unquoted: plain names only.
     let plain = |s: &str| {

@@ -18,8 +18,9 @@
 //!   Chosen over `pg_walstream` for its small dependency tree (no aws-lc, no libpq), a
 //!   gated session (IDENTIFY_SYSTEM on the same connection before START_REPLICATION), and
 //!   an explicit applied-LSN API that reports only what the consumer says is durable.
-//!   Queries use `tokio-postgres`. TLS is not enabled in this build (loopback and private
-//!   networks only).
+//!   Queries use `tokio-postgres`.
+//! - TLS: both kinds of connection are secured alike, by the URL's `sslmode` and
+//!   `sslrootcert` as libpq reads them (default `prefer`); see [`tls`].
 //! - Positions: a transaction's commit end LSN followed by the slot's identity (the
 //!   server's system identifier and the slot name). The slot is told a position is
 //!   flushed only when it arrives on `acks` (the history holds its events), so the server
@@ -51,6 +52,7 @@
 pub mod decode;
 pub mod lookup;
 pub mod preflight;
+pub mod tls;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -91,6 +93,7 @@ pub struct ConnInfo {
     user: String,
     password: String,
     dbname: String,
+    tls: tls::Tls,
 }
 
 impl std::fmt::Debug for ConnInfo {
@@ -100,13 +103,15 @@ impl std::fmt::Debug for ConnInfo {
 }
 
 impl ConnInfo {
-    /// Parses `url` (`postgres://user[:password]@host[:port]/db`); the password from
-    /// `password_env` when set. An error says what is wrong, without the password.
+    /// Parses `url` (`postgres://user[:password]@host[:port]/db[?sslmode=…&sslrootcert=…]`);
+    /// the password from `password_env` when set; reads `sslrootcert`. An error says what
+    /// is wrong, without the password.
     pub fn parse(config: &PostgresSourceConfig) -> Result<ConnInfo, String> {
-        let mut pg: tokio_postgres::Config = config
-            .url
+        let (url, tls) = tls::split_url(&config.url)?;
+        let mut pg: tokio_postgres::Config = url
             .parse()
             .map_err(|e| format!("not a PostgreSQL URL: {e}"))?;
+        pg.ssl_mode(tls.pg_mode());
         if let Some(var) = &config.password_env {
             match std::env::var(var) {
                 Ok(p) => {
@@ -141,7 +146,30 @@ impl ConnInfo {
             user,
             password,
             dbname,
+            tls,
         })
+    }
+
+    /// How the connections are secured.
+    pub fn tls(&self) -> &tls::Tls {
+        &self.tls
+    }
+
+    /// A connection error's text, said in terms of the TLS settings when TLS is the
+    /// cause (tokio-postgres' own text stops at "error performing TLS handshake").
+    fn connect_error(&self, e: &tokio_postgres::Error) -> String {
+        if e.as_db_error().is_some() {
+            return describe_pg_error(e);
+        }
+        self.tls.explain(&self.host, &tls::error_chain(e))
+    }
+
+    /// A replication connection's error, as [`ConnInfo::connect_error`].
+    pub fn replication_error(&self, e: &pgwire_replication::PgWireError) -> String {
+        format!(
+            "replication connection: {}",
+            self.tls.explain(&self.host, &e.to_string())
+        )
     }
 
     /// `user@host:port/db`, for messages.
@@ -149,25 +177,34 @@ impl ConnInfo {
         format!("{}@{}:{}/{}", self.user, self.host, self.port, self.dbname)
     }
 
-    /// An ordinary (query) connection; its connection task runs until the client drops.
+    /// An ordinary (query) connection, with TLS as the URL says; its connection task
+    /// runs until the client drops.
     pub async fn connect(&self) -> Result<Client, String> {
-        let (client, connection) =
-            tokio::time::timeout(CONNECT_TIMEOUT, self.config.connect(tokio_postgres::NoTls))
-                .await
-                .map_err(|_| format!("cannot connect to {}: timed out", self.describe()))?
-                .map_err(|e| {
-                    format!(
-                        "cannot connect to {}: {}",
-                        self.describe(),
-                        describe_pg_error(&e)
-                    )
-                })?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "postgres: a query connection ended");
+        let connected = tokio::time::timeout(CONNECT_TIMEOUT, async {
+            match self.tls.connector() {
+                Some(tls) => self.config.connect(tls.clone()).await.map(|(c, conn)| {
+                    spawn_connection(conn);
+                    c
+                }),
+                None => self
+                    .config
+                    .connect(tokio_postgres::NoTls)
+                    .await
+                    .map(|(c, conn)| {
+                        spawn_connection(conn);
+                        c
+                    }),
             }
-        });
-        Ok(client)
+        })
+        .await
+        .map_err(|_| format!("cannot connect to {}: timed out", self.describe()))?;
+        connected.map_err(|e| {
+            format!(
+                "cannot connect to {}: {}",
+                self.describe(),
+                self.connect_error(&e)
+            )
+        })
     }
 
     fn replication(&self, config: &PostgresSourceConfig) -> ReplicationConfig {
@@ -184,7 +221,20 @@ impl ConnInfo {
         .with_application_name("changecast")
         .with_status_interval(STATUS_INTERVAL)
         .with_wakeup_interval(Duration::from_secs(10))
+        .with_tls(self.tls.replication(&self.host))
     }
+}
+
+/// Runs a query connection's task until its client drops.
+fn spawn_connection<T>(connection: tokio_postgres::Connection<tokio_postgres::Socket, T>)
+where
+    T: tokio_postgres::tls::TlsStream + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "postgres: a query connection ended");
+        }
+    });
 }
 
 /// A server error's message (tokio-postgres' `Display` says only "db error").
@@ -739,7 +789,7 @@ impl PgSource {
             // where to start, and that needs the server's identity.
             let mut probe = ReplicationClient::connect_gated(self.conn.replication(&self.config))
                 .await
-                .map_err(|e| format!("replication connection: {e}"))?;
+                .map_err(|e| self.conn.replication_error(&e))?;
             let system = identify(&mut probe).await?;
             drop(probe);
             let ident = self.ident_of(&system);
@@ -766,7 +816,7 @@ impl PgSource {
             .with_ack_lsn(Lsn::from_u64(self.acked));
         let mut repl = ReplicationClient::connect_gated(cfg)
             .await
-            .map_err(|e| format!("replication connection: {e}"))?;
+            .map_err(|e| self.conn.replication_error(&e))?;
         let ident = self.ident_of(&identify(&mut repl).await?);
         if self.ident.as_deref() != Some(ident.as_str()) {
             // Another server answers at this address (restored, or a failover): its

@@ -18,6 +18,9 @@ use crate::config::{Images, PgManage, PostgresSourceConfig};
 use crate::plan::Plan;
 use crate::source::mongodb::preflight::{Finding, Uses, did_you_mean, error, ok, warning};
 
+use pgwire_replication::ReplicationClient;
+use tokio_postgres::Client;
+
 use super::decode::oid;
 use super::{
     ConnInfo, TableInfo, describe_pg_error, no_primary_key, publication_tables, read_table,
@@ -45,6 +48,7 @@ pub async fn check(plan: &Plan, config: &PostgresSourceConfig) -> Vec<Finding> {
         "source.url",
         format!("connected to {}", conn.describe()),
     ));
+    out.push(tls_finding(&conn, config, &client).await);
     match client.query_one("SHOW wal_level", &[]).await {
         Ok(r) if r.get::<_, String>(0) == "logical" => {
             out.push(ok("source.url", "wal_level = logical"))
@@ -301,4 +305,62 @@ fn bytes(n: i64) -> String {
     } else {
         format!("{n} bytes ({:.1} MiB)", n as f64 / MIB)
     }
+}
+
+/// One line: the TLS settings, and what each kind of connection got from this server
+/// (`pg_stat_ssl`): the query connection `client`, and a replication connection opened
+/// for the purpose (named `changecast check <pid>` to find it).
+async fn tls_finding(conn: &ConnInfo, config: &PostgresSourceConfig, client: &Client) -> Finding {
+    const SSL: &str = "SELECT s.ssl, COALESCE(s.version, '') FROM pg_stat_ssl s \
+                       JOIN pg_stat_activity a USING (pid) WHERE ";
+    let said = |row: Option<tokio_postgres::Row>| match row {
+        Some(r) if r.get::<_, bool>(0) => format!("TLS ({})", r.get::<_, String>(1)),
+        Some(_) => "plaintext".to_owned(),
+        None => "not found in pg_stat_ssl".to_owned(),
+    };
+    let query = match client
+        .query_opt(&format!("{SSL}a.pid = pg_backend_pid()"), &[])
+        .await
+    {
+        Ok(row) => said(row),
+        Err(e) => return error("source.url", describe_pg_error(&e)),
+    };
+    let name = format!("changecast check {}", std::process::id());
+    let mut repl_config = conn.replication(config);
+    repl_config.application_name = Some(name.clone());
+    let replication = match tokio::time::timeout(super::CONNECT_TIMEOUT, async {
+        let mut repl = ReplicationClient::connect_gated(repl_config)
+            .await
+            .map_err(|e| conn.replication_error(&e))?;
+        // A round trip: the walsender is registered once it answers.
+        let answered = super::identify(&mut repl).await;
+        let row = client
+            .query_opt(
+                &format!("{SSL}a.backend_type = 'walsender' AND a.application_name = $1"),
+                &[&name],
+            )
+            .await
+            .map_err(|e| describe_pg_error(&e));
+        repl.abort();
+        answered?;
+        row
+    })
+    .await
+    {
+        Ok(Ok(row)) => said(row),
+        Ok(Err(e)) => return error("source.url", format!("{e} ({})", conn.tls().describe())),
+        Err(_) => {
+            return error(
+                "source.url",
+                "replication connection: no answer within 10 s".to_owned(),
+            );
+        }
+    };
+    ok(
+        "source.url",
+        format!(
+            "{}; query connection: {query}, replication connection: {replication}",
+            conn.tls().describe()
+        ),
+    )
 }
