@@ -31,8 +31,11 @@ struct Certs {
 }
 
 impl Certs {
-    /// `sans`: the server certificate's subjectAltName (`DNS:localhost,IP:127.0.0.1`).
-    fn make(dir: &Path, sans: &str) -> Certs {
+    /// `ca_name`: the CA's common name (two CAs of one name are told apart only by their
+    /// signatures); `sans`: the server certificate's subjectAltName
+    /// (`DNS:localhost,IP:127.0.0.1`).
+    fn make(dir: &Path, ca_name: &str, sans: &str) -> Certs {
+        let subject = format!("/CN={ca_name}");
         let run = |args: &[&str]| {
             let out = Command::new("openssl")
                 .args(args)
@@ -52,14 +55,7 @@ impl Certs {
             "ec_paramgen_curve:prime256v1",
             "-nodes",
         ];
-        let mut ca = vec![
-            "req",
-            "-x509",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=changecast test CA",
-        ];
+        let mut ca = vec!["req", "-x509", "-days", "2", "-subj", &subject];
         ca.extend(ec);
         ca.extend(["-keyout", "ca.key", "-out", "ca.crt"]);
         ca.extend(["-addext", "basicConstraints=critical,CA:TRUE"]);
@@ -195,7 +191,7 @@ async fn down_saying(gw: &Gateway, text: &str) -> String {
 fn changecast_connections(pg: &PgServer, db: &str) -> Vec<String> {
     let out = pg.psql(
         db,
-        "SELECT a.backend_type || '|' || s.ssl FROM pg_stat_ssl s \
+        "SELECT a.backend_type || CASE WHEN s.ssl THEN '|t' ELSE '|f' END FROM pg_stat_ssl s \
          JOIN pg_stat_activity a USING (pid) WHERE a.application_name = 'changecast' \
          ORDER BY 1",
     );
@@ -231,7 +227,11 @@ async fn check(config: String) -> (i32, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_full_with_the_test_ca_streams_over_tls_on_the_replication_and_query_connections() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = Certs::make(dir.path(), "DNS:localhost,IP:127.0.0.1");
+    let certs = Certs::make(
+        dir.path(),
+        "changecast test CA",
+        "DNS:localhost,IP:127.0.0.1",
+    );
     let pg = certs.server("tls");
     let url = format!(
         "{}?sslmode=verify-full&sslrootcert={}",
@@ -270,9 +270,13 @@ async fn verify_full_with_the_test_ca_streams_over_tls_on_the_replication_and_qu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_full_with_another_ca_keeps_readyz_down_saying_the_certificate_is_not_trusted() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = Certs::make(dir.path(), "DNS:localhost,IP:127.0.0.1");
+    let certs = Certs::make(
+        dir.path(),
+        "changecast test CA",
+        "DNS:localhost,IP:127.0.0.1",
+    );
     let other = tempfile::tempdir().unwrap();
-    let other = Certs::make(other.path(), "DNS:localhost");
+    let other = Certs::make(other.path(), "another CA", "DNS:localhost");
     let pg = certs.server("wrongca");
     let url = format!(
         "{}?sslmode=verify-full&sslrootcert={}",
@@ -282,7 +286,13 @@ async fn verify_full_with_another_ca_keeps_readyz_down_saying_the_certificate_is
     let history = tempfile::tempdir().unwrap();
     let gw = Gateway::start(&config(&url, "wrongca", history.path())).await;
     let body = down_saying(&gw, "certificate not trusted").await;
-    assert!(body.contains(&other.ca().display().to_string()), "{body}");
+    assert!(
+        body.contains(&format!(
+            "the server's certificate is not signed by a CA in {}",
+            other.ca().display()
+        )),
+        "{body}"
+    );
     // Nothing was set up through an untrusted connection.
     assert_eq!(
         pg.psql(
@@ -303,7 +313,7 @@ async fn verify_full_with_another_ca_keeps_readyz_down_saying_the_certificate_is
 async fn verify_full_checks_the_host_name_and_verify_ca_does_not() {
     let dir = tempfile::tempdir().unwrap();
     // Trusted, but for another name than the 127.0.0.1 the URL names.
-    let certs = Certs::make(dir.path(), "DNS:db.example");
+    let certs = Certs::make(dir.path(), "changecast test CA", "DNS:db.example");
     let pg = certs.server("names");
     let history = tempfile::tempdir().unwrap();
 
@@ -349,7 +359,11 @@ async fn sslmode_require_against_a_server_without_tls_fails_clearly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefer_uses_tls_when_offered_and_plaintext_when_not_and_disable_never() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = Certs::make(dir.path(), "DNS:localhost,IP:127.0.0.1");
+    let certs = Certs::make(
+        dir.path(),
+        "changecast test CA",
+        "DNS:localhost,IP:127.0.0.1",
+    );
     for (tls, mode, encrypted) in [
         (true, "prefer", "t"),
         (false, "prefer", "f"),
