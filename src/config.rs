@@ -223,7 +223,10 @@ pub enum SourceConfig {
 pub struct PostgresSourceConfig {
     /// `postgres://user[:password]@host[:port]/database`. The user needs the
     /// `REPLICATION` attribute (or superuser) and, with `manage = "create"`, the right
-    /// to create publications and to alter the watched tables.
+    /// to create publications and to alter the watched tables. TLS by the query
+    /// parameters `sslmode` (disable | prefer, the default | require | verify-ca |
+    /// verify-full, as libpq's) and `sslrootcert` (a PEM file of CA certificates; relative
+    /// to the config file's folder): see `source::postgres::tls`.
     pub url: String,
     /// Name of an environment variable holding the password (instead of the URL).
     pub password_env: Option<String>,
