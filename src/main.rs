@@ -210,10 +210,7 @@ fn main() -> ExitCode {
             config,
             connect,
             strict,
-        } => match check(&config, strict) {
-            code if connect && code == ExitCode::SUCCESS => check_connect(&config),
-            code => code,
-        },
+        } => check(&config, strict, connect),
         Command::Token {
             sub,
             secret,
@@ -288,7 +285,9 @@ fn load_plan(path: &Path) -> (Option<Plan>, Vec<ConfigError>) {
     }
 }
 
-fn check(path: &Path, strict: bool) -> ExitCode {
+/// `check`, and with `connect` (`--connect`) what the config assumes of its source,
+/// checked against it.
+fn check(path: &Path, strict: bool, connect: bool) -> ExitCode {
     let (plan, warnings) = load_plan(path);
     for w in &warnings {
         eprintln!("warning: {w}");
@@ -305,17 +304,15 @@ fn check(path: &Path, strict: bool) -> ExitCode {
         Some(plan) => {
             println!("{}: ok", path.display());
             print!("{}", plan.describe());
+            // PostgreSQL has a catalog to check names against, as SQLite's file does:
+            // `check` reads it with or without --connect (once).
+            let postgres = matches!(plan.source, changecast::plan::SourcePlan::Postgres(_));
+            if connect || postgres {
+                return run_async(changecast::source::mongodb::preflight::run(plan));
+            }
             ExitCode::SUCCESS
         }
         None => ExitCode::FAILURE,
-    }
-}
-
-/// `check --connect`: what the config assumes of its source, checked against it.
-fn check_connect(path: &Path) -> ExitCode {
-    match load_plan(path) {
-        (Some(plan), _) => run_async(changecast::source::mongodb::preflight::run(plan)),
-        (None, _) => ExitCode::FAILURE,
     }
 }
 

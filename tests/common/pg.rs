@@ -34,6 +34,8 @@ pub struct PgServer {
     user: Option<(u32, u32)>,
     /// Every log line of every run, to print when a test fails.
     pub log: Arc<Mutex<Vec<String>>>,
+    /// `-c` settings beyond the defaults (`ssl=on`), kept across restarts.
+    settings: Vec<String>,
 }
 
 /// The folder with `initdb` and `postgres`.
@@ -92,6 +94,36 @@ fn run_as() -> Option<(u32, u32)> {
 impl PgServer {
     /// Makes a cluster and starts it; waits until it accepts connections.
     pub fn start() -> PgServer {
+        let server = PgServer::init();
+        server.spawned()
+    }
+
+    /// Like [`PgServer::start`], with TLS: `cert_pem` (the server's certificate chain) and
+    /// `key_pem` (its private key) become the data folder's `server.crt` and `server.key`
+    /// (PostgreSQL's defaults for `ssl_cert_file`/`ssl_key_file`; the key readable by the
+    /// server's user only, as PostgreSQL demands), and `ssl = on`.
+    pub fn start_with_tls(cert_pem: &[u8], key_pem: &[u8]) -> PgServer {
+        use std::os::unix::fs::PermissionsExt;
+        let mut server = PgServer::init();
+        for (name, pem) in [("server.crt", cert_pem), ("server.key", key_pem)] {
+            let path = server.data().join(name);
+            std::fs::write(&path, pem).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            if let Some((uid, gid)) = server.user {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid)).unwrap();
+            }
+        }
+        server.settings.push("ssl=on".into());
+        server.spawned()
+    }
+
+    fn spawned(mut self) -> PgServer {
+        self.spawn();
+        self
+    }
+
+    /// A fresh cluster, not started.
+    fn init() -> PgServer {
         let bin = bin_dir().expect(
             "PostgreSQL's initdb not found: install Debian's `postgresql` package \
              (scripts/test does) or set PG_BIN",
@@ -101,13 +133,14 @@ impl PgServer {
         if let Some((uid, gid)) = user {
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
         }
-        let mut server = PgServer {
+        let server = PgServer {
             child: None,
             port: free_port(),
             dir,
             bin,
             user,
             log: Arc::default(),
+            settings: Vec::new(),
         };
         let out = server
             .command("initdb")
@@ -123,7 +156,6 @@ impl PgServer {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        server.spawn();
         server
     }
 
@@ -214,6 +246,7 @@ impl PgServer {
             // was written, so fsync buys nothing in these tests and costs seconds.
             .args(["-c", "fsync=off"])
             .args(["-c", "full_page_writes=off"])
+            .args(self.settings.iter().flat_map(|s| ["-c", s.as_str()]))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
