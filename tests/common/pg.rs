@@ -159,6 +159,24 @@ impl PgServer {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Runs the SQL file at `path` with `psql -f` in database `db` (as a user following the
+    /// README would); panics with psql's message if a statement fails.
+    pub fn psql_file(&self, db: &str, path: &Path) {
+        let out = Command::new(self.bin.join("psql"))
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-U", SUPERUSER, "-d", db, "-f"])
+            .arg(path)
+            .output()
+            .expect("runs psql");
+        assert!(
+            out.status.success(),
+            "psql -f {} failed:\n{}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Creates database `name`.
     pub fn create_db(&self, name: &str) {
         self.psql("postgres", &format!("CREATE DATABASE \"{name}\""));
@@ -253,7 +271,10 @@ impl PgServer {
 impl Drop for PgServer {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("--- postgres log (last 30 lines) ---\n{}", self.log_tail(30));
+            eprintln!(
+                "--- postgres log (last 30 lines) ---\n{}",
+                self.log_tail(30)
+            );
         }
         // A fast shutdown (SIGINT) so that no backend outlives the folder it runs in.
         if let Some(mut child) = self.child.take() {
