@@ -10,7 +10,10 @@ fn a_started_server_has_logical_wal_and_a_crash_keeps_committed_rows() {
     let mut pg = PgServer::start();
     pg.create_db("h");
     assert_eq!(pg.psql("h", "SHOW wal_level").trim(), "logical");
-    pg.psql("h", "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1), (2)");
+    pg.psql(
+        "h",
+        "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1), (2)",
+    );
     pg.restart();
     assert_eq!(pg.psql("h", "SELECT count(*) FROM t").trim(), "2");
     assert!(
