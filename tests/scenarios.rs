@@ -363,3 +363,21 @@ mod postgres_only {
         }
     }
 }
+
+/// The README's PostgreSQL section prints the example's `[source]` block as it is.
+#[test]
+fn the_readme_shows_the_example_s_source_block() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = &readme[readme
+        .find("\n## PostgreSQL source\n")
+        .expect("README has a PostgreSQL source section")..];
+    let start = section.find("```toml\n").expect("with a TOML block") + "```toml\n".len();
+    let block = &section[start..];
+    let block = block[..block.find("```").unwrap()].trim();
+
+    let example = std::fs::read_to_string(common::backend::example("changecast.toml")).unwrap();
+    let source = &example[example.find("[source]\n").expect("a [source] table")..];
+    let source = source[..source.find("\n[").unwrap()].trim();
+    assert_eq!(block, source);
+}
