@@ -325,6 +325,48 @@ mod postgres_only {
         gw.stop().await;
     }
 
+    /// `check --connect` accepts the example as printed (only the url, port, history and
+    /// secret replaced) and, once a changecast made the slot, reports the WAL it retains.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn check_connect_accepts_the_example_and_reports_the_slot_s_retained_wal() {
+        let b = Backend::postgres();
+        let path = b.dir().join("changecast.toml");
+        std::fs::write(&path, b.config()).unwrap();
+        let check = || {
+            let out = tokio::task::block_in_place(|| {
+                std::process::Command::new(common::binary::BINARY)
+                    .args(["check", "--connect", "--config"])
+                    .arg(&path)
+                    .output()
+                    .unwrap()
+            });
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(
+                out.status.success(),
+                "check --connect refused the example:\n{stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            stdout
+        };
+        check();
+
+        // Served once (the slot is made), stopped, then written to: the slot holds WAL.
+        let gw = Gateway::start(&b.config()).await;
+        let (mut u1, _) = Ws::user(&gw, "u1", None).await;
+        b.exec(&order("o1", "b1"));
+        assert_eq!(u1.change().await["key"], "o1");
+        gw.stop().await;
+        b.exec(&order("o2", "b1"));
+        let stdout = check();
+        assert!(
+            stdout.lines().any(
+                |l| l.starts_with("ok: source.slot: slot `changecast` retains")
+                    && l.ends_with("(not in use)")
+            ),
+            "{stdout}"
+        );
+    }
+
     /// examples/postgres/schema.sql holds exactly the SQLite demo's seed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_example_schema_holds_the_sqlite_demo_s_seed() {
