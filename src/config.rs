@@ -213,6 +213,49 @@ impl Default for ServerConfig {
 pub enum SourceConfig {
     Sqlite(SqliteSourceConfig),
     Mongodb(MongoSourceConfig),
+    Postgres(PostgresSourceConfig),
+}
+
+/// `[source] type = "postgres"`: logical replication (pgoutput) from one database.
+/// Rules' `collection` is an unqualified table name in schema `public`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSourceConfig {
+    /// `postgres://user[:password]@host[:port]/database`. The user needs the
+    /// `REPLICATION` attribute (or superuser) and, with `manage = "create"`, the right
+    /// to create publications and to alter the watched tables.
+    pub url: String,
+    /// Name of an environment variable holding the password (instead of the URL).
+    pub password_env: Option<String>,
+    /// The publication read (default `changecast`).
+    #[serde(default = "default_pg_name")]
+    pub publication: String,
+    /// The logical replication slot read (default `changecast`).
+    #[serde(default = "default_pg_name")]
+    pub slot: String,
+    /// `create` (default): create the publication and slot when missing, and set the
+    /// publication's tables to the watched ones; `assume`: they exist, only checked.
+    #[serde(default)]
+    pub manage: PgManage,
+    /// `ensure` (default): `REPLICA IDENTITY FULL` on the tables whose rules need the old
+    /// row; `assume`: already set; `off`: not used (deletes carry the key only).
+    #[serde(default)]
+    pub pre_images: Images,
+    /// Tables to watch. Default: those the rules name (and the lookups read).
+    pub tables: Option<Vec<String>>,
+}
+
+/// `manage`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PgManage {
+    #[default]
+    Create,
+    Assume,
+}
+
+fn default_pg_name() -> String {
+    "changecast".into()
 }
 
 /// `[source] type = "sqlite"`: the embedded default.
@@ -759,6 +802,7 @@ impl Config {
                 m.max_await_time,
                 r(ms(1), secs(HOUR)),
             ),
+            SourceConfig::Postgres(_) => {}
         }
         for (i, alert) in self.alerts.iter().enumerate() {
             // Zero is refused where alerts are compiled ("or left out").
@@ -1080,14 +1124,14 @@ fn source_section(
     value: toml::Spanned<toml::de::DeValue<'_>>,
     errors: &mut Vec<ConfigError>,
 ) -> Option<SourceConfig> {
-    const TYPES: &[&str] = &["sqlite", "mongodb"];
+    const TYPES: &[&str] = &["sqlite", "mongodb", "postgres"];
     let span = value.span();
     let toml::de::DeValue::Table(mut table) = value.into_inner() else {
         errors.push(located(text, "source", "expected a table", Some(span)));
         return None;
     };
     let Some(kind) = table.remove("type") else {
-        let message = "missing key `type` (sqlite or mongodb)";
+        let message = "missing key `type` (sqlite, mongodb or postgres)";
         errors.push(located(text, "source.type", message, Some(span)));
         return None;
     };
@@ -1096,8 +1140,12 @@ fn source_section(
     match kind.get_ref().as_str() {
         Some("sqlite") => section(text, "source", rest, errors).map(SourceConfig::Sqlite),
         Some("mongodb") => section(text, "source", rest, errors).map(SourceConfig::Mongodb),
+        Some("postgres") => section(text, "source", rest, errors).map(SourceConfig::Postgres),
         other => {
-            let mut message = format!("`{}` is not one of sqlite, mongodb", other.unwrap_or("?"));
+            let mut message = format!(
+                "`{}` is not one of sqlite, mongodb, postgres",
+                other.unwrap_or("?")
+            );
             if let Some(s) = other.and_then(|o| crate::suggest::closest(o, TYPES)) {
                 message.push_str(&format!(", did you mean `{s}`?"));
             }

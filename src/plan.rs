@@ -11,7 +11,7 @@ use crate::auth::AuthPlan;
 use crate::change::Op;
 use crate::config::{
     Config, ConfigError, ConfigErrors, HistoryConfig, LookupsConfig, MongoSourceConfig,
-    PublishConfig, ServerConfig, SourceConfig, SqliteSourceConfig,
+    PostgresSourceConfig, PublishConfig, ServerConfig, SourceConfig, SqliteSourceConfig,
 };
 use crate::route::alert::{Alert, compile_alert};
 use crate::route::expr::Reads;
@@ -25,6 +25,7 @@ use crate::source::sqlite::SqliteCatalog;
 pub enum SourcePlan {
     Sqlite(SqliteSourceConfig),
     Mongodb(MongoSourceConfig),
+    Postgres(PostgresSourceConfig),
 }
 
 /// A validated configuration, ready to run.
@@ -111,6 +112,10 @@ impl Plan {
                 }
                 Some(SourcePlan::Mongodb(m.clone()))
             }
+            SourceConfig::Postgres(p) => {
+                check_postgres(p, &mut errors);
+                Some(SourcePlan::Postgres(p.clone()))
+            }
         };
         // What the source can tell about names before anything starts: SQLite reads its
         // schema; MongoDB collections are schemaless and checked when used.
@@ -183,11 +188,17 @@ impl Plan {
             }
         }
 
-        if let SourceConfig::Mongodb(MongoSourceConfig {
-            collections: Some(list),
-            ..
-        }) = &config.source
-        {
+        let listed = match &config.source {
+            SourceConfig::Mongodb(MongoSourceConfig {
+                collections: Some(list),
+                ..
+            }) => Some(("source.collections", list)),
+            SourceConfig::Postgres(PostgresSourceConfig {
+                tables: Some(list), ..
+            }) => Some(("source.tables", list)),
+            _ => None,
+        };
+        if let Some((at, list)) = listed {
             let named = routes
                 .iter()
                 .map(|r| &r.collection)
@@ -195,7 +206,7 @@ impl Plan {
             for c in named {
                 if !list.contains(c) {
                     errors.push(ConfigError::new(
-                        "source.collections",
+                        at,
                         format!("`{c}` is read by a rule but not in this list"),
                     ));
                 }
@@ -238,6 +249,9 @@ impl Plan {
         if let SourcePlan::Mongodb(MongoSourceConfig {
             collections: Some(list),
             ..
+        })
+        | SourcePlan::Postgres(PostgresSourceConfig {
+            tables: Some(list), ..
         }) = &self.source
         {
             for c in list {
@@ -369,6 +383,32 @@ impl Plan {
                     }
                 };
                 s.push_str(&self.stream_spec(c).describe());
+            }
+            SourcePlan::Postgres(c) => {
+                let _ = writeln!(
+                    s,
+                    "source: postgres {} publication {} slot {}",
+                    redact(&c.url),
+                    c.publication,
+                    c.slot
+                );
+                let manage = match c.manage {
+                    crate::config::PgManage::Create => {
+                        "create (the publication and slot are created when missing)"
+                    }
+                    crate::config::PgManage::Assume => "assume (they exist)",
+                };
+                let _ = writeln!(s, "  manage: {manage}");
+                let images = match c.pre_images {
+                    crate::config::Images::Ensure => {
+                        "ensure (REPLICA IDENTITY FULL where rules need the old row)"
+                    }
+                    crate::config::Images::Assume => "assume (already set)",
+                    crate::config::Images::Off => "off (deletes cannot be routed by owner)",
+                };
+                let _ = writeln!(s, "  pre-images: {images}");
+                let tables: Vec<String> = self.watched().into_keys().collect();
+                let _ = writeln!(s, "  tables (schema public): {}", tables.join(", "));
             }
         }
         if let Some(c) = &self.cluster {
@@ -591,6 +631,39 @@ fn publish_keys(config: &PublishConfig, errors: &mut Vec<ConfigError>) -> Vec<St
         ));
     }
     keys
+}
+
+/// `[source] type = "postgres"` checks that need no connection.
+fn check_postgres(p: &PostgresSourceConfig, errors: &mut Vec<ConfigError>) {
+    if !(p.url.starts_with("postgres://") || p.url.starts_with("postgresql://")) {
+        errors.push(ConfigError::new(
+            "source.url",
+            "expected a URL starting with postgres:// or postgresql://",
+        ));
+    } else if let Err(e) = p.url.parse::<tokio_postgres::Config>() {
+        errors.push(ConfigError::new(
+            "source.url",
+            format!("not a PostgreSQL URL: {e}"),
+        ));
+    }
+    // Both are written into the replication command unquoted: plain names only.
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    };
+    for (key, name) in [
+        ("source.slot", &p.slot),
+        ("source.publication", &p.publication),
+    ] {
+        if !plain(name) {
+            errors.push(ConfigError::new(
+                key,
+                format!("`{name}`: use lower-case letters, digits and `_` (at most 63)"),
+            ));
+        }
+    }
 }
 
 /// A connection string with its password hidden.

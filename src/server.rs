@@ -310,6 +310,22 @@ async fn open_source(
             let lookup = Arc::new(source.lookup());
             Ok((Box::new(source), lookup))
         }
+        SourcePlan::Postgres(config) => {
+            let source = crate::source::postgres::PgSource::new(
+                config,
+                crate::source::postgres::Watch::of(plan),
+                from,
+            )?;
+            // A missing table or one without a primary key stops the start here.
+            source.check_tables().await?;
+            tracing::info!(
+                db = %source.conn().describe(), slot = %config.slot, "postgres source open"
+            );
+            let lookup = Arc::new(crate::source::postgres::PgLookup::new(
+                source.conn().clone(),
+            ));
+            Ok((Box::new(source), lookup))
+        }
     }
 }
 
@@ -324,6 +340,10 @@ pub async fn open_lookup(plan: &Plan) -> Result<Arc<dyn Lookup>, SourceError> {
         SourcePlan::Mongodb(config) => {
             Arc::new(crate::source::mongodb::MongoLookup::connect(config).await?)
         }
+        SourcePlan::Postgres(config) => Arc::new(crate::source::postgres::PgLookup::new(
+            crate::source::postgres::ConnInfo::parse(config)
+                .map_err(|e| SourceError::Setup(format!("source.url: {e}")))?,
+        )),
     })
 }
 

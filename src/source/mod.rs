@@ -5,10 +5,11 @@
 //! `watch` channel, the position up to which every change has been handed to the hub; the
 //! source checkpoints that position, so a restart neither loses nor repeats changes.
 //!
-//! Each implementation lives in its own folder (`sqlite/`) behind the [`Source`] and
+//! Each implementation lives in its own folder (`sqlite/`, `mongodb/`, `postgres/`) behind the [`Source`] and
 //! [`Lookup`] traits; nothing downstream knows which database it is reading.
 
 pub mod mongodb;
+pub mod postgres;
 pub mod sqlite;
 
 use std::collections::{BTreeMap, HashMap};

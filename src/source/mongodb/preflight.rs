@@ -96,16 +96,23 @@ pub async fn check(plan: &Plan) -> Vec<Finding> {
             ),
         )],
         SourcePlan::Mongodb(m) => check_mongodb(plan, m).await,
+        SourcePlan::Postgres(p) => crate::source::postgres::preflight::check(plan, p).await,
     }
 }
 
-fn ok(path: &str, message: impl Into<String>) -> Finding {
+/// Each collection (table) whose rules need the old document (pre-images, PostgreSQL's
+/// `REPLICA IDENTITY FULL`), with why, in config order.
+pub fn tables_needing_old_documents(plan: &Plan) -> Vec<(String, Vec<String>)> {
+    Uses::of(plan).images
+}
+
+pub(crate) fn ok(path: &str, message: impl Into<String>) -> Finding {
     finding(Level::Ok, path, message)
 }
-fn warning(path: &str, message: impl Into<String>) -> Finding {
+pub(crate) fn warning(path: &str, message: impl Into<String>) -> Finding {
     finding(Level::Warning, path, message)
 }
-fn error(path: &str, message: impl Into<String>) -> Finding {
+pub(crate) fn error(path: &str, message: impl Into<String>) -> Finding {
     finding(Level::Error, path, message)
 }
 fn finding(level: Level, path: &str, message: impl Into<String>) -> Finding {
@@ -535,7 +542,10 @@ fn paths_of(doc: &Document, prefix: &str, depth: usize, out: &mut BTreeSet<Strin
 }
 
 /// The candidate closest to `word`, when close enough to be a likely misspelling.
-fn did_you_mean<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+pub(crate) fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl Iterator<Item = &'a str>,
+) -> Option<&'a str> {
     let word = word.to_lowercase();
     candidates
         .map(|c| {
@@ -562,28 +572,28 @@ fn human(d: Duration) -> String {
 }
 
 /// A field a rule reads, with the config key that names it.
-struct FieldUse {
-    path: String,
+pub(crate) struct FieldUse {
+    pub(crate) path: String,
     /// `route \`orders\``
-    rule: String,
-    collection: String,
-    field: Vec<String>,
+    pub(crate) rule: String,
+    pub(crate) collection: String,
+    pub(crate) field: Vec<String>,
 }
 
 /// What the plan reads: collections (with the first config key naming each), fields, and
 /// the rules that need the old documents of a collection.
-struct Uses {
+pub(crate) struct Uses {
     /// In config order, each once.
-    collections: Vec<(String, String)>,
+    pub(crate) collections: Vec<(String, String)>,
     /// In config order.
-    fields: Vec<FieldUse>,
+    pub(crate) fields: Vec<FieldUse>,
     /// Collection → why its rules need pre-images ("route `orders` cannot route deletes"),
     /// in config order.
-    images: Vec<(String, Vec<String>)>,
+    pub(crate) images: Vec<(String, Vec<String>)>,
 }
 
 impl Uses {
-    fn of(plan: &Plan) -> Uses {
+    pub(crate) fn of(plan: &Plan) -> Uses {
         let mut u = Uses {
             collections: Vec::new(),
             fields: Vec::new(),
@@ -646,6 +656,15 @@ impl Uses {
         {
             for c in list {
                 u.collection(c, "source.collections");
+            }
+        }
+        if let SourcePlan::Postgres(crate::config::PostgresSourceConfig {
+            tables: Some(list),
+            ..
+        }) = &plan.source
+        {
+            for c in list {
+                u.collection(c, "source.tables");
             }
         }
         u
