@@ -311,13 +311,14 @@ async fn open_source(
             Ok((Box::new(source), lookup))
         }
         SourcePlan::Postgres(config) => {
-            let source = crate::source::postgres::PgSource::new(
+            let mut source = crate::source::postgres::PgSource::new(
                 config,
                 crate::source::postgres::Watch::of(plan),
                 from,
             )?;
-            // A missing table or one without a primary key stops the start here.
-            source.check_tables().await?;
+            // A missing table or one without a primary key stops the start here; the
+            // slot exists from here on, so nothing written after `serve` is up is missed.
+            source.prepare_at_start().await?;
             tracing::info!(
                 db = %source.conn().describe(), slot = %config.slot, "postgres source open"
             );

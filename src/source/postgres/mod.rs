@@ -246,8 +246,10 @@ pub async fn read_table(
     let rows = client
         .query(
             "SELECT a.attname::text, a.atttypid::int8, format_type(a.atttypid, NULL), \
-             COALESCE((SELECT array_position(i.indkey::int2[], a.attnum) FROM pg_index i \
-                       WHERE i.indrelid = a.attrelid AND i.indisprimary), 0)::int4 \
+             COALESCE((SELECT k.n FROM pg_index i, \
+                       unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n) \
+                       WHERE i.indrelid = a.attrelid AND i.indisprimary \
+                       AND k.attnum = a.attnum), 0)::int4 \
              FROM pg_attribute a WHERE a.attrelid = $1::int8::oid AND a.attnum > 0 \
              AND NOT a.attisdropped ORDER BY a.attnum",
             &[&relid],
@@ -619,6 +621,9 @@ pub struct PgSource {
     /// The next batch must say that changes were lost before it.
     lost_history: bool,
     keys: HashMap<String, Vec<String>>,
+    /// [`PgSource::prepare_at_start`] created the slot: the first session must treat it
+    /// as new (the history's position, if any, is from a slot that is gone).
+    created_at_start: bool,
     counters: ChangeCounters,
 }
 
@@ -642,6 +647,7 @@ impl PgSource {
             acked: 0,
             lost_history: false,
             keys: HashMap::new(),
+            created_at_start: false,
             counters: ChangeCounters::default(),
         })
     }
@@ -651,14 +657,15 @@ impl PgSource {
         &self.conn
     }
 
-    /// Checks the schema and the slot (once, at start), so that a table without a
-    /// primary key, or a missing table, stops `serve` with the reason.
-    pub async fn check_tables(&self) -> Result<(), SourceError> {
+    /// Prepares the database once, at start (see [`prepare`]), so that changes are
+    /// captured from the moment `serve` is up, and a missing table or one without a
+    /// primary key stops the start with the reason. An unreachable server does not: the
+    /// source keeps trying, and `/readyz` says why.
+    pub async fn prepare_at_start(&mut self) -> Result<(), SourceError> {
         let client = match self.conn.connect().await {
             Ok(c) => c,
             Err(e) => {
-                // Not reachable now: the source keeps trying (and /readyz says why).
-                tracing::warn!("postgres source: {e}; checking the tables once connected");
+                tracing::warn!("postgres source: {e}; preparing the database once connected");
                 return Ok(());
             }
         };
@@ -684,6 +691,15 @@ impl PgSource {
                     )));
                 }
             }
+        }
+        match prepare(&client, &self.config, &self.watch).await {
+            Ok(p) => {
+                for action in &p.actions {
+                    tracing::info!("postgres source: {action}");
+                }
+                self.created_at_start = p.slot_created;
+            }
+            Err(e) => tracing::warn!("postgres source: {e}; retrying once streaming"),
         }
         Ok(())
     }
@@ -755,8 +771,9 @@ impl PgSource {
             self.lost_history = true;
             return Err("the server's system identifier changed; reopening".into());
         }
+        let slot_created = prepared.slot_created || std::mem::take(&mut self.created_at_start);
         if self.sent_upto > 0 {
-            if prepared.slot_created {
+            if slot_created {
                 tracing::warn!(
                     slot = %self.config.slot,
                     "postgres source: the slot was created anew; changes since the last \
@@ -1006,6 +1023,14 @@ impl PgSource {
         health: Arc<Health>,
         shutdown: CancellationToken,
     ) -> Result<(), SourceError> {
+        health.down(
+            Component::Source,
+            format!(
+                "postgres source: connecting to {} (slot `{}`)",
+                self.conn.describe(),
+                self.config.slot
+            ),
+        );
         let gauge = shutdown.child_token();
         tokio::spawn(measure_retained_wal(
             self.conn.clone(),

@@ -1,0 +1,351 @@
+//! The PostgreSQL source end to end: a real PostgreSQL server (tests/common/pg.rs, started
+//! with `wal_level = logical` on loopback), the real gateway on 127.0.0.1:0, and real
+//! WebSocket clients. Each test has a server of its own (slots are server-wide).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::pg::PgServer;
+use common::*;
+use serde_json::{Value, json};
+
+/// Users, businesses (owner as jsonb, as Mercury's) and orders; u1 owns b1, u2 owns b2.
+const SCHEMA: &str = r#"
+CREATE TABLE users (_id text PRIMARY KEY, email text NOT NULL, name text, business_id text);
+CREATE TABLE businesses (_id text PRIMARY KEY, name text, owner jsonb);
+CREATE TABLE orders (_id text PRIMARY KEY, creator_id text, item_id text, quantity integer, status text);
+INSERT INTO users VALUES
+  ('u1', 'amina@kanograins.example', 'Amina', 'b1'),
+  ('u2', 'tunde@lagosfresh.example', 'Tunde', 'b2');
+INSERT INTO businesses VALUES
+  ('b1', 'Kano Grains', '{"_id": "u1"}'),
+  ('b2', 'Lagos Fresh', '{"_id": "u2"}');
+"#;
+
+/// A server with database `db` holding [`SCHEMA`] and `extra` SQL.
+fn server(db: &str, extra: &str) -> PgServer {
+    let pg = PgServer::start();
+    pg.create_db(db);
+    pg.psql(db, SCHEMA);
+    if !extra.is_empty() {
+        pg.psql(db, extra);
+    }
+    pg
+}
+
+/// The gateway's config on `pg`'s database `db`: orders routed to their business's owner
+/// (deletes too), `routes` appended, `source_extra` in `[source]`, a durable history in
+/// `history_dir`.
+fn config(
+    pg: &PgServer,
+    db: &str,
+    source_extra: &str,
+    routes: &str,
+    history_dir: &std::path::Path,
+) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+
+[source]
+type = "postgres"
+url = "{url}"
+{source_extra}
+
+[auth]
+jwt_secret = "{SECRET}"
+user = {{ claim = "user_id", lookup = "users", where = {{ email = "$claim" }}, pick = "_id" }}
+
+[history]
+max_per_user = 1000
+path = "{history}"
+
+[[route]]
+name = "orders"
+collection = "orders"
+on = ["insert", "update", "delete"]
+to = {{ lookup = "businesses", where = {{ _id = "$creator_id" }}, pick = "owner._id" }}
+{routes}
+"#,
+        url = pg.url(db),
+        history = history_dir.join("history.db").display(),
+    )
+}
+
+/// Waits until `/readyz` says ready (the source streams), within [`WAIT`].
+async fn ready(gw: &Gateway) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let res = reqwest::get(gw.http("/readyz")).await.unwrap();
+        if res.status() == 200 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not ready within {WAIT:?}: {}",
+            res.text().await.unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn order(id: &str, business: &str) -> String {
+    format!("INSERT INTO orders VALUES ('{id}', '{business}', 'i1', 1, 'pending');")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inserts_updates_and_deletes_reach_the_owner_and_no_one_else() {
+    let pg = server("crud", "");
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(&config(&pg, "crud", "", "", dir.path())).await;
+    ready(&gw).await;
+    let (mut u1, _) = Ws::user(&gw, "u1", None).await;
+    let (mut u2, _) = Ws::user(&gw, "u2", None).await;
+
+    pg.psql("crud", &order("o1", "b1"));
+    let ev = u1.change().await;
+    assert_eq!(ev["route"], "orders", "{ev}");
+    assert_eq!(ev["op"], "insert");
+    assert_eq!(ev["collection"], "orders");
+    assert_eq!(ev["key"], "o1");
+    assert_eq!(
+        ev["doc"],
+        json!({"_id": "o1", "creator_id": "b1", "item_id": "i1", "quantity": 1, "status": "pending"})
+    );
+    assert!(ev["at"].as_str().unwrap().ends_with('Z'), "{ev}");
+
+    pg.psql("crud", "UPDATE orders SET status = 'paid' WHERE _id = 'o1'");
+    let ev = u1.change().await;
+    assert_eq!(ev["op"], "update");
+    assert_eq!(ev["key"], "o1");
+    assert_eq!(ev["doc"]["status"], "paid");
+
+    // The delete is routed by the old row (pre_images = "ensure" set REPLICA IDENTITY FULL
+    // on `orders`, whose route takes deletes).
+    assert_eq!(
+        pg.psql(
+            "crud",
+            "SELECT relreplident FROM pg_class WHERE relname = 'orders'"
+        )
+        .trim(),
+        "f"
+    );
+    pg.psql("crud", "DELETE FROM orders WHERE _id = 'o1'");
+    let ev = u1.change().await;
+    assert_eq!(ev["op"], "delete");
+    assert_eq!(ev["key"], "o1");
+    assert_eq!(
+        ev["doc"],
+        json!({"_id": "o1", "creator_id": "b1", "item_id": "i1", "quantity": 1, "status": "paid"})
+    );
+
+    // u2's next event is its own order: none of u1's reached it.
+    pg.psql("crud", &order("o2", "b2"));
+    assert_eq!(u2.change().await["key"], "o2");
+
+    // The slot's retained WAL is measured (at start, then every 10 s).
+    let metrics = scrape(gw.addr).await;
+    let retained = metric(&metrics, "changecast_postgres_slot_retained_wal_bytes", &[]);
+    assert!(
+        retained.is_some_and(|b| b >= 0.0),
+        "retained WAL gauge: {retained:?}"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_of_every_listed_type_convert_and_jsonb_nests() {
+    let pg = server(
+        "types",
+        r#"CREATE TABLE things (
+            id integer PRIMARY KEY, owner_id text, n bigint, f double precision, ok boolean,
+            price numeric(10, 4), tags text[], nums integer[], data jsonb, j json, u uuid,
+            ts timestamp, tstz timestamptz, d date, raw bytea, nothing text)"#,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let routes = "[[route]]\nname = \"things\"\ncollection = \"things\"\nto = \"$owner_id\"\n";
+    let gw = Gateway::start(&config(&pg, "types", "", routes, dir.path())).await;
+    ready(&gw).await;
+    let (mut u1, _) = Ws::user(&gw, "u1", None).await;
+    pg.psql(
+        "types",
+        r#"INSERT INTO things VALUES (7, 'u1', 9007199254740993, 1.5, true, 12.3400,
+            '{a,"b c",NULL}', '{1,2,3}', '{"owner": {"_id": "u1"}, "list": [1, {"x": null}]}',
+            '{"k": "v"}', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11',
+            '2026-12-02 10:00:00.5', '2026-12-02 12:00:00.25+02', '2026-12-02',
+            '\x00ffa1', NULL)"#,
+    );
+    let ev = u1.change().await;
+    assert_eq!(ev["key"], "7");
+    assert_eq!(
+        ev["doc"],
+        json!({
+            "id": 7, "owner_id": "u1", "n": 9007199254740993i64, "f": 1.5, "ok": true,
+            "price": "12.3400", "tags": ["a", "b c", null], "nums": [1, 2, 3],
+            "data": {"owner": {"_id": "u1"}, "list": [1, {"x": null}]},
+            "j": {"k": "v"}, "u": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            "ts": "2026-12-02T10:00:00.5", "tstz": "2026-12-02T10:00:00.25Z",
+            "d": "2026-12-02", "raw": "00FFA1", "nothing": null
+        })
+    );
+    // A lookup reads the same row the same way (explain reads the document by key).
+    let lookup = changecast::server::open_lookup(
+        &changecast::plan::Plan::compile(
+            &changecast::config::Config::parse(&config(&pg, "types", "", routes, dir.path()))
+                .unwrap(),
+        )
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let doc = lookup.document("things", "7").await.unwrap().unwrap();
+    assert_eq!(doc, ev["doc"]);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchanged_toasted_value_is_never_sent_as_null() {
+    // A value large enough to be stored out of line (TOAST), and badly compressible.
+    let pg = server(
+        "toast",
+        "CREATE TABLE notes (id integer PRIMARY KEY, owner_id text, title text, body text);
+         INSERT INTO notes SELECT 1, 'u1', 'first',
+           (SELECT string_agg(md5(i::text), '') FROM generate_series(1, 2000) i);",
+    );
+    let body_len: usize = pg
+        .psql("toast", "SELECT length(body) FROM notes")
+        .trim()
+        .parse()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // pre_images = "off": the default replica identity, so updates carry no old row.
+    let routes = "[[route]]\nname = \"notes\"\ncollection = \"notes\"\non = [\"update\"]\nto = \"$owner_id\"\n";
+    let gw = Gateway::start(&config(
+        &pg,
+        "toast",
+        "pre_images = \"off\"",
+        routes,
+        dir.path(),
+    ))
+    .await;
+    ready(&gw).await;
+    let (mut u1, _) = Ws::user(&gw, "u1", None).await;
+
+    pg.psql("toast", "UPDATE notes SET title = 'second' WHERE id = 1");
+    let ev = u1.change().await;
+    assert_eq!(ev["doc"]["title"], "second");
+    assert!(
+        ev["doc"].as_object().unwrap().get("body").is_none(),
+        "no old row to fill it from: left out, not null: {}",
+        ev["doc"]
+    );
+
+    // With the old row (REPLICA IDENTITY FULL), the unchanged value is filled from it.
+    pg.psql("toast", "ALTER TABLE notes REPLICA IDENTITY FULL");
+    pg.psql("toast", "UPDATE notes SET title = 'third' WHERE id = 1");
+    let ev = u1.change().await;
+    assert_eq!(ev["doc"]["title"], "third");
+    assert_eq!(
+        ev["doc"]["body"].as_str().map(str::len),
+        Some(body_len),
+        "filled from the old row"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_arrives_together_in_order_with_its_commit_time() {
+    let pg = server("txn", "");
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(&config(&pg, "txn", "", "", dir.path())).await;
+    ready(&gw).await;
+    let (mut u1, _) = Ws::user(&gw, "u1", None).await;
+    let (mut u2, _) = Ws::user(&gw, "u2", None).await;
+
+    // Milliseconds, as `at` has them.
+    let before = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    pg.psql(
+        "txn",
+        &format!(
+            "BEGIN; {} {} {} UPDATE orders SET quantity = 5 WHERE _id = 't1'; \
+             SELECT pg_sleep(0.3); COMMIT;",
+            order("t1", "b1"),
+            order("t2", "b2"),
+            order("t3", "b1")
+        ),
+    );
+    let after = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    let events = [u1.change().await, u1.change().await, u1.change().await];
+    let keys: Vec<&str> = events.iter().map(|e| e["key"].as_str().unwrap()).collect();
+    let ops: Vec<&str> = events.iter().map(|e| e["op"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["t1", "t3", "t1"], "in the transaction's order");
+    assert_eq!(ops, ["insert", "insert", "update"]);
+    assert_eq!(u2.change().await["key"], "t2");
+    // One commit time for all, taken at COMMIT (after the 0.3 s sleep, not at BEGIN).
+    let at = events[0]["at"].as_str().unwrap();
+    assert!(events.iter().all(|e| e["at"] == at), "{events:?}");
+    assert!(
+        before.as_str() <= at && at <= after.as_str(),
+        "{before} <= {at} <= {after}"
+    );
+    let begun_plus_300ms = humantime::format_rfc3339_millis(
+        humantime::parse_rfc3339(&before).unwrap() + Duration::from_millis(300),
+    )
+    .to_string();
+    assert!(at >= begun_plus_300ms.as_str(), "the commit's time: {at}");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_of_changecast_resumes_without_loss_or_repeat() {
+    let pg = server("restart", "");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&pg, "restart", "", "", dir.path());
+
+    let gw = Gateway::start(&cfg).await;
+    ready(&gw).await;
+    let (mut u1, _) = Ws::user(&gw, "u1", None).await;
+    pg.psql("restart", &order("r1", "b1"));
+    let first = u1.change().await;
+    assert_eq!(first["key"], "r1");
+    drop(u1);
+    gw.stop().await;
+
+    // Written while changecast is down.
+    for i in 2..=4 {
+        pg.psql("restart", &order(&format!("r{i}"), "b1"));
+    }
+
+    let gw = Gateway::start(&cfg).await;
+    ready(&gw).await;
+    let (mut u1, ready_ev) = Ws::user(&gw, "u1", Some(first["id"].as_str().unwrap())).await;
+    assert_eq!(ready_ev["resumed"], true, "{ready_ev}");
+    // Exactly r2..r4 (no gap, no repeat of r1), then live events.
+    for i in 2..=4 {
+        let ev: Value = u1.next().await;
+        assert_eq!(ev["type"], "change", "{ev}");
+        assert_eq!(ev["key"], format!("r{i}"), "{ev}");
+    }
+    pg.psql("restart", &order("r5", "b1"));
+    assert_eq!(u1.change().await["key"], "r5");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_without_a_primary_key_is_refused_at_start_naming_it() {
+    let pg = server("nopk", "CREATE TABLE events (owner_id text, what text);");
+    let dir = tempfile::tempdir().unwrap();
+    let routes = "[[route]]\nname = \"events\"\ncollection = \"events\"\nto = \"$owner_id\"\n";
+    let plan = changecast::plan::Plan::compile(
+        &changecast::config::Config::parse(&config(&pg, "nopk", "", routes, dir.path())).unwrap(),
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = match changecast::server::start(plan, listener, None).await {
+        Ok(_) => panic!("started with a table that has no primary key"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("table `events` has no primary key"), "{err}");
+}
