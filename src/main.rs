@@ -305,6 +305,11 @@ fn check(path: &Path, strict: bool) -> ExitCode {
         Some(plan) => {
             println!("{}: ok", path.display());
             print!("{}", plan.describe());
+            // PostgreSQL has a catalog to check names against, as SQLite's file does:
+            // `check` reads it with or without --connect.
+            if let changecast::plan::SourcePlan::Postgres(_) = &plan.source {
+                return run_async(changecast::source::mongodb::preflight::run(plan));
+            }
             ExitCode::SUCCESS
         }
         None => ExitCode::FAILURE,

@@ -349,3 +349,374 @@ async fn a_table_without_a_primary_key_is_refused_at_start_naming_it() {
     };
     assert!(err.contains("table `events` has no primary key"), "{err}");
 }
+
+/// A client connection of the test's own, as an application's would be.
+async fn sql(pg: &PgServer, db: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(&pg.url(db), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_slot_is_recreated_and_clients_get_gap_once() {
+    let pg = server("dropped", "");
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(&config(&pg, "dropped", "", "", dir.path())).await;
+    ready(&gw).await;
+    let (mut u1, _) = Ws::user(&gw, "u1", None).await;
+    pg.psql("dropped", &order("d1", "b1"));
+    assert_eq!(u1.change().await["key"], "d1");
+
+    // Drop the slot under changecast: end its walsender, then drop it before changecast
+    // takes it again (retried while it is back in use).
+    let admin = sql(&pg, "dropped").await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        admin
+            .execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                 WHERE slot_name = 'changecast' AND active_pid IS NOT NULL",
+                &[],
+            )
+            .await
+            .unwrap();
+        match admin
+            .execute("SELECT pg_drop_replication_slot('changecast')", &[])
+            .await
+        {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < deadline, "cannot drop the slot: {e:?}"),
+        }
+    }
+
+    // Clients are told, once; delivery resumes on the new slot.
+    let gap = u1.next().await;
+    assert_eq!(gap["type"], "gap", "{gap}");
+    ready(&gw).await;
+    pg.psql("dropped", &order("d2", "b1"));
+    assert_eq!(u1.change().await["key"], "d2");
+    pg.psql("dropped", &order("d3", "b1"));
+    assert_eq!(u1.change().await["key"], "d3", "no second gap");
+    assert_eq!(
+        pg.psql(
+            "dropped",
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'changecast'"
+        )
+        .trim(),
+        "1"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_of_postgres_mid_run_loses_and_repeats_nothing() {
+    let mut pg = server("crash", "");
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(&config(&pg, "crash", "", "", dir.path())).await;
+    ready(&gw).await;
+    let (mut u1, _) = Ws::user(&gw, "u1", None).await;
+    pg.psql("crash", &order("p1", "b1"));
+    assert_eq!(u1.change().await["key"], "p1");
+
+    // Committed, then the server dies at once (before changecast may have read it).
+    pg.psql("crash", &order("p2", "b1"));
+    pg.crash();
+    // /readyz says why while the server is away.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let res = reqwest::get(gw.http("/readyz")).await.unwrap();
+        if res.status() != 200 {
+            let body = res.text().await.unwrap();
+            assert!(body.contains("postgres source"), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "/readyz stayed ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pg.restart();
+    pg.psql("crash", &order("p3", "b1"));
+    for key in ["p2", "p3"] {
+        let ev = u1.next().await;
+        assert_eq!(ev["type"], "change", "{ev}");
+        assert_eq!(ev["key"], key, "{ev}");
+    }
+    ready(&gw).await;
+    pg.psql("crash", &order("p4", "b1"));
+    assert_eq!(u1.change().await["key"], "p4", "nothing repeated");
+    gw.stop().await;
+}
+
+/// Runs `changecast check --config <file>` (plus `args`) on `config`.
+async fn check(config: String, args: &[&str]) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("changecast.toml");
+    std::fs::write(&file, config).unwrap();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_changecast"))
+                .arg("check")
+                .args(&args)
+                .arg("--config")
+                .arg(&file)
+                .output()
+                .expect("the binary runs")
+        }),
+    )
+    .await
+    .expect("check finishes in time")
+    .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_validates_tables_and_columns_against_the_catalog_and_shows_the_slot() {
+    let pg = server(
+        "checked",
+        "CREATE TABLE events (owner_id text, what text);
+         CREATE TABLE things (id integer PRIMARY KEY, owner_id text, label text);",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let bad_routes = "[[route]]\nname = \"events\"\ncollection = \"events\"\nto = \"$owner_id\"\n\n\
+                      [[route]]\nname = \"things\"\ncollection = \"things\"\nto = \"$ownerid\"\n";
+    let (code, out) = check(config(&pg, "checked", "", bad_routes, dir.path()), &[]).await;
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("error: route[1].collection: table `events` has no primary key"),
+        "{out}"
+    );
+    assert!(
+        out.contains("no column `ownerid` in `things`; did you mean `owner_id`?"),
+        "{out}"
+    );
+
+    let good = config(&pg, "checked", "", "", dir.path());
+    let (code, out) = check(good.clone(), &["--connect"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok: source.url: wal_level = logical"), "{out}");
+    assert!(
+        out.contains("ok: source.pre_images: will set REPLICA IDENTITY FULL on `orders` at start"),
+        "{out}"
+    );
+    assert!(
+        out.contains("ok: source.slot: slot `changecast` will be created (pgoutput)"),
+        "{out}"
+    );
+
+    // Once serve has made it, the slot's retained WAL is a line of its own.
+    let gw = Gateway::start(&good).await;
+    ready(&gw).await;
+    gw.stop().await;
+    let (code, out) = check(good, &[]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("ok: source.slot: slot `changecast` retains ")
+            && out.contains(" of WAL (not in use)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("ok: source.pre_images: `orders` has REPLICA IDENTITY FULL"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidated_slot_is_recreated_and_a_resuming_client_gets_gap() {
+    let pg = server("lost", "");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&pg, "lost", "", "", dir.path());
+    let gw = Gateway::start(&cfg).await;
+    ready(&gw).await;
+    let (mut u1, _) = Ws::user(&gw, "u1", None).await;
+    pg.psql("lost", &order("l1", "b1"));
+    let first = u1.change().await;
+    drop(u1);
+    gw.stop().await;
+
+    // While changecast is down, the server removes WAL the slot still needs.
+    pg.psql("lost", "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'");
+    pg.psql("lost", "SELECT pg_reload_conf()");
+    for i in 2..=5 {
+        pg.psql("lost", &order(&format!("l{i}"), "b1"));
+        pg.psql("lost", "SELECT pg_switch_wal()");
+    }
+    pg.psql("lost", "CHECKPOINT");
+    assert_eq!(
+        pg.psql(
+            "lost",
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'changecast'"
+        )
+        .trim(),
+        "lost"
+    );
+
+    let gw = Gateway::start(&cfg).await;
+    ready(&gw).await;
+    let (mut u1, _) = Ws::user(&gw, "u1", Some(first["id"].as_str().unwrap())).await;
+    let gap = u1.next().await;
+    assert_eq!(gap["type"], "gap", "{gap}");
+    pg.psql("lost", &order("l6", "b1"));
+    assert_eq!(u1.change().await["key"], "l6");
+    assert_eq!(
+        pg.psql(
+            "lost",
+            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'changecast'"
+        )
+        .trim(),
+        "reserved"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_manage_assume_a_missing_slot_keeps_readyz_down_until_it_exists() {
+    let pg = server("assumed", "ALTER TABLE orders REPLICA IDENTITY FULL;");
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(&config(
+        &pg,
+        "assumed",
+        "manage = \"assume\"",
+        "",
+        dir.path(),
+    ))
+    .await;
+    let deadline = Instant::now() + WAIT;
+    let body = loop {
+        let res = reqwest::get(gw.http("/readyz")).await.unwrap();
+        let status = res.status();
+        let body = res.text().await.unwrap();
+        if body.contains("manage = \\\"assume\\\"") || body.contains("manage = \"assume\"") {
+            assert_ne!(status, 200);
+            break body;
+        }
+        assert!(Instant::now() < deadline, "no reason on /readyz: {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        body.contains("publication `changecast` does not exist"),
+        "{body}"
+    );
+    assert_eq!(
+        pg.psql("assumed", "SELECT count(*) FROM pg_publication")
+            .trim(),
+        "0",
+        "assume creates nothing"
+    );
+
+    // Once they exist, the retries find them and delivery starts.
+    pg.psql(
+        "assumed",
+        "CREATE PUBLICATION changecast FOR TABLE orders, businesses",
+    );
+    pg.psql(
+        "assumed",
+        "SELECT pg_create_logical_replication_slot('changecast', 'pgoutput')",
+    );
+    ready(&gw).await;
+    let (mut u1, _) = Ws::user(&gw, "u1", None).await;
+    pg.psql("assumed", &order("a1", "b1"));
+    assert_eq!(u1.change().await["key"], "a1");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_to_unwatched_tables_do_not_pin_the_slots_wal() {
+    let pg = server(
+        "quiet",
+        "CREATE TABLE other (id serial PRIMARY KEY, v text);",
+    );
+    // Keepalives every half second (wal_sender_timeout / 2) instead of every 30 s.
+    pg.psql("quiet", "ALTER SYSTEM SET wal_sender_timeout = '1s'");
+    pg.psql("quiet", "SELECT pg_reload_conf()");
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(&config(&pg, "quiet", "", "", dir.path())).await;
+    ready(&gw).await;
+    let (mut u1, _) = Ws::user(&gw, "u1", None).await;
+    pg.psql("quiet", &order("q1", "b1"));
+    assert_eq!(u1.change().await["key"], "q1");
+
+    // Only unwatched writes from here: the slot's confirmed position still moves past
+    // them, so the server can recycle their WAL.
+    pg.psql(
+        "quiet",
+        "INSERT INTO other (v) SELECT md5(i::text) FROM generate_series(1, 20000) i",
+    );
+    let written = pg
+        .psql("quiet", "SELECT pg_current_wal_lsn()")
+        .trim()
+        .to_owned();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let passed = pg.psql(
+            "quiet",
+            &format!(
+                "SELECT confirmed_flush_lsn >= '{written}' FROM pg_replication_slots \
+                 WHERE slot_name = 'changecast'"
+            ),
+        );
+        if passed.trim() == "t" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slot stayed behind {written}: {}",
+            pg.psql(
+                "quiet",
+                "SELECT confirmed_flush_lsn FROM pg_replication_slots"
+            )
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Delivery goes on, with nothing in between.
+    pg.psql("quiet", &order("q2", "b1"));
+    assert_eq!(u1.change().await["key"], "q2");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_moved_between_businesses_tells_both_owners_and_a_new_owner_is_looked_up() {
+    let pg = server("moves", "");
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(&config(&pg, "moves", "", "", dir.path())).await;
+    ready(&gw).await;
+    let (mut u1, _) = Ws::user(&gw, "u1", None).await;
+    let (mut u2, _) = Ws::user(&gw, "u2", None).await;
+    pg.psql("moves", &order("m1", "b1"));
+    assert_eq!(u1.change().await["key"], "m1");
+
+    // The old row (REPLICA IDENTITY FULL) names the old owner, the new row the new one.
+    pg.psql(
+        "moves",
+        "UPDATE orders SET creator_id = 'b2' WHERE _id = 'm1'",
+    );
+    let old = u1.change().await;
+    let new = u2.change().await;
+    assert_eq!(old, new);
+    assert_eq!(old["doc"]["creator_id"], "b2");
+
+    // b1 changes hands: the cached lookup is invalidated by the change to `businesses`.
+    pg.psql(
+        "moves",
+        r#"UPDATE businesses SET owner = '{"_id": "u2"}' WHERE _id = 'b1'"#,
+    );
+    pg.psql("moves", &order("m2", "b1"));
+    assert_eq!(u2.change().await["key"], "m2");
+    // u1's next event would be m2 had the cached old owner been used.
+    pg.psql(
+        "moves",
+        "UPDATE businesses SET owner = '{\"_id\": \"u1\"}' WHERE _id = 'b2'",
+    );
+    pg.psql("moves", &order("m4", "b2"));
+    assert_eq!(u1.change().await["key"], "m4");
+    gw.stop().await;
+}

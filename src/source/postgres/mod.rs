@@ -29,6 +29,9 @@
 //!   position of another slot or server, a slot that had to be created (dropped, or
 //!   invalidated by `max_slot_wal_keep_size`), or a slot whose confirmed position is past
 //!   the history's: the next batch has `lost_history` (clients get `gap` once).
+//!   Between transactions, the position of a server keepalive (every commit before it
+//!   has been sent) is handed over as an empty batch, at most once a second, so that
+//!   writes to unwatched tables (which pgoutput skips) never pin the slot's WAL.
 //! - Failures: the connection is reopened after 50 ms doubling to 5 s (with jitter), from
 //!   the last position handed over; `/readyz` is down with the reason meanwhile.
 //! - Values: see [`decode`]. An update carries the old row when the replica identity
@@ -36,6 +39,8 @@
 //!   `before` holds the key columns only. An unchanged TOASTed value (a large value the
 //!   update did not touch) is filled from the old row when the update carries it (`FULL`),
 //!   else left out of the document — never sent as `null`.
+//! - Lookups read the current state: PostgreSQL cannot read the past on an ordinary
+//!   connection, so changes carry no `as_of` (see [`lookup`]).
 //! - `TRUNCATE`: rows go away without per-row events, as a dropped MongoDB collection's
 //!   do: logged and counted once per truncated table in `changecast_source_drops_total`;
 //!   nothing is delivered for it.
@@ -72,6 +77,8 @@ const SESSION_OPTIONS: &str =
 const RETAINED_WAL_EVERY: Duration = Duration::from_secs(10);
 /// How soon an acknowledged position is reported to the server.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+/// A quiet stream's position is handed over at most this often.
+const QUIET_EVERY: Duration = Duration::from_secs(1);
 /// Longest a connection attempt or a setup query may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -823,6 +830,7 @@ impl PgSource {
         let ident = self.ident.clone().unwrap_or_default();
         let mut relations: HashMap<u32, Relation> = HashMap::new();
         let mut txn: Option<Vec<Change>> = None;
+        let mut last_quiet: Option<std::time::Instant> = None;
         loop {
             let event = tokio::select! {
                 biased;
@@ -879,9 +887,29 @@ impl PgSource {
                     }
                     self.sent_upto = end;
                 }
-                ReplicationEvent::KeepAlive { .. }
-                | ReplicationEvent::Message { .. }
-                | ReplicationEvent::StoppedAt { .. } => {}
+                ReplicationEvent::KeepAlive { wal_end, .. } => {
+                    // Between transactions the server has sent every commit before
+                    // `wal_end`: hand that position over (an empty batch, through the
+                    // history like any other) so that writes to unwatched tables never
+                    // pin the slot's WAL. At most once a second.
+                    let end = wal_end.as_u64();
+                    if txn.is_none()
+                        && end > self.sent_upto
+                        && last_quiet.is_none_or(|t| t.elapsed() >= QUIET_EVERY)
+                    {
+                        last_quiet = Some(std::time::Instant::now());
+                        let batch = Batch::new(Vec::new(), position(end, &ident));
+                        tokio::select! {
+                            biased;
+                            _ = shutdown.cancelled() => return Ended::Shutdown(repl),
+                            sent = out.send(batch) => if sent.is_err() {
+                                return Ended::RouterGone;
+                            }
+                        }
+                        self.sent_upto = end;
+                    }
+                }
+                ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
             }
         }
     }
