@@ -39,6 +39,11 @@
 //! `--url` takes several URLs (comma-separated, the nodes of a cluster): each key's
 //! connections go to them in turn, and the output counts connections and events per URL.
 //!
+//! `--db` is an SQLite file, or a PostgreSQL database (`postgres://user@host:port/db`, for
+//! the PostgreSQL source, `bench/postgres.sh`): `init` makes the same tables there (`owner`
+//! as jsonb), and the writer inserts each tick's rows with one `INSERT ... SELECT FROM
+//! unnest(...)` (one transaction per tick, as on SQLite).
+//!
 //! Output: one JSON line on stdout.
 
 #![recursion_limit = "256"]
@@ -102,7 +107,7 @@ enum Cmd {
 
 #[derive(clap::Args, Clone)]
 struct WriterArgs {
-    /// The SQLite file the server tails.
+    /// The SQLite file the server tails, or a `postgres://` URL.
     #[arg(long)]
     db: String,
     /// Orders per second.
@@ -230,6 +235,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn init(db: &str, users: usize, businesses: usize) -> anyhow::Result<()> {
+    if is_pg(db) {
+        return init_pg(db, users, businesses);
+    }
     let _ = std::fs::remove_file(db);
     for ext in ["-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{db}{ext}"));
@@ -284,6 +292,9 @@ struct WriteOutcome {
 /// Open-loop writer: every millisecond, inserts the rows due by then in one transaction.
 /// Row n goes to key n % K with sequence n / K + 1.
 fn write_orders(w: &WriterArgs, keys: &[String]) -> anyhow::Result<WriteOutcome> {
+    if is_pg(&w.db) {
+        return write_orders_pg(w, keys);
+    }
     let conn = rusqlite::Connection::open(&w.db)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     let run = format!("{:x}", now_us());
@@ -314,6 +325,114 @@ fn write_orders(w: &WriterArgs, keys: &[String]) -> anyhow::Result<WriteOutcome>
                 n += 1;
             }
             conn.execute_batch("COMMIT")?;
+            busy_max = busy_max.max(t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let finals = (0..k)
+        .map(|i| {
+            if total > i {
+                (total - i).div_ceil(k)
+            } else {
+                0
+            }
+        })
+        .collect();
+    Ok(WriteOutcome {
+        json: json!({"rows": n, "seconds": secs, "rows_per_s": n as f64 / secs,
+                     "max_txn_ms": busy_max.as_secs_f64() * 1e3}),
+        finals,
+        start_us,
+    })
+}
+
+/// `--db` names a PostgreSQL database rather than an SQLite file.
+fn is_pg(db: &str) -> bool {
+    db.starts_with("postgres://") || db.starts_with("postgresql://")
+}
+
+/// A current-thread runtime for the PostgreSQL client (the writer runs on a thread of its
+/// own, outside the receiving runtime) and a connection on it.
+fn pg_connect(url: &str) -> anyhow::Result<(tokio::runtime::Runtime, tokio_postgres::Client)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let client = rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        anyhow::Ok(client)
+    })?;
+    Ok((rt, client))
+}
+
+/// [`init`] on PostgreSQL: the same tables (fresh), users and businesses.
+fn init_pg(url: &str, users: usize, businesses: usize) -> anyhow::Result<()> {
+    let (rt, c) = pg_connect(url)?;
+    rt.block_on(async {
+        c.batch_execute(
+            "DROP TABLE IF EXISTS orders, users, businesses;
+             CREATE TABLE businesses (_id text PRIMARY KEY, name text NOT NULL, owner jsonb NOT NULL);
+             CREATE TABLE users (_id text PRIMARY KEY, email text NOT NULL UNIQUE, name text NOT NULL,
+                                 business_id text NOT NULL);
+             CREATE INDEX users_business ON users(business_id);
+             CREATE TABLE orders (_id text PRIMARY KEY, creator_id text NOT NULL, item_id text NOT NULL,
+                                  quantity integer NOT NULL, status text NOT NULL);",
+        )
+        .await?;
+        c.execute(
+            "INSERT INTO businesses SELECT 'b' || i, 'Business ' || i, jsonb_build_object('_id', 'u' || i)
+             FROM generate_series(0, $1::int4 - 1) i",
+            &[&(businesses as i32)],
+        )
+        .await?;
+        c.execute(
+            "INSERT INTO users SELECT 'u' || i, 'u' || i || '@bench.example', 'User ' || i,
+                    'b' || (i % $2::int4) FROM generate_series(0, $1::int4 - 1) i",
+            &[&(users as i32), &(businesses.max(1) as i32)],
+        )
+        .await?;
+        anyhow::Ok(())
+    })?;
+    println!(
+        "{}",
+        json!({"init": url, "users": users, "businesses": businesses})
+    );
+    Ok(())
+}
+
+/// [`write_orders`] on PostgreSQL: the same rows and ticks; each tick's rows are one
+/// statement (`unnest` of arrays), so one transaction, one round trip.
+fn write_orders_pg(w: &WriterArgs, keys: &[String]) -> anyhow::Result<WriteOutcome> {
+    let (rt, client) = pg_connect(&w.db)?;
+    let insert = rt.block_on(client.prepare(
+        "INSERT INTO orders (_id, creator_id, item_id, quantity, status)
+         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::text[])",
+    ))?;
+    let run = format!("{:x}", now_us());
+    let k = keys.len().max(1) as u64;
+    let total = (w.rate * w.duration).round() as u64;
+    let start = Instant::now();
+    let start_us = now_us();
+    let mut n: u64 = 0;
+    let mut busy_max = Duration::ZERO;
+    while n < total {
+        let due = ((start.elapsed().as_secs_f64() * w.rate) as u64).min(total);
+        if due > n {
+            let t0 = Instant::now();
+            let (mut ids, mut ks, mut items, mut seqs, mut statuses) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            while n < due {
+                ids.push(format!("{run}-{n}"));
+                ks.push(keys[(n % k) as usize].clone());
+                items.push("i1");
+                seqs.push((n / k + 1) as i32);
+                statuses.push(now_us().to_string());
+                n += 1;
+            }
+            rt.block_on(client.execute(&insert, &[&ids, &ks, &items, &seqs, &statuses]))?;
             busy_max = busy_max.max(t0.elapsed());
         }
         std::thread::sleep(Duration::from_millis(1));

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test binary uses part of the harness
 
+pub mod backend;
 pub mod binary;
 pub mod cluster;
 pub mod nats;

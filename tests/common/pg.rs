@@ -173,22 +173,53 @@ impl PgServer {
         format!("postgres://{SUPERUSER}@127.0.0.1:{}/{db}", self.port)
     }
 
-    /// Runs `sql` (one or more statements) with `psql` in database `db`; panics with
-    /// psql's message if a statement fails. Returns what psql printed (unaligned, tuples
-    /// only, `|`-separated).
-    pub fn psql(&self, db: &str, sql: &str) -> String {
-        let out = Command::new(self.bin.join("psql"))
-            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+    /// `psql` connected to database `db` over loopback, quiet, stopping at the first
+    /// error; add `-c SQL` or `-f FILE`.
+    pub fn psql_command(&self, db: &str) -> Command {
+        let mut cmd = Command::new(self.bin.join("psql"));
+        cmd.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(["-U", SUPERUSER, "-d", db, "-c", sql])
+            .args(["-U", SUPERUSER, "-d", db]);
+        cmd
+    }
+
+    /// Runs `sql` (one or more statements, one transaction) with `psql` in database `db`:
+    /// what psql printed (unaligned, tuples only, `|`-separated), or its error message.
+    pub fn try_psql(&self, db: &str, sql: &str) -> Result<String, String> {
+        let out = self
+            .psql_command(db)
+            .args(["-c", sql])
+            .output()
+            .expect("runs psql");
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// [`PgServer::try_psql`] that panics with psql's message if a statement fails.
+    pub fn psql(&self, db: &str, sql: &str) -> String {
+        self.try_psql(db, sql)
+            .unwrap_or_else(|e| panic!("psql failed on {sql:?}:\n{e}"))
+    }
+
+    /// Runs the SQL file at `path` with `psql -f` in database `db` (as a user following the
+    /// README would; each statement commits by itself); panics with psql's message if a
+    /// statement fails.
+    pub fn psql_file(&self, db: &str, path: &Path) {
+        let out = self
+            .psql_command(db)
+            .arg("-f")
+            .arg(path)
             .output()
             .expect("runs psql");
         assert!(
             out.status.success(),
-            "psql failed on {sql:?}:\n{}",
+            "psql -f {} failed:\n{}",
+            path.display(),
             String::from_utf8_lossy(&out.stderr)
         );
-        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Creates database `name`.
