@@ -165,6 +165,11 @@ pub async fn run(
         for change in &batch.changes {
             events.extend(route(router, change).await);
         }
+        if router.gave_up() {
+            // Shutting down while a lookup waited for the database: this batch is not
+            // stored or acknowledged, and the source reads it again after the restart.
+            return Err(StreamError::Stopped);
+        }
         let end = batch.end.clone();
         let routed = RoutedBatch {
             lost_history: batch.lost_history,

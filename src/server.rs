@@ -497,6 +497,20 @@ pub async fn start(
     })
 }
 
+/// The plan's router, its lookups waiting out an unreachable database until `shutdown`
+/// ([`crate::source::patient`]) instead of skipping deliveries.
+fn patient_router(
+    plan: &Plan,
+    lookup: Arc<dyn Lookup>,
+    health: &Arc<Health>,
+    shutdown: &CancellationToken,
+) -> crate::route::Router {
+    let patient =
+        crate::source::patient::Patient::new(lookup, Arc::clone(health), shutdown.clone());
+    let gave_up = patient.gave_up();
+    plan.router(Arc::new(patient)).interrupted_by(gave_up)
+}
+
 /// The pipeline's end: `Ok` on shutdown, the first failure otherwise.
 type Pipeline = futures_util::future::BoxFuture<'static, anyhow::Result<()>>;
 
@@ -511,10 +525,10 @@ fn single_process(
     publish_rx: mpsc::Receiver<PublishRequest>,
     shutdown: &CancellationToken,
 ) -> Pipeline {
-    let router = plan.router(lookup);
+    let health = Arc::clone(&deliver.health);
+    let router = patient_router(plan, lookup, &health, shutdown);
     let (batch_tx, batch_rx) = mpsc::channel(BATCH_QUEUE);
     let (ack_tx, ack_rx) = watch::channel(None);
-    let health = Arc::clone(&deliver.health);
     let source_task = tasks.spawn(
         "source",
         source.run(batch_tx, ack_rx, health, shutdown.clone()),
@@ -730,7 +744,7 @@ async fn route_term(
     let from = publish::resume_position(nats)
         .await
         .map_err(|e| e.to_string())?;
-    let router = plan.router(Arc::clone(lookup));
+    let router = patient_router(plan, Arc::clone(lookup), health, term);
     if let Some(window) = router.longest_cooldown() {
         let fired = publish::recent_alerts(nats, window)
             .await

@@ -24,7 +24,10 @@
 //! A rule that fails on one document (a missing field, a failed lookup, a condition that
 //! does not evaluate, no recipients at all) is logged with the rule, the document key and
 //! the reason, counted in `changecast_rule_skips_total{rule, name, reason}`, and skips only
-//! that delivery; it never stops the router or other rules.
+//! that delivery; it never stops the router or other rules. A lookup that cannot reach the
+//! database at all is not such a failure: the serving router's lookups
+//! ([`crate::source::patient`]) wait for it to answer, so an outage delays events but
+//! drops none.
 //!
 //! [`Router::explain`] runs the same evaluation as a dry run that fills in a
 //! [`trace::RuleTrace`] per rule instead of logging, counting or touching the cache.
@@ -179,6 +182,9 @@ pub struct Router {
     alerts: HashMap<String, Vec<(usize, Alert)>>,
     engine: AlertEngine,
     lookup: CachedLookup,
+    /// Set when a lookup gave up waiting for the database on shutdown
+    /// ([`crate::source::patient::Patient`]): the changes being routed are incomplete.
+    gave_up: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Router {
@@ -208,7 +214,22 @@ impl Router {
             alerts: alerts_by,
             engine,
             lookup: CachedLookup::new(lookup, cache_entries),
+            gave_up: None,
         }
+    }
+
+    /// `flag` is set when a lookup gives up on shutdown (see [`Router::gave_up`]).
+    pub fn interrupted_by(mut self, flag: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.gave_up = Some(flag);
+        self
+    }
+
+    /// A lookup gave up waiting for the database (shutdown): what was routed since may
+    /// lack recipients, so it must not be stored or acknowledged.
+    pub fn gave_up(&self) -> bool {
+        self.gave_up
+            .as_ref()
+            .is_some_and(|f| f.load(std::sync::atomic::Ordering::Acquire))
     }
 
     /// The longest alert cooldown (`None`: no alert has one).

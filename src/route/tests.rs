@@ -664,3 +664,139 @@ async fn explain_traces_a_route_that_does_not_listen_and_a_missing_field() {
         "route orders reaches nobody (owner._id from `businesses` where _id = $creator_id: the document has no `creator_id` (missing_field))"
     );
 }
+
+/// Lookups that cannot reach the database for the first `down` calls (all of them with
+/// `usize::MAX`), then answer from `docs`; each call notes what `/readyz` says then.
+struct Flaky {
+    docs: Arc<Docs>,
+    down: usize,
+    calls: std::sync::atomic::AtomicUsize,
+    health: Arc<crate::source::Health>,
+    seen: Mutex<Vec<Option<String>>>,
+}
+
+impl Flaky {
+    fn new(down: usize, health: &Arc<crate::source::Health>) -> Arc<Flaky> {
+        Arc::new(Flaky {
+            docs: docs(),
+            down,
+            calls: Default::default(),
+            health: Arc::clone(health),
+            seen: Mutex::default(),
+        })
+    }
+}
+
+impl Lookup for Flaky {
+    fn find(&self, query: Query) -> BoxFuture<'_, Result<Vec<Value>, LookupError>> {
+        self.seen.lock().unwrap().push(self.health.problem());
+        let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if n < self.down {
+            return Box::pin(async move {
+                Err(LookupError::Unavailable {
+                    collection: query.collection,
+                    message: "connection refused".into(),
+                })
+            });
+        }
+        self.docs.find(query)
+    }
+}
+
+fn patient_router(
+    flaky: &Arc<Flaky>,
+    health: &Arc<crate::source::Health>,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Router {
+    let patient = crate::source::patient::Patient::new(
+        Arc::clone(flaky) as Arc<dyn Lookup>,
+        Arc::clone(health),
+        shutdown.clone(),
+    );
+    let gave_up = patient.gave_up();
+    Router::new(
+        vec![compile(OWNER, "").unwrap()],
+        vec![],
+        Arc::new(patient),
+        100,
+    )
+    .interrupted_by(gave_up)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lookup_that_cannot_reach_the_database_waits_then_routes_to_the_owner() {
+    let health = Arc::new(crate::source::Health::default());
+    let flaky = Flaky::new(3, &health);
+    let router = patient_router(&flaky, &health, &Default::default());
+    let c = change(
+        Op::Insert,
+        None,
+        Some(json!({"_id": "o1", "creator_id": "b1"})),
+    );
+    let d = router.route(&c).await;
+    assert_eq!(d.len(), 1, "delivered, not skipped");
+    assert_eq!(ids(&d[0]), vec!["u1"]);
+    let seen = flaky.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 4, "asked until it answered: {seen:?}");
+    assert_eq!(seen[0], None);
+    for reason in &seen[1..] {
+        let reason = reason.as_deref().unwrap_or_default();
+        assert!(
+            reason.starts_with("lookups: lookup in `businesses`: the database cannot be reached"),
+            "/readyz says why while it waits: {reason:?}"
+        );
+    }
+    assert_eq!(health.problem(), None, "ready again once it answered");
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_while_a_lookup_waits_stops_routing_without_storing_or_acknowledging() {
+    use crate::router::{EventStream, RoutedBatch, StreamError};
+    /// Records every batch appended.
+    #[derive(Default)]
+    struct Recorded(Mutex<Vec<usize>>);
+    impl EventStream for Recorded {
+        fn append(
+            &self,
+            batch: RoutedBatch,
+        ) -> BoxFuture<'_, Result<Option<Position>, StreamError>> {
+            self.0.lock().unwrap().push(batch.events.len());
+            Box::pin(async move { Ok(Some(batch.end)) })
+        }
+        fn publish(
+            &self,
+            _: crate::change::Recipients,
+            _: String,
+        ) -> BoxFuture<'_, Result<String, StreamError>> {
+            Box::pin(async { Err(StreamError::Stopped) })
+        }
+    }
+
+    let health = Arc::new(crate::source::Health::default());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let flaky = Flaky::new(usize::MAX, &health);
+    let router = patient_router(&flaky, &health, &shutdown);
+    let stream = Recorded::default();
+    let (batch_tx, batch_rx) = tokio::sync::mpsc::channel(4);
+    let (ack_tx, ack_rx) = tokio::sync::watch::channel(None);
+    let c = change(
+        Op::Insert,
+        None,
+        Some(json!({"_id": "o1", "creator_id": "b1"})),
+    );
+    batch_tx
+        .send(crate::source::Batch::new(vec![c], Position::from_seq(1)))
+        .await
+        .unwrap();
+    let run = crate::router::run(batch_rx, None, &router, &stream, ack_tx, None);
+    tokio::pin!(run);
+    // Let it wait for the database a while (paused time runs ahead when idle).
+    let waited = tokio::time::timeout(std::time::Duration::from_secs(30), &mut run).await;
+    assert!(waited.is_err(), "still waiting for the database");
+    assert!(flaky.seen.lock().unwrap().len() > 3);
+    shutdown.cancel();
+    let ended = run.await;
+    assert!(matches!(ended, Err(StreamError::Stopped)), "{ended:?}");
+    assert!(stream.0.lock().unwrap().is_empty(), "nothing stored");
+    assert_eq!(*ack_rx.borrow(), None, "nothing acknowledged");
+}

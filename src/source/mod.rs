@@ -9,6 +9,7 @@
 //! [`Lookup`] traits; nothing downstream knows which database it is reading.
 
 pub mod mongodb;
+pub mod patient;
 pub mod postgres;
 pub mod sqlite;
 
@@ -58,6 +59,8 @@ pub enum Component {
     Nats,
     /// A cluster node reading the stream up to where it stood when the node started.
     CatchUp,
+    /// The routing loop's lookups, waiting for an unreachable database.
+    Lookups,
 }
 
 impl Component {
@@ -218,8 +221,14 @@ pub enum SourceError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LookupError {
+    /// The query failed on the data (a type mismatch, a table gone): the rule skips this
+    /// delivery.
     #[error("lookup in `{collection}` failed: {message}")]
     Failed { collection: String, message: String },
+    /// The database could not be asked (connection refused or lost, server restarting):
+    /// the routing loop waits and asks again ([`patient::Patient`]).
+    #[error("lookup in `{collection}`: the database cannot be reached: {message}")]
+    Unavailable { collection: String, message: String },
 }
 
 #[cfg(test)]

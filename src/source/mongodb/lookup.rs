@@ -112,9 +112,24 @@ fn refusal(code: i32) -> &'static str {
 impl Lookup for MongoLookup {
     fn find(&self, query: Query) -> BoxFuture<'_, Result<Vec<serde_json::Value>, LookupError>> {
         Box::pin(async move {
-            let fail = |e: mongodb::error::Error| LookupError::Failed {
-                collection: query.collection.clone(),
-                message: e.to_string(),
+            let fail = |e: mongodb::error::Error| {
+                let (collection, message) = (query.collection.clone(), e.to_string());
+                // No answer from a server (network, no server selectable, a pool cleared
+                // by a failover): ask again later; a server's answer is about the query.
+                match &*e.kind {
+                    mongodb::error::ErrorKind::Io(_)
+                    | mongodb::error::ErrorKind::ServerSelection { .. }
+                    | mongodb::error::ErrorKind::ConnectionPoolCleared { .. } => {
+                        LookupError::Unavailable {
+                            collection,
+                            message,
+                        }
+                    }
+                    _ => LookupError::Failed {
+                        collection,
+                        message,
+                    },
+                }
             };
             if let Some(AsOf::ClusterTime { time, increment }) = query.as_of {
                 match self.find_at(&query, Timestamp { time, increment }).await {

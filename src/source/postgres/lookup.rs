@@ -67,8 +67,73 @@ impl PgLookup {
     }
 }
 
+/// Why a lookup failed, and whether the database could be asked at all.
+struct Fail {
+    message: String,
+    /// The connection was refused, lost or timed out, or the server is shutting down or
+    /// starting: asking again later may work ([`LookupError::Unavailable`]).
+    unavailable: bool,
+}
+
+impl From<String> for Fail {
+    fn from(message: String) -> Self {
+        Fail {
+            message,
+            unavailable: false,
+        }
+    }
+}
+
+impl Fail {
+    fn unavailable(message: String) -> Self {
+        Fail {
+            message,
+            unavailable: true,
+        }
+    }
+
+    /// A query's error: unavailable unless the server answered with an error about the
+    /// query itself.
+    fn of(e: &tokio_postgres::Error) -> Self {
+        let unavailable = match e.as_db_error() {
+            // No answer from the server: the connection broke or closed.
+            None => true,
+            Some(db) => {
+                let code = db.code().code();
+                // 08: connection exception; 57P01–57P03: the server shutting down or
+                // starting; 53: out of resources; 40001/40P01: retry the transaction.
+                code.starts_with("08")
+                    || code.starts_with("57P")
+                    || code.starts_with("53")
+                    || code == "40001"
+                    || code == "40P01"
+            }
+        };
+        Fail {
+            message: super::describe_pg_error(e),
+            unavailable,
+        }
+    }
+
+    fn into_error(self, collection: &str) -> LookupError {
+        let collection = collection.to_owned();
+        let message = self.message;
+        if self.unavailable {
+            LookupError::Unavailable {
+                collection,
+                message,
+            }
+        } else {
+            LookupError::Failed {
+                collection,
+                message,
+            }
+        }
+    }
+}
+
 impl Inner {
-    async fn client(&self) -> Result<Arc<Client>, String> {
+    async fn client(&self) -> Result<Arc<Client>, Fail> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.clients.len();
         let mut slot = self.clients[i].lock().await;
         if let Some(c) = slot.as_ref()
@@ -76,12 +141,12 @@ impl Inner {
         {
             return Ok(Arc::clone(c));
         }
-        let client = Arc::new(self.conn.connect().await.map_err(|e| e.to_string())?);
+        let client = Arc::new(self.conn.connect().await.map_err(Fail::unavailable)?);
         *slot = Some(Arc::clone(&client));
         Ok(client)
     }
 
-    async fn table(&self, client: &Client, name: &str) -> Result<Arc<TableInfo>, String> {
+    async fn table(&self, client: &Client, name: &str) -> Result<Arc<TableInfo>, Fail> {
         if let Some(t) = self
             .tables
             .lock()
@@ -92,7 +157,7 @@ impl Inner {
         }
         let info = read_table(client, name)
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(|e| Fail::of(&e))?
             .ok_or_else(|| format!("no table `{name}` in schema public"))?;
         let info = Arc::new(info);
         self.tables
@@ -109,7 +174,7 @@ impl Inner {
             .remove(name);
     }
 
-    async fn find(&self, query: &Query) -> Result<Vec<Value>, String> {
+    async fn find(&self, query: &Query) -> Result<Vec<Value>, Fail> {
         let client = self.client().await?;
         let table = self.table(&client, &query.collection).await?;
         let Some((sql, args)) = query_sql(&table, query) else {
@@ -129,15 +194,15 @@ impl Inner {
         table: &TableInfo,
         sql: &str,
         args: &[String],
-    ) -> Result<Vec<Value>, String> {
+    ) -> Result<Vec<Value>, Fail> {
         let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = args
             .iter()
             .map(|a| a as &(dyn tokio_postgres::types::ToSql + Sync))
             .collect();
         let rows = tokio::time::timeout(QUERY_TIMEOUT, client.query(sql, &params))
             .await
-            .map_err(|_| format!("no answer within {QUERY_TIMEOUT:?}"))?
-            .map_err(|e| super::describe_pg_error(&e))?;
+            .map_err(|_| Fail::unavailable(format!("no answer within {QUERY_TIMEOUT:?}")))?
+            .map_err(|e| Fail::of(&e))?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let mut doc = Map::with_capacity(table.columns.len());
@@ -154,13 +219,13 @@ impl Inner {
         Ok(out)
     }
 
-    async fn by_key(&self, table_name: &str, key: &str) -> Result<Option<Value>, String> {
+    async fn by_key(&self, table_name: &str, key: &str) -> Result<Option<Value>, Fail> {
         let client = self.client().await?;
         let table = self.table(&client, table_name).await?;
         let keys = table.key_columns();
         // One key column: the key is its text; several: the JSON array of their values.
         let values: Vec<String> = match keys.as_slice() {
-            [] => return Err(format!("table `{table_name}` has no primary key")),
+            [] => return Err(format!("table `{table_name}` has no primary key").into()),
             [_] => vec![key.to_owned()],
             many => match serde_json::from_str::<Vec<Value>>(key) {
                 Ok(v) if v.len() == many.len() => v.iter().map(decode::key_text).collect(),
@@ -279,10 +344,7 @@ impl Lookup for PgLookup {
             self.inner
                 .find(&query)
                 .await
-                .map_err(|message| LookupError::Failed {
-                    collection: query.collection.clone(),
-                    message,
-                })
+                .map_err(|fail| fail.into_error(&query.collection))
         })
     }
 
@@ -295,10 +357,7 @@ impl Lookup for PgLookup {
             self.inner
                 .by_key(collection, key)
                 .await
-                .map_err(|message| LookupError::Failed {
-                    collection: collection.to_owned(),
-                    message,
-                })
+                .map_err(|fail| fail.into_error(collection))
         })
     }
 }
