@@ -22,22 +22,6 @@ use crate::hub::{Hub, Prepared};
 use crate::router::{EventStream, RoutedBatch, StreamError};
 use crate::source::{Component, Health};
 
-/// Batches of at most this many events are stored on the delivering task's own thread
-/// when the writer is free ([`Deliver::store_and_deliver`]); larger ones, whose transaction
-/// takes longer than a task should block its thread, on a blocking thread.
-const INLINE_APPEND: usize = 16;
-
-fn records(prepared: &[Prepared]) -> Vec<Record<'_>> {
-    prepared
-        .iter()
-        .map(|p| Record {
-            seq: p.frame.seq,
-            json: p.frame.json.as_str(),
-            recipients: &p.recipients,
-        })
-        .collect()
-}
-
 /// Stores and delivers on this node.
 #[derive(Clone)]
 pub struct Deliver {
@@ -53,35 +37,20 @@ impl Deliver {
         if prepared.is_empty() && end.is_none() {
             return true;
         }
-        if let Some(store) = self.hub.store()
-            && prepared.len() <= INLINE_APPEND
-        {
-            let records = records(&prepared);
-            // On this thread: a small transaction (tens of µs, no fsync in WAL mode) costs
-            // less than the hop to a blocking thread and back, which on a busy core waits
-            // for the scheduler (p99 0.1–2 ms in workload (a)). A failure, or a writer held
-            // by the checkpointer, goes the blocking-thread way, with its retries.
-            match store.try_append(&records, end.as_ref()) {
-                Some(Ok(())) => {
-                    self.health.up(Component::History);
-                    for p in &prepared {
-                        self.hub.deliver(p);
-                    }
-                    return true;
-                }
-                Some(Err(e)) => {
-                    tracing::error!(error = %e, "history append failed; retrying");
-                    metrics::counter!("changecast_history_errors_total").increment(1);
-                }
-                None => {}
-            }
-        }
         let prepared = Arc::new(prepared);
         if let Some(store) = self.hub.store().cloned() {
             let events = Arc::clone(&prepared);
             if !self
                 .persist("history append", move || {
-                    store.append(&records(&events), end.as_ref())
+                    let records: Vec<Record> = events
+                        .iter()
+                        .map(|p| Record {
+                            seq: p.frame.seq,
+                            json: p.frame.json.as_str(),
+                            recipients: &p.recipients,
+                        })
+                        .collect();
+                    store.append(&records, end.as_ref())
                 })
                 .await
             {

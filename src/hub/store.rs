@@ -59,9 +59,6 @@ pub struct Pruned {
     pub floor: u64,
 }
 
-/// How long a connection waits for another's lock (`busy_timeout`) before failing.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// The history file.
 pub struct HistoryStore {
     path: PathBuf,
@@ -122,7 +119,7 @@ impl Checkpointer {
         let signal = Arc::new(CheckpointSignal::default());
         let thread = Connection::open(path)
             .and_then(|conn| {
-                conn.busy_timeout(BUSY_TIMEOUT)?;
+                conn.busy_timeout(Duration::from_secs(5))?;
                 Ok(conn)
             })
             .map_err(|e| e.to_string())
@@ -426,7 +423,7 @@ impl HistoryStore {
             )
         })?;
         let mut conn = Connection::open(path)?;
-        conn.busy_timeout(BUSY_TIMEOUT)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // NORMAL in WAL mode: a commit survives a process crash (kill -9); only a power
         // loss can take the last commits, and then the source checkpoint goes with them.
@@ -480,46 +477,8 @@ impl HistoryStore {
         records: &[Record<'_>],
         checkpoint: Option<&Position>,
     ) -> rusqlite::Result<()> {
-        self.append_with(&mut lock(&self.writer), records, checkpoint)
-    }
-
-    /// [`HistoryStore::append`] on the caller's thread, or `None` (nothing written) when
-    /// another thread holds the writer (an append, or the checkpointer's RESTART pass): the
-    /// caller then appends on a blocking thread instead of waiting here.
-    pub fn try_append(
-        &self,
-        records: &[Record<'_>],
-        checkpoint: Option<&Position>,
-    ) -> Option<rusqlite::Result<()>> {
-        let mut writer = match self.writer.try_lock() {
-            Ok(w) => w,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return None,
-        };
-        // Never wait on this thread for another process's lock: SQLITE_BUSY at once, and
-        // the caller takes the blocking path, which waits (busy timeout) and retries.
-        writer.conn.busy_timeout(Duration::ZERO).ok()?;
-        let result = self.append_with(&mut writer, records, checkpoint);
-        if let Err(e) = writer.conn.busy_timeout(BUSY_TIMEOUT) {
-            tracing::warn!(error = %e, "history: cannot restore the busy timeout");
-        }
-        match result {
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if e.code == rusqlite::ErrorCode::DatabaseBusy =>
-            {
-                None
-            }
-            result => Some(result),
-        }
-    }
-
-    fn append_with(
-        &self,
-        writer: &mut Writer,
-        records: &[Record<'_>],
-        checkpoint: Option<&Position>,
-    ) -> rusqlite::Result<()> {
-        let Writer { conn, audiences } = writer;
+        let mut writer = lock(&self.writer);
+        let Writer { conn, audiences } = &mut *writer;
         let result = append(conn, audiences, records, checkpoint);
         match result {
             Ok(()) => self.checkpointer.committed(),
@@ -542,7 +501,7 @@ impl HistoryStore {
         }
         let c =
             Connection::open_with_flags(&self.path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-        c.busy_timeout(BUSY_TIMEOUT)?;
+        c.busy_timeout(Duration::from_secs(5))?;
         Ok(c)
     }
 
@@ -871,52 +830,6 @@ mod tests {
         }
         create_private(&path).unwrap();
         assert_private(dir.path(), &["history.db", "history.db-wal"]);
-    }
-
-    /// The delivering task's inline append never waits: not for the checkpointer holding
-    /// the writer, not for another process's lock (with the 5 s busy timeout it would
-    /// wait, then fail); it writes nothing and says so, and writes once the way is free.
-    #[test]
-    fn try_append_gives_way_without_writing_when_the_writer_or_the_file_is_locked() {
-        let dir = tempfile::tempdir().unwrap();
-        let h = open(dir.path());
-        let u1 = users(&["u1"]);
-        let record = |seq| Record {
-            seq,
-            json: "{}",
-            recipients: &u1,
-        };
-        {
-            let _held = lock(&h.store.writer);
-            assert!(h.store.try_append(&[record(1)], None).is_none());
-        }
-        let other = Connection::open(dir.path().join("history.db")).unwrap();
-        other.execute_batch("BEGIN EXCLUSIVE;").unwrap();
-        let asked = std::time::Instant::now();
-        assert!(h.store.try_append(&[record(1)], None).is_none());
-        // It answered without sitting out the busy timeout (it takes microseconds).
-        assert!(asked.elapsed() < BUSY_TIMEOUT / 2, "{:?}", asked.elapsed());
-        other.execute_batch("ROLLBACK;").unwrap();
-        assert_eq!(
-            h.store.len().unwrap(),
-            0,
-            "nothing was written while locked"
-        );
-
-        assert!(matches!(
-            h.store.try_append(&[record(1)], None),
-            Some(Ok(()))
-        ));
-        assert_eq!(h.store.len().unwrap(), 1);
-        // The busy timeout is back: a blocking append waits out a short lock.
-        other.execute_batch("BEGIN EXCLUSIVE;").unwrap();
-        let release = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(200));
-            other.execute_batch("ROLLBACK;").unwrap();
-        });
-        h.store.append(&[record(2)], None).unwrap();
-        release.join().unwrap();
-        assert_eq!(h.store.len().unwrap(), 2);
     }
 
     #[test]
