@@ -58,7 +58,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::future::BoxFuture;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use serde_json::Value;
@@ -66,7 +65,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use super::{Batch, ChangeCounters, Component, Health, Source, SourceError};
+use super::{Batch, ChangeCounters, Component, Health, Source, SourceError, retry_backoff};
 use crate::change::{Change, Op, Position, changed_fields};
 use crate::config::{Images, PgManage, PostgresSourceConfig};
 use decode::{Datum, Message, OldKind, Relation};
@@ -1219,18 +1218,6 @@ fn router_gone() -> SourceError {
 fn skipped(reason: &'static str, why: &str) {
     tracing::warn!(reason, "postgres source: skipping a change: {why}");
     metrics::counter!("changecast_source_skipped_total", "reason" => reason).increment(1);
-}
-
-/// Delays between reconnects: 50 ms doubling to 5 s, with jitter, for as long as it fails.
-fn retry_backoff() -> Box<dyn Iterator<Item = Duration> + Send> {
-    Box::new(
-        ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(50))
-            .with_max_delay(Duration::from_secs(5))
-            .with_jitter()
-            .without_max_times()
-            .build(),
-    )
 }
 
 /// Sets `changecast_postgres_slot_retained_wal_bytes` every [`RETAINED_WAL_EVERY`] until
