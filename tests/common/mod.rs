@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod nats;
 pub mod pg;
 pub mod proxy;
+pub mod resume;
 pub mod server_log;
 
 use std::path::{Path, PathBuf};
