@@ -297,6 +297,9 @@ async fn a_lookup_connection_ended_by_the_server_is_reopened_and_nothing_is_skip
     b.exec("INSERT INTO orders VALUES ('k3', 'b3', 'i1', 1, 'pending');");
     let ev = u3.next().await;
     assert_eq!(ev["key"], "k3", "{ev}");
-    assert_eq!(lookup_failed_skips(&common::scrape(gw.addr).await) - before, 0.0);
+    assert_eq!(
+        lookup_failed_skips(&common::scrape(gw.addr).await) - before,
+        0.0
+    );
     gw.stop().await;
 }

@@ -6,6 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::binary::check;
 use common::pg::PgServer;
 use common::*;
 use serde_json::{Value, json};
@@ -400,37 +401,6 @@ async fn a_crash_of_postgres_mid_run_loses_and_repeats_nothing() {
     pg.psql("crash", &order("p4", "b1"));
     assert_eq!(u1.change().await["key"], "p4", "nothing repeated");
     gw.stop().await;
-}
-
-/// Runs `changecast check --config <file>` (plus `args`) on `config`.
-async fn check(config: String, args: &[&str]) -> (i32, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("changecast.toml");
-    std::fs::write(&file, config).unwrap();
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let out = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_changecast"))
-                .arg("check")
-                .args(&args)
-                .arg("--config")
-                .arg(&file)
-                .output()
-                .expect("the binary runs")
-        }),
-    )
-    .await
-    .expect("check finishes in time")
-    .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,6 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
 use common::pg::PgServer;
 use common::*;
@@ -137,28 +136,7 @@ fn changecast_connections(pg: &PgServer, db: &str) -> Vec<String> {
 
 /// Runs `changecast check --connect --config <file>` on `config`.
 async fn check(config: String) -> (i32, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("changecast.toml");
-    std::fs::write(&file, config).unwrap();
-    let out = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::task::spawn_blocking(move || {
-            Command::new(env!("CARGO_BIN_EXE_changecast"))
-                .args(["check", "--connect", "--config"])
-                .arg(&file)
-                .output()
-                .expect("the binary runs")
-        }),
-    )
-    .await
-    .expect("check finishes in time")
-    .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
+    common::binary::check(config, &["--connect"]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
