@@ -36,6 +36,24 @@ pub async fn read(ws: &mut Ws) -> Result<serde_json::Value, WsEnd> {
     }
 }
 
+/// A WebSocket connection to the gateway at `addr` with `token`, resuming after `since`
+/// when given; `None` when it cannot be made within 2 s (the server is down or starting).
+pub async fn connect(addr: SocketAddr, token: &str, since: Option<&str>) -> Option<Ws> {
+    let mut url = format!("ws://{addr}/v1/ws?token={token}");
+    if let Some(id) = since {
+        url.push_str(&format!("&since={id}"));
+    }
+    let connected = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio_tungstenite::connect_async(url),
+    )
+    .await;
+    let Ok(Ok((socket, _))) = connected else {
+        return None;
+    };
+    Some(Ws { socket })
+}
+
 /// What [`resuming_client`] does when a live connection stays silent.
 #[derive(Clone, Copy, Debug)]
 pub enum OnSilent {
@@ -66,20 +84,10 @@ pub async fn resuming_client(
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
-        let mut url = format!("ws://{a}/v1/ws?token={token}");
-        if let Some(id) = &since {
-            url.push_str(&format!("&since={id}"));
-        }
-        let connected = tokio::time::timeout(
-            Duration::from_secs(2),
-            tokio_tungstenite::connect_async(url),
-        )
-        .await;
-        let Ok(Ok((socket, _))) = connected else {
+        let Some(mut ws) = connect(a, &token, since.as_deref()).await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let mut ws = Ws { socket };
         match read(&mut ws).await {
             Ok(ready) => {
                 assert_eq!(ready["type"], "ready", "{user}: {ready}");
