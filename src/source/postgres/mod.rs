@@ -661,6 +661,22 @@ enum Ended {
     Failed(String),
 }
 
+/// Why [`PgSource::hand_over`] did not hand a batch over.
+enum NotSent {
+    Shutdown,
+    RouterGone,
+}
+
+impl NotSent {
+    /// How the stream on `repl` ends for it.
+    fn ended(self, repl: ReplicationClient) -> Ended {
+        match self {
+            NotSent::Shutdown => Ended::Shutdown(repl),
+            NotSent::RouterGone => Ended::RouterGone,
+        }
+    }
+}
+
 /// The PostgreSQL change feed. Created by [`PgSource::new`], started by [`Source::run`].
 pub struct PgSource {
     config: PostgresSourceConfig,
@@ -868,6 +884,24 @@ impl PgSource {
         Ok(Some(repl))
     }
 
+    /// Hands `batch`, which ends at WAL position `end`, to the router and notes `end` as
+    /// sent; shutdown wins when both are ready. `Err`: not handed over, and why.
+    async fn hand_over(
+        &mut self,
+        out: &mpsc::Sender<Batch>,
+        batch: Batch,
+        end: u64,
+        shutdown: &CancellationToken,
+    ) -> Result<(), NotSent> {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Err(NotSent::Shutdown),
+            sent = out.send(batch) => sent.map_err(|_| NotSent::RouterGone)?,
+        }
+        self.sent_upto = end;
+        Ok(())
+    }
+
     /// Reads transactions until shutdown or a failure.
     async fn stream(
         &mut self,
@@ -927,14 +961,9 @@ impl PgSource {
                         end: end_position,
                         lost_history: false,
                     };
-                    tokio::select! {
-                        biased;
-                        _ = shutdown.cancelled() => return Ended::Shutdown(repl),
-                        sent = out.send(batch) => if sent.is_err() {
-                            return Ended::RouterGone;
-                        }
+                    if let Err(stop) = self.hand_over(out, batch, end, shutdown).await {
+                        return stop.ended(repl);
                     }
-                    self.sent_upto = end;
                 }
                 ReplicationEvent::KeepAlive { wal_end, .. } => {
                     // Between transactions the server has sent every commit before
@@ -948,14 +977,9 @@ impl PgSource {
                     {
                         last_quiet = Some(std::time::Instant::now());
                         let batch = Batch::new(Vec::new(), position(end, &ident));
-                        tokio::select! {
-                            biased;
-                            _ = shutdown.cancelled() => return Ended::Shutdown(repl),
-                            sent = out.send(batch) => if sent.is_err() {
-                                return Ended::RouterGone;
-                            }
+                        if let Err(stop) = self.hand_over(out, batch, end, shutdown).await {
+                            return stop.ended(repl);
                         }
-                        self.sent_upto = end;
                     }
                 }
                 ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
