@@ -302,6 +302,32 @@ fn write_orders(w: &WriterArgs, keys: &[String]) -> anyhow::Result<WriteOutcome>
         "INSERT INTO orders (_id, creator_id, item_id, quantity, status) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
     let k = keys.len().max(1) as u64;
+    open_loop(w, k, |rows| {
+        conn.execute_batch("BEGIN")?;
+        for n in rows {
+            let key = &keys[(n % k) as usize];
+            let seq = n / k + 1;
+            stmt.execute((
+                format!("{run}-{n}"),
+                key,
+                "i1",
+                seq as i64,
+                now_us().to_string(),
+            ))?;
+        }
+        conn.execute_batch("COMMIT")?;
+        Ok(())
+    })
+}
+
+/// The schedule both writers keep: every millisecond, `tick(rows)` writes the rows due by
+/// then (`w.rate` a second, `w.duration` seconds in all) in one transaction. `k`: how many
+/// keys the rows go round.
+fn open_loop(
+    w: &WriterArgs,
+    k: u64,
+    mut tick: impl FnMut(std::ops::Range<u64>) -> anyhow::Result<()>,
+) -> anyhow::Result<WriteOutcome> {
     let total = (w.rate * w.duration).round() as u64;
     let start = Instant::now();
     let start_us = now_us();
@@ -311,20 +337,8 @@ fn write_orders(w: &WriterArgs, keys: &[String]) -> anyhow::Result<WriteOutcome>
         let due = ((start.elapsed().as_secs_f64() * w.rate) as u64).min(total);
         if due > n {
             let t0 = Instant::now();
-            conn.execute_batch("BEGIN")?;
-            while n < due {
-                let key = &keys[(n % k) as usize];
-                let seq = n / k + 1;
-                stmt.execute((
-                    format!("{run}-{n}"),
-                    key,
-                    "i1",
-                    seq as i64,
-                    now_us().to_string(),
-                ))?;
-                n += 1;
-            }
-            conn.execute_batch("COMMIT")?;
+            tick(n..due)?;
+            n = due;
             busy_max = busy_max.max(t0.elapsed());
         }
         std::thread::sleep(Duration::from_millis(1));
@@ -413,45 +427,18 @@ fn write_orders_pg(w: &WriterArgs, keys: &[String]) -> anyhow::Result<WriteOutco
     ))?;
     let run = format!("{:x}", now_us());
     let k = keys.len().max(1) as u64;
-    let total = (w.rate * w.duration).round() as u64;
-    let start = Instant::now();
-    let start_us = now_us();
-    let mut n: u64 = 0;
-    let mut busy_max = Duration::ZERO;
-    while n < total {
-        let due = ((start.elapsed().as_secs_f64() * w.rate) as u64).min(total);
-        if due > n {
-            let t0 = Instant::now();
-            let (mut ids, mut ks, mut items, mut seqs, mut statuses) =
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            while n < due {
-                ids.push(format!("{run}-{n}"));
-                ks.push(keys[(n % k) as usize].clone());
-                items.push("i1");
-                seqs.push((n / k + 1) as i32);
-                statuses.push(now_us().to_string());
-                n += 1;
-            }
-            rt.block_on(client.execute(&insert, &[&ids, &ks, &items, &seqs, &statuses]))?;
-            busy_max = busy_max.max(t0.elapsed());
+    open_loop(w, k, |rows| {
+        let (mut ids, mut ks, mut items, mut seqs, mut statuses) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for n in rows {
+            ids.push(format!("{run}-{n}"));
+            ks.push(keys[(n % k) as usize].clone());
+            items.push("i1");
+            seqs.push((n / k + 1) as i32);
+            statuses.push(now_us().to_string());
         }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let secs = start.elapsed().as_secs_f64();
-    let finals = (0..k)
-        .map(|i| {
-            if total > i {
-                (total - i).div_ceil(k)
-            } else {
-                0
-            }
-        })
-        .collect();
-    Ok(WriteOutcome {
-        json: json!({"rows": n, "seconds": secs, "rows_per_s": n as f64 / secs,
-                     "max_txn_ms": busy_max.as_secs_f64() * 1e3}),
-        finals,
-        start_us,
+        rt.block_on(client.execute(&insert, &[&ids, &ks, &items, &seqs, &statuses]))?;
+        Ok(())
     })
 }
 

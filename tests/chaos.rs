@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::binary::{BINARY, Served};
-use common::{Db, Ws, WsEnd, token_for};
+use common::resume::{OnSilent, kill_and_restart, start_clients};
+use common::{Db, Ws, token_for};
 
 const CHANGES: usize = 1500;
 const KILLS: usize = 3;
@@ -31,109 +32,6 @@ fn spawn(config: &std::path::Path) -> (Served, SocketAddr) {
     )
 }
 
-/// The next event, or how the connection ended; a silent server is reported, not hung on.
-async fn read(ws: &mut Ws) -> Result<serde_json::Value, WsEnd> {
-    use futures_util::StreamExt;
-    use tokio_tungstenite::tungstenite::Message;
-    // One deadline for the whole read: the server's pings must not keep a silent wait alive.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let msg = tokio::time::timeout_at(deadline, ws.socket.next()).await;
-        match msg {
-            Err(_) => return Err(WsEnd::Closed(0, "silent".into())),
-            Ok(Some(Ok(Message::Text(t)))) => return Ok(serde_json::from_str(&t).unwrap()),
-            Ok(Some(Ok(Message::Close(f)))) => {
-                return Err(WsEnd::Closed(
-                    f.map(|f| u16::from(f.code)).unwrap_or(0),
-                    String::new(),
-                ));
-            }
-            Ok(Some(Ok(_))) => continue,
-            Ok(Some(Err(_)) | None) => return Err(WsEnd::Dropped),
-        }
-    }
-}
-
-/// One client: connects to whatever server is up, resumes with the last id it saw,
-/// sometimes hangs up by itself, until it has `expected` events or the deadline passes.
-async fn client(
-    user: &'static str,
-    expected: usize,
-    addr: Arc<Mutex<Option<SocketAddr>>>,
-    started: Instant,
-    connected_once: Arc<std::sync::atomic::AtomicUsize>,
-) -> Vec<(String, String)> {
-    let mut got: Vec<(String, String)> = Vec::new();
-    // Where to resume from: the first `ready`'s position, then each event's id.
-    let mut since: Option<String> = None;
-    let token = token_for(user);
-    while got.len() < expected && started.elapsed() < DEADLINE {
-        let Some(a) = *addr.lock().unwrap() else {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        };
-        let mut url = format!("ws://{a}/v1/ws?token={token}");
-        if let Some(id) = &since {
-            url.push_str(&format!("&since={id}"));
-        }
-        let connected = tokio::time::timeout(
-            Duration::from_secs(2),
-            tokio_tungstenite::connect_async(url),
-        )
-        .await;
-        let Ok(Ok((socket, _))) = connected else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let mut ws = Ws { socket };
-        match read(&mut ws).await {
-            Ok(ready) => {
-                assert_eq!(ready["type"], "ready", "{user}: {ready}");
-                match &since {
-                    Some(_) => assert_eq!(
-                        ready["resumed"], true,
-                        "{user} was sent a gap: events were lost ({ready})"
-                    ),
-                    None => {
-                        since = Some(ready["position"].as_str().unwrap().to_owned());
-                        connected_once.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    }
-                }
-            }
-            Err(_) => continue,
-        }
-        loop {
-            match read(&mut ws).await {
-                Ok(ev) => {
-                    assert_eq!(ev["type"], "change", "{user}: {ev}");
-                    got.push((
-                        ev["key"].as_str().unwrap().to_owned(),
-                        ev["id"].as_str().unwrap().to_owned(),
-                    ));
-                    since = Some(ev["id"].as_str().unwrap().to_owned());
-                    if got.len() >= expected {
-                        break;
-                    }
-                    if fastrand::u32(0..150) == 0 {
-                        break; // hang up by itself, resume later
-                    }
-                }
-                Err(WsEnd::Closed(0, why)) if why == "silent" => {
-                    let keys: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
-                    panic!(
-                        "{user}: no event for 20 s on a live connection after {} of {expected}; last {:?}; got {keys:?}",
-                        got.len(),
-                        got.last()
-                    );
-                }
-                Err(WsEnd::Closed(..)) | Err(WsEnd::Dropped) => break,
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..100))).await;
-    }
-    got
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_restarts_and_random_resumes_lose_and_repeat_nothing() {
     let db = Db::new();
@@ -150,32 +48,17 @@ async fn kill_9_restarts_and_random_resumes_lose_and_repeat_nothing() {
             .map(|i| format!("o{i}"))
             .collect()
     };
-    let connected = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut clients = Vec::new();
-    for (user, business) in users {
-        for _ in 0..2 {
-            clients.push((
-                user,
-                business,
-                tokio::spawn(client(
-                    user,
-                    expected(business).len(),
-                    Arc::clone(&addr),
-                    started,
-                    Arc::clone(&connected),
-                )),
-            ));
-        }
-    }
-
     // Every client is connected (and knows where it started) before the first change.
-    while connected.load(std::sync::atomic::Ordering::SeqCst) < clients.len() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "clients did not connect"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let clients = start_clients(
+        &users,
+        2,
+        |b| expected(b).len(),
+        &addr,
+        started + DEADLINE,
+        started + Duration::from_secs(20),
+        OnSilent::Panic,
+    )
+    .await;
 
     // The application: one writer, each change its own transaction.
     let path = db.path.clone();
@@ -197,12 +80,7 @@ async fn kill_9_restarts_and_random_resumes_lose_and_repeat_nothing() {
     let mut server = server;
     for _ in 0..KILLS {
         tokio::time::sleep(Duration::from_millis(fastrand::u64(400..900))).await;
-        *addr.lock().unwrap() = None;
-        server.kill();
-        tokio::time::sleep(Duration::from_millis(fastrand::u64(50..300))).await;
-        let (s, a) = spawn(&config_path);
-        server = s;
-        *addr.lock().unwrap() = Some(a);
+        server = kill_and_restart(server, &addr, || spawn(&config_path)).await;
     }
     writer.join().unwrap();
 

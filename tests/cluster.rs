@@ -250,21 +250,11 @@ async fn ws_client(b: Behaviour, addrs: Addrs, progress: Progress) -> Run {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
-        let mut url = format!("ws://{addr}/v1/ws?token={token}");
-        if let Some(id) = &since {
-            url.push_str(&format!("&since={id}"));
-        }
-        let connected = tokio::time::timeout(
-            Duration::from_secs(2),
-            tokio_tungstenite::connect_async(url),
-        )
-        .await;
-        let Ok(Ok((socket, _))) = connected else {
+        let Some(mut ws) = common::resume::connect(addr, &token, since.as_deref()).await else {
             assert!(!b.never_drops || run.connections == 0, "{user}: reconnect");
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let mut ws = Ws { socket };
         let Ok(ready) = read(&mut ws, b.silent).await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;

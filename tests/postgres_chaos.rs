@@ -14,15 +14,14 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::backend::{Backend, PG_DB};
 use common::binary::{BINARY, Served};
-use common::{Gateway, Ws, WsEnd, token_for};
+use common::resume::{OnSilent, kill_and_restart, start_clients};
+use common::{Gateway, Ws};
 
 /// The changecast log lines of the binary-based test, printed when it fails.
 static LOG: std::sync::LazyLock<Arc<Mutex<Vec<String>>>> =
@@ -61,104 +60,18 @@ fn expected(prefix: &str, range: std::ops::Range<usize>, business: &str) -> Vec<
         .collect()
 }
 
-/// The next event, or how the connection ended; a silent server is reported, not hung on.
-async fn read(ws: &mut Ws, within: Duration) -> Result<serde_json::Value, WsEnd> {
-    use futures_util::StreamExt;
-    use tokio_tungstenite::tungstenite::Message;
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        match tokio::time::timeout_at(deadline, ws.socket.next()).await {
-            Err(_) => return Err(WsEnd::Closed(0, "silent".into())),
-            Ok(Some(Ok(Message::Text(t)))) => return Ok(serde_json::from_str(&t).unwrap()),
-            Ok(Some(Ok(Message::Close(f)))) => {
-                return Err(WsEnd::Closed(
-                    f.map(|f| u16::from(f.code)).unwrap_or(0),
-                    String::new(),
-                ));
-            }
-            Ok(Some(Ok(_))) => continue,
-            Ok(Some(Err(_)) | None) => return Err(WsEnd::Dropped),
-        }
-    }
-}
-
-/// One client of `user`: connects to whatever server is up, resumes with the last id it
-/// saw (never accepting a `gap`), until it has `expected` events or `deadline`.
-async fn resuming_client(
-    user: &'static str,
-    expected: usize,
-    addr: Arc<Mutex<Option<SocketAddr>>>,
-    deadline: Instant,
-    connected_once: Arc<AtomicUsize>,
-) -> Vec<(String, String)> {
-    let mut got: Vec<(String, String)> = Vec::new();
-    let mut since: Option<String> = None;
-    let token = token_for(user);
-    while got.len() < expected && Instant::now() < deadline {
-        let Some(a) = *addr.lock().unwrap() else {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        };
-        let mut url = format!("ws://{a}/v1/ws?token={token}");
-        if let Some(id) = &since {
-            url.push_str(&format!("&since={id}"));
-        }
-        let connected = tokio::time::timeout(
-            Duration::from_secs(2),
-            tokio_tungstenite::connect_async(url),
-        )
-        .await;
-        let Ok(Ok((socket, _))) = connected else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let mut ws = Ws { socket };
-        match read(&mut ws, Duration::from_secs(20)).await {
-            Ok(ready) => {
-                assert_eq!(ready["type"], "ready", "{user}: {ready}");
-                match &since {
-                    Some(_) => assert_eq!(
-                        ready["resumed"], true,
-                        "{user} was sent a gap: events were lost ({ready})"
-                    ),
-                    None => {
-                        since = Some(ready["position"].as_str().unwrap().to_owned());
-                        connected_once.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-            }
-            Err(_) => continue,
-        }
-        loop {
-            match read(&mut ws, Duration::from_secs(20)).await {
-                Ok(ev) => {
-                    assert_eq!(ev["type"], "change", "{user}: {ev}");
-                    got.push((
-                        ev["key"].as_str().unwrap().to_owned(),
-                        ev["id"].as_str().unwrap().to_owned(),
-                    ));
-                    since = Some(ev["id"].as_str().unwrap().to_owned());
-                    if got.len() >= expected {
-                        break;
-                    }
-                    if fastrand::u32(0..150) == 0 {
-                        break; // hang up by itself, resume later
-                    }
-                }
-                Err(WsEnd::Closed(0, why)) if why == "silent" => {
-                    // Reported by the caller's comparison, which names what is missing.
-                    eprintln!(
-                        "{user}: no event for 20 s on a live connection after {} of {expected}",
-                        got.len()
-                    );
-                    return got;
-                }
-                Err(_) => break,
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..100))).await;
-    }
-    got
+/// `changecast_rule_skips_total{rule="route",name="orders",reason="lookup_failed"}` in
+/// `metrics`.
+fn lookup_failed_skips(metrics: &str) -> f64 {
+    common::counter(
+        metrics,
+        "changecast_rule_skips_total",
+        &[
+            ("rule", "route"),
+            ("name", "orders"),
+            ("reason", "lookup_failed"),
+        ],
+    )
 }
 
 /// Exactly `want`, in order, once each, with increasing ids.
@@ -203,28 +116,17 @@ async fn kill_9_mid_write_and_restart_lose_and_repeat_nothing() {
 
     let (server, first) = spawn();
     let addr = Arc::new(Mutex::new(Some(first)));
-    let connected = Arc::new(AtomicUsize::new(0));
-    let mut clients = Vec::new();
-    for (user, business) in USERS {
-        for _ in 0..2 {
-            clients.push((
-                user,
-                business,
-                tokio::spawn(resuming_client(
-                    user,
-                    expected("o", 0..CHANGES, business).len(),
-                    Arc::clone(&addr),
-                    deadline,
-                    Arc::clone(&connected),
-                )),
-            ));
-        }
-    }
     // Every client knows where it started before the first change.
-    while connected.load(Ordering::SeqCst) < clients.len() {
-        assert!(Instant::now() < deadline, "clients did not connect");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let clients = start_clients(
+        &USERS,
+        2,
+        |b| expected("o", 0..CHANGES, b).len(),
+        &addr,
+        deadline,
+        deadline,
+        OnSilent::Return,
+    )
+    .await;
 
     // The application: one psql session, each insert its own transaction.
     let script = orders_script(b.dir(), "o", 0..CHANGES, 0.004);
@@ -237,12 +139,7 @@ async fn kill_9_mid_write_and_restart_lose_and_repeat_nothing() {
     for _ in 0..KILLS {
         tokio::time::sleep(Duration::from_millis(fastrand::u64(400..900))).await;
         mid_write += usize::from(!writer.is_finished());
-        *addr.lock().unwrap() = None;
-        server.kill();
-        tokio::time::sleep(Duration::from_millis(fastrand::u64(50..300))).await;
-        let (s, a) = tokio::task::block_in_place(spawn);
-        server = s;
-        *addr.lock().unwrap() = Some(a);
+        server = kill_and_restart(server, &addr, spawn).await;
     }
     assert!(mid_write > 0, "no kill came while the writer wrote");
     let out = tokio::task::block_in_place(|| writer.join().unwrap());
@@ -339,39 +236,19 @@ async fn a_postgres_crash_and_restart_mid_run_loses_nothing() {
     let _metrics = common::metrics_lock().await;
     let mut b = Backend::postgres();
     let gw = Gateway::start(&b.config()).await;
-    let skips = |m: &str| {
-        common::counter(
-            m,
-            "changecast_rule_skips_total",
-            &[
-                ("rule", "route"),
-                ("name", "orders"),
-                ("reason", "lookup_failed"),
-            ],
-        )
-    };
-    let skipped_before = skips(&common::scrape(gw.addr).await);
+    let skipped_before = lookup_failed_skips(&common::scrape(gw.addr).await);
     let deadline = Instant::now() + Duration::from_secs(90);
     let addr = Arc::new(Mutex::new(Some(gw.addr)));
-    let connected = Arc::new(AtomicUsize::new(0));
-    let mut clients = Vec::new();
-    for (user, business) in USERS {
-        clients.push((
-            user,
-            business,
-            tokio::spawn(resuming_client(
-                user,
-                expected("p", 0..2 * PER_PHASE, business).len(),
-                Arc::clone(&addr),
-                deadline,
-                Arc::clone(&connected),
-            )),
-        ));
-    }
-    while connected.load(Ordering::SeqCst) < clients.len() {
-        assert!(Instant::now() < deadline, "clients did not connect");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let clients = start_clients(
+        &USERS,
+        1,
+        |b| expected("p", 0..2 * PER_PHASE, b).len(),
+        &addr,
+        deadline,
+        deadline,
+        OnSilent::Return,
+    )
+    .await;
 
     // Committed as fast as psql goes, then the crash while changecast still reads them.
     let first = orders_script(b.dir(), "p", 0..PER_PHASE, 0.0);
@@ -386,7 +263,7 @@ async fn a_postgres_crash_and_restart_mid_run_loses_nothing() {
         results.push((user, business, handle.await.unwrap()));
     }
     assert_eq!(
-        skips(&common::scrape(gw.addr).await) - skipped_before,
+        lookup_failed_skips(&common::scrape(gw.addr).await) - skipped_before,
         0.0,
         "deliveries skipped because a lookup failed while PostgreSQL was down"
     );
@@ -406,18 +283,7 @@ async fn a_lookup_connection_ended_by_the_server_is_reopened_and_nothing_is_skip
     let gw = Gateway::start(&b.config()).await;
     let (mut u1, _) = Ws::user(&gw, "u1", None).await;
     let (mut u3, _) = Ws::user(&gw, "u3", None).await;
-    let skips = |m: &str| {
-        common::counter(
-            m,
-            "changecast_rule_skips_total",
-            &[
-                ("rule", "route"),
-                ("name", "orders"),
-                ("reason", "lookup_failed"),
-            ],
-        )
-    };
-    let before = skips(&common::scrape(gw.addr).await);
+    let before = lookup_failed_skips(&common::scrape(gw.addr).await);
     // b3's cached owner is invalidated; b1's order after it shows the router is past it.
     b.exec("UPDATE businesses SET name = 'Abuja Mart' WHERE _id = 'b3';");
     b.exec("INSERT INTO orders VALUES ('k1', 'b1', 'i1', 1, 'pending');");
@@ -431,6 +297,9 @@ async fn a_lookup_connection_ended_by_the_server_is_reopened_and_nothing_is_skip
     b.exec("INSERT INTO orders VALUES ('k3', 'b3', 'i1', 1, 'pending');");
     let ev = u3.next().await;
     assert_eq!(ev["key"], "k3", "{ev}");
-    assert_eq!(skips(&common::scrape(gw.addr).await) - before, 0.0);
+    assert_eq!(
+        lookup_failed_skips(&common::scrape(gw.addr).await) - before,
+        0.0
+    );
     gw.stop().await;
 }

@@ -6,6 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::binary::check;
 use common::pg::PgServer;
 use common::*;
 use serde_json::{Value, json};
@@ -34,9 +35,7 @@ fn server(db: &str, extra: &str) -> PgServer {
     pg
 }
 
-/// The gateway's config on `pg`'s database `db`: orders routed to their business's owner
-/// (deletes too), `routes` appended, `source_extra` in `[source]`, a durable history in
-/// `history_dir`.
+/// The gateway's config on `pg`'s database `db` ([`common::pg::gateway_config`]).
 fn config(
     pg: &PgServer,
     db: &str,
@@ -44,51 +43,7 @@ fn config(
     routes: &str,
     history_dir: &std::path::Path,
 ) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-
-[source]
-type = "postgres"
-url = "{url}"
-{source_extra}
-
-[auth]
-jwt_secret = "{SECRET}"
-user = {{ claim = "user_id", lookup = "users", where = {{ email = "$claim" }}, pick = "_id" }}
-
-[history]
-max_per_user = 1000
-path = "{history}"
-
-[[route]]
-name = "orders"
-collection = "orders"
-on = ["insert", "update", "delete"]
-to = {{ lookup = "businesses", where = {{ _id = "$creator_id" }}, pick = "owner._id" }}
-{routes}
-"#,
-        url = pg.url(db),
-        history = history_dir.join("history.db").display(),
-    )
-}
-
-/// Waits until `/readyz` says ready (the source streams), within [`WAIT`].
-async fn ready(gw: &Gateway) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let res = reqwest::get(gw.http("/readyz")).await.unwrap();
-        if res.status() == 200 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not ready within {WAIT:?}: {}",
-            res.text().await.unwrap_or_default()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::pg::gateway_config(&pg.url(db), source_extra, routes, history_dir)
 }
 
 fn order(id: &str, business: &str) -> String {
@@ -100,7 +55,7 @@ async fn inserts_updates_and_deletes_reach_the_owner_and_no_one_else() {
     let pg = server("crud", "");
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(&config(&pg, "crud", "", "", dir.path())).await;
-    ready(&gw).await;
+    gw.ready().await;
     let (mut u1, _) = Ws::user(&gw, "u1", None).await;
     let (mut u2, _) = Ws::user(&gw, "u2", None).await;
 
@@ -167,7 +122,7 @@ async fn values_of_every_listed_type_convert_and_jsonb_nests() {
     let dir = tempfile::tempdir().unwrap();
     let routes = "[[route]]\nname = \"things\"\ncollection = \"things\"\nto = \"$owner_id\"\n";
     let gw = Gateway::start(&config(&pg, "types", "", routes, dir.path())).await;
-    ready(&gw).await;
+    gw.ready().await;
     let (mut u1, _) = Ws::user(&gw, "u1", None).await;
     pg.psql(
         "types",
@@ -230,7 +185,7 @@ async fn an_unchanged_toasted_value_is_never_sent_as_null() {
         dir.path(),
     ))
     .await;
-    ready(&gw).await;
+    gw.ready().await;
     let (mut u1, _) = Ws::user(&gw, "u1", None).await;
 
     pg.psql("toast", "UPDATE notes SET title = 'second' WHERE id = 1");
@@ -260,7 +215,7 @@ async fn a_transaction_arrives_together_in_order_with_its_commit_time() {
     let pg = server("txn", "");
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(&config(&pg, "txn", "", "", dir.path())).await;
-    ready(&gw).await;
+    gw.ready().await;
     let (mut u1, _) = Ws::user(&gw, "u1", None).await;
     let (mut u2, _) = Ws::user(&gw, "u2", None).await;
 
@@ -305,7 +260,7 @@ async fn a_restart_of_changecast_resumes_without_loss_or_repeat() {
     let cfg = config(&pg, "restart", "", "", dir.path());
 
     let gw = Gateway::start(&cfg).await;
-    ready(&gw).await;
+    gw.ready().await;
     let (mut u1, _) = Ws::user(&gw, "u1", None).await;
     pg.psql("restart", &order("r1", "b1"));
     let first = u1.change().await;
@@ -319,7 +274,7 @@ async fn a_restart_of_changecast_resumes_without_loss_or_repeat() {
     }
 
     let gw = Gateway::start(&cfg).await;
-    ready(&gw).await;
+    gw.ready().await;
     let (mut u1, ready_ev) = Ws::user(&gw, "u1", Some(first["id"].as_str().unwrap())).await;
     assert_eq!(ready_ev["resumed"], true, "{ready_ev}");
     // Exactly r2..r4 (no gap, no repeat of r1), then live events.
@@ -364,7 +319,7 @@ async fn a_dropped_slot_is_recreated_and_clients_get_gap_once() {
     let pg = server("dropped", "");
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(&config(&pg, "dropped", "", "", dir.path())).await;
-    ready(&gw).await;
+    gw.ready().await;
     let (mut u1, _) = Ws::user(&gw, "u1", None).await;
     pg.psql("dropped", &order("d1", "b1"));
     assert_eq!(u1.change().await["key"], "d1");
@@ -394,7 +349,7 @@ async fn a_dropped_slot_is_recreated_and_clients_get_gap_once() {
     // Clients are told, once; delivery resumes on the new slot.
     let gap = u1.next().await;
     assert_eq!(gap["type"], "gap", "{gap}");
-    ready(&gw).await;
+    gw.ready().await;
     pg.psql("dropped", &order("d2", "b1"));
     assert_eq!(u1.change().await["key"], "d2");
     pg.psql("dropped", &order("d3", "b1"));
@@ -415,7 +370,7 @@ async fn a_crash_of_postgres_mid_run_loses_and_repeats_nothing() {
     let mut pg = server("crash", "");
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(&config(&pg, "crash", "", "", dir.path())).await;
-    ready(&gw).await;
+    gw.ready().await;
     let (mut u1, _) = Ws::user(&gw, "u1", None).await;
     pg.psql("crash", &order("p1", "b1"));
     assert_eq!(u1.change().await["key"], "p1");
@@ -442,41 +397,10 @@ async fn a_crash_of_postgres_mid_run_loses_and_repeats_nothing() {
         assert_eq!(ev["type"], "change", "{ev}");
         assert_eq!(ev["key"], key, "{ev}");
     }
-    ready(&gw).await;
+    gw.ready().await;
     pg.psql("crash", &order("p4", "b1"));
     assert_eq!(u1.change().await["key"], "p4", "nothing repeated");
     gw.stop().await;
-}
-
-/// Runs `changecast check --config <file>` (plus `args`) on `config`.
-async fn check(config: String, args: &[&str]) -> (i32, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("changecast.toml");
-    std::fs::write(&file, config).unwrap();
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let out = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new(env!("CARGO_BIN_EXE_changecast"))
-                .arg("check")
-                .args(&args)
-                .arg("--config")
-                .arg(&file)
-                .output()
-                .expect("the binary runs")
-        }),
-    )
-    .await
-    .expect("check finishes in time")
-    .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -519,7 +443,7 @@ async fn check_validates_tables_and_columns_against_the_catalog_and_shows_the_sl
 
     // Once serve has made it, the slot's retained WAL is a line of its own.
     let gw = Gateway::start(&good).await;
-    ready(&gw).await;
+    gw.ready().await;
     gw.stop().await;
     let (code, out) = check(good, &[]).await;
     assert_eq!(code, 0, "{out}");
@@ -540,7 +464,7 @@ async fn an_invalidated_slot_is_recreated_and_a_resuming_client_gets_gap() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(&pg, "lost", "", "", dir.path());
     let gw = Gateway::start(&cfg).await;
-    ready(&gw).await;
+    gw.ready().await;
     let (mut u1, _) = Ws::user(&gw, "u1", None).await;
     pg.psql("lost", &order("l1", "b1"));
     let first = u1.change().await;
@@ -565,7 +489,7 @@ async fn an_invalidated_slot_is_recreated_and_a_resuming_client_gets_gap() {
     );
 
     let gw = Gateway::start(&cfg).await;
-    ready(&gw).await;
+    gw.ready().await;
     let (mut u1, _) = Ws::user(&gw, "u1", Some(first["id"].as_str().unwrap())).await;
     let gap = u1.next().await;
     assert_eq!(gap["type"], "gap", "{gap}");
@@ -626,7 +550,7 @@ async fn with_manage_assume_a_missing_slot_keeps_readyz_down_until_it_exists() {
         "assumed",
         "SELECT pg_create_logical_replication_slot('changecast', 'pgoutput')",
     );
-    ready(&gw).await;
+    gw.ready().await;
     let (mut u1, _) = Ws::user(&gw, "u1", None).await;
     pg.psql("assumed", &order("a1", "b1"));
     assert_eq!(u1.change().await["key"], "a1");
@@ -644,7 +568,7 @@ async fn writes_to_unwatched_tables_do_not_pin_the_slots_wal() {
     pg.psql("quiet", "SELECT pg_reload_conf()");
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(&config(&pg, "quiet", "", "", dir.path())).await;
-    ready(&gw).await;
+    gw.ready().await;
     let (mut u1, _) = Ws::user(&gw, "u1", None).await;
     pg.psql("quiet", &order("q1", "b1"));
     assert_eq!(u1.change().await["key"], "q1");
@@ -692,7 +616,7 @@ async fn an_order_moved_between_businesses_tells_both_owners_and_a_new_owner_is_
     let pg = server("moves", "");
     let dir = tempfile::tempdir().unwrap();
     let gw = Gateway::start(&config(&pg, "moves", "", "", dir.path())).await;
-    ready(&gw).await;
+    gw.ready().await;
     let (mut u1, _) = Ws::user(&gw, "u1", None).await;
     let (mut u2, _) = Ws::user(&gw, "u2", None).await;
     pg.psql("moves", &order("m1", "b1"));

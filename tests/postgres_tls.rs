@@ -10,7 +10,6 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 use common::pg::PgServer;
 use common::*;
@@ -117,74 +116,11 @@ fn plain_server(db: &str) -> PgServer {
     pg
 }
 
-/// The gateway's config on `url`: orders routed to their business's owner, slot `slot`.
+/// The gateway's config on `url` ([`common::pg::gateway_config`]), slot and publication
+/// `slot`.
 fn config(url: &str, slot: &str, history_dir: &Path) -> String {
-    format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-
-[source]
-type = "postgres"
-url = "{url}"
-slot = "{slot}"
-publication = "{slot}"
-
-[auth]
-jwt_secret = "{SECRET}"
-user = {{ claim = "user_id", lookup = "users", where = {{ email = "$claim" }}, pick = "_id" }}
-
-[history]
-max_per_user = 1000
-path = "{history}"
-
-[[route]]
-name = "orders"
-collection = "orders"
-on = ["insert", "update", "delete"]
-to = {{ lookup = "businesses", where = {{ _id = "$creator_id" }}, pick = "owner._id" }}
-"#,
-        history = history_dir.join("history.db").display(),
-    )
-}
-
-/// `/readyz`'s status and body.
-async fn readyz(gw: &Gateway) -> (u16, String) {
-    let res = reqwest::get(gw.http("/readyz")).await.unwrap();
-    (res.status().as_u16(), res.text().await.unwrap_or_default())
-}
-
-/// Waits until `/readyz` says ready (the source streams), within [`WAIT`].
-async fn ready(gw: &Gateway) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (status, body) = readyz(gw).await;
-        if status == 200 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not ready within {WAIT:?}: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Waits until `/readyz` is down with a reason containing `text`, within [`WAIT`]; returns
-/// the body.
-async fn down_saying(gw: &Gateway, text: &str) -> String {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (status, body) = readyz(gw).await;
-        if status == 503 && body.contains(text) {
-            return body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "/readyz did not say {text:?} within {WAIT:?}: {status} {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let source = format!("slot = \"{slot}\"\npublication = \"{slot}\"");
+    common::pg::gateway_config(url, &source, "", history_dir)
 }
 
 /// `backend_type|ssl` of every connection named `changecast`, sorted.
@@ -200,28 +136,7 @@ fn changecast_connections(pg: &PgServer, db: &str) -> Vec<String> {
 
 /// Runs `changecast check --connect --config <file>` on `config`.
 async fn check(config: String) -> (i32, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("changecast.toml");
-    std::fs::write(&file, config).unwrap();
-    let out = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::task::spawn_blocking(move || {
-            Command::new(env!("CARGO_BIN_EXE_changecast"))
-                .args(["check", "--connect", "--config"])
-                .arg(&file)
-                .output()
-                .expect("the binary runs")
-        }),
-    )
-    .await
-    .expect("check finishes in time")
-    .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
+    common::binary::check(config, &["--connect"]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -240,7 +155,7 @@ async fn verify_full_with_the_test_ca_streams_over_tls_on_the_replication_and_qu
     );
     let history = tempfile::tempdir().unwrap();
     let gw = Gateway::start(&config(&url, "tls", history.path())).await;
-    ready(&gw).await;
+    gw.ready().await;
     // The WebSocket's user is resolved by a lookup: a query connection.
     let (mut u1, _) = Ws::user(&gw, "u1", None).await;
     pg.psql("tls", "INSERT INTO orders VALUES ('o1', 'b1', 'pending')");
@@ -285,7 +200,7 @@ async fn verify_full_with_another_ca_keeps_readyz_down_saying_the_certificate_is
     );
     let history = tempfile::tempdir().unwrap();
     let gw = Gateway::start(&config(&url, "wrongca", history.path())).await;
-    let body = down_saying(&gw, "certificate not trusted").await;
+    let body = gw.down_saying("certificate not trusted").await;
     assert!(
         body.contains(&format!(
             "the server's certificate is not signed by a CA in {}",
@@ -325,12 +240,13 @@ async fn verify_full_checks_the_host_name_and_verify_ca_does_not() {
         )
     };
     let gw = Gateway::start(&config(&url("verify-full"), "full", history.path())).await;
-    down_saying(&gw, "certificate not valid for host `127.0.0.1`").await;
+    gw.down_saying("certificate not valid for host `127.0.0.1`")
+        .await;
     gw.stop().await;
 
     let history = tempfile::tempdir().unwrap();
     let gw = Gateway::start(&config(&url("verify-ca"), "ca", history.path())).await;
-    ready(&gw).await;
+    gw.ready().await;
     let (mut u1, _) = Ws::user(&gw, "u1", None).await;
     pg.psql("names", "INSERT INTO orders VALUES ('o1', 'b1', 'pending')");
     assert_eq!(u1.change().await["key"], "o1");
@@ -345,7 +261,8 @@ async fn sslmode_require_against_a_server_without_tls_fails_clearly() {
     let url = format!("{}?sslmode=require", pg.url("require"));
     let history = tempfile::tempdir().unwrap();
     let gw = Gateway::start(&config(&url, "require", history.path())).await;
-    down_saying(&gw, "the server does not support TLS but sslmode=require").await;
+    gw.down_saying("the server does not support TLS but sslmode=require")
+        .await;
     gw.stop().await;
 
     let (code, out) = check(config(&url, "require", history.path())).await;
@@ -377,7 +294,7 @@ async fn prefer_uses_tls_when_offered_and_plaintext_when_not_and_disable_never()
         let url = format!("{}?sslmode={mode}", pg.url("prefer"));
         let history = tempfile::tempdir().unwrap();
         let gw = Gateway::start(&config(&url, "prefer", history.path())).await;
-        ready(&gw).await;
+        gw.ready().await;
         let (mut u1, _) = Ws::user(&gw, "u1", None).await;
         pg.psql(
             "prefer",

@@ -16,6 +16,9 @@ pub mod sqlite;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
 
 use futures_util::future::BoxFuture;
 use serde_json::Value;
@@ -24,6 +27,23 @@ use tokio_util::sync::CancellationToken;
 
 use crate::change::{AsOf, Change, Op, Position};
 use crate::path::FieldPath;
+
+/// Retry delays after consecutive failures.
+pub type Retry = Box<dyn Iterator<Item = Duration> + Send>;
+
+/// Delays between retries of a failing read, reconnect, repair or lookup: 50 ms doubling
+/// to 5 s, with jitter, for as long as it fails (so at most ~20 attempts a minute once it
+/// keeps failing). Callers start a fresh one after a success.
+pub fn retry_backoff() -> Retry {
+    Box::new(
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(5))
+            .with_jitter()
+            .without_max_times()
+            .build(),
+    )
+}
 
 /// Changes read together, and the position that covers all of them (including rows that
 /// were read but skipped as malformed, so a bad row never pins the checkpoint).

@@ -19,12 +19,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::future::BoxFuture;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::{Component, Health, Lookup, LookupError, Query};
+use super::{Component, Health, Lookup, LookupError, Query, retry_backoff};
 
 /// The routing loop's lookups: see the module doc.
 pub struct Patient {
@@ -54,12 +53,7 @@ impl Patient {
 impl Lookup for Patient {
     fn find(&self, query: Query) -> BoxFuture<'_, Result<Vec<Value>, LookupError>> {
         Box::pin(async move {
-            let mut delays = ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(50))
-                .with_max_delay(Duration::from_secs(5))
-                .with_jitter()
-                .without_max_times()
-                .build();
+            let mut delays = retry_backoff();
             let mut waited = false;
             loop {
                 let error = match self.inner.find(query.clone()).await {

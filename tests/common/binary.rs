@@ -76,3 +76,34 @@ impl Drop for Served {
         let _ = self.child.wait();
     }
 }
+
+/// Runs `changecast check ARGS --config FILE` on `config` (written to a temporary `FILE`)
+/// in a blocking thread, within 60 s. Returns the exit code (-1: ended by a signal) and
+/// stdout followed by stderr.
+pub async fn check(config: String, args: &[&str]) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("changecast.toml");
+    std::fs::write(&file, config).unwrap();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || {
+            Command::new(BINARY)
+                .arg("check")
+                .args(&args)
+                .arg("--config")
+                .arg(&file)
+                .output()
+                .expect("the binary runs")
+        }),
+    )
+    .await
+    .expect("check finishes in time")
+    .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}

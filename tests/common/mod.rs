@@ -9,6 +9,8 @@ pub mod cluster;
 pub mod nats;
 pub mod pg;
 pub mod proxy;
+pub mod resume;
+pub mod server_log;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -135,6 +137,45 @@ impl Gateway {
 
     pub fn http(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// `/readyz`'s status and body.
+    pub async fn readyz(&self) -> (u16, String) {
+        let res = reqwest::get(self.http("/readyz")).await.unwrap();
+        (res.status().as_u16(), res.text().await.unwrap_or_default())
+    }
+
+    /// Waits until `/readyz` says ready (the source streams), within [`WAIT`].
+    pub async fn ready(&self) {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let (status, body) = self.readyz().await;
+            if status == 200 {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not ready within {WAIT:?}: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until `/readyz` is down (503) with a reason containing `text`, within
+    /// [`WAIT`]; returns the body.
+    pub async fn down_saying(&self, text: &str) -> String {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let (status, body) = self.readyz().await;
+            if status == 503 && body.contains(text) {
+                return body;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "/readyz did not say {text:?} within {WAIT:?}: {status} {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 

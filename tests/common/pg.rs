@@ -9,12 +9,14 @@
 //! --bindir`. PostgreSQL refuses to run as root: as root, the server runs as the
 //! `postgres` user, which owns the temporary folder.
 
-use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use super::server_log::{self, Log};
 
 /// How long the server may take to accept connections (crash recovery replays the WAL).
 const START_WITHIN: Duration = Duration::from_secs(30);
@@ -33,7 +35,7 @@ pub struct PgServer {
     /// `(uid, gid)` of `postgres` when the tests run as root.
     user: Option<(u32, u32)>,
     /// Every log line of every run, to print when a test fails.
-    pub log: Arc<Mutex<Vec<String>>>,
+    pub log: Log,
     /// `-c` settings beyond the defaults (`ssl=on`), kept across restarts.
     settings: Vec<String>,
 }
@@ -246,8 +248,7 @@ impl PgServer {
 
     /// The last `n` log lines.
     pub fn log_tail(&self, n: usize) -> String {
-        let log = self.log.lock().unwrap();
-        log[log.len().saturating_sub(n)..].join("\n")
+        server_log::tail(&self.log, n)
     }
 
     fn command(&self, program: &str) -> Command {
@@ -284,44 +285,55 @@ impl PgServer {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run postgres: {e}"));
         let stderr = child.stderr.take().unwrap();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let lines = Arc::clone(&self.log);
-        // Drained to the end, so the server never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("ready to accept connections") {
-                    let _ = ready_tx.send(());
-                }
-                lines.lock().unwrap().push(line);
-            }
-        });
         self.child = Some(child);
-        if ready_rx.recv_timeout(START_WITHIN).is_err() {
-            panic!(
-                "postgres did not become ready within {START_WITHIN:?}:\n{}",
-                self.log_tail(50)
-            );
-        }
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                started.elapsed() < START_WITHIN,
-                "postgres said it was ready but refuses connections:\n{}",
-                self.log_tail(50)
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        server_log::drain_until_ready(
+            "postgres",
+            stderr,
+            &self.log,
+            "ready to accept connections",
+            SocketAddr::from(([127, 0, 0, 1], self.port)),
+            START_WITHIN,
+        );
     }
+}
+
+/// The gateway's config on the PostgreSQL database at `url`: users looked up by email,
+/// orders routed to their business's owner (`owner._id`; deletes too), `source_extra` in
+/// `[source]`, `routes` appended, a durable history in `history_dir`.
+pub fn gateway_config(url: &str, source_extra: &str, routes: &str, history_dir: &Path) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+
+[source]
+type = "postgres"
+url = "{url}"
+{source_extra}
+
+[auth]
+jwt_secret = "{SECRET}"
+user = {{ claim = "user_id", lookup = "users", where = {{ email = "$claim" }}, pick = "_id" }}
+
+[history]
+max_per_user = 1000
+path = "{history}"
+
+[[route]]
+name = "orders"
+collection = "orders"
+on = ["insert", "update", "delete"]
+to = {{ lookup = "businesses", where = {{ _id = "$creator_id" }}, pick = "owner._id" }}
+{routes}
+"#,
+        SECRET = super::SECRET,
+        history = history_dir.join("history.db").display(),
+    )
 }
 
 impl Drop for PgServer {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "--- postgres log (last 30 lines) ---\n{}",
-                self.log_tail(30)
-            );
-        }
+        server_log::print_if_panicking("postgres", &self.log);
         // A fast shutdown (SIGINT) so that no backend outlives the folder it runs in.
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill")

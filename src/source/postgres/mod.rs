@@ -58,7 +58,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::future::BoxFuture;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use serde_json::Value;
@@ -66,7 +65,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use super::{Batch, ChangeCounters, Component, Health, Source, SourceError};
+use super::{Batch, ChangeCounters, Component, Health, Source, SourceError, retry_backoff};
 use crate::change::{Change, Op, Position, changed_fields};
 use crate::config::{Images, PgManage, PostgresSourceConfig};
 use decode::{Datum, Message, OldKind, Relation};
@@ -662,6 +661,22 @@ enum Ended {
     Failed(String),
 }
 
+/// Why [`PgSource::hand_over`] did not hand a batch over.
+enum NotSent {
+    Shutdown,
+    RouterGone,
+}
+
+impl NotSent {
+    /// How the stream on `repl` ends for it.
+    fn ended(self, repl: ReplicationClient) -> Ended {
+        match self {
+            NotSent::Shutdown => Ended::Shutdown(repl),
+            NotSent::RouterGone => Ended::RouterGone,
+        }
+    }
+}
+
 /// The PostgreSQL change feed. Created by [`PgSource::new`], started by [`Source::run`].
 pub struct PgSource {
     config: PostgresSourceConfig,
@@ -869,6 +884,24 @@ impl PgSource {
         Ok(Some(repl))
     }
 
+    /// Hands `batch`, which ends at WAL position `end`, to the router and notes `end` as
+    /// sent; shutdown wins when both are ready. `Err`: not handed over, and why.
+    async fn hand_over(
+        &mut self,
+        out: &mpsc::Sender<Batch>,
+        batch: Batch,
+        end: u64,
+        shutdown: &CancellationToken,
+    ) -> Result<(), NotSent> {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return Err(NotSent::Shutdown),
+            sent = out.send(batch) => sent.map_err(|_| NotSent::RouterGone)?,
+        }
+        self.sent_upto = end;
+        Ok(())
+    }
+
     /// Reads transactions until shutdown or a failure.
     async fn stream(
         &mut self,
@@ -928,14 +961,9 @@ impl PgSource {
                         end: end_position,
                         lost_history: false,
                     };
-                    tokio::select! {
-                        biased;
-                        _ = shutdown.cancelled() => return Ended::Shutdown(repl),
-                        sent = out.send(batch) => if sent.is_err() {
-                            return Ended::RouterGone;
-                        }
+                    if let Err(stop) = self.hand_over(out, batch, end, shutdown).await {
+                        return stop.ended(repl);
                     }
-                    self.sent_upto = end;
                 }
                 ReplicationEvent::KeepAlive { wal_end, .. } => {
                     // Between transactions the server has sent every commit before
@@ -949,14 +977,9 @@ impl PgSource {
                     {
                         last_quiet = Some(std::time::Instant::now());
                         let batch = Batch::new(Vec::new(), position(end, &ident));
-                        tokio::select! {
-                            biased;
-                            _ = shutdown.cancelled() => return Ended::Shutdown(repl),
-                            sent = out.send(batch) => if sent.is_err() {
-                                return Ended::RouterGone;
-                            }
+                        if let Err(stop) = self.hand_over(out, batch, end, shutdown).await {
+                            return stop.ended(repl);
                         }
-                        self.sent_upto = end;
                     }
                 }
                 ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
@@ -1219,18 +1242,6 @@ fn router_gone() -> SourceError {
 fn skipped(reason: &'static str, why: &str) {
     tracing::warn!(reason, "postgres source: skipping a change: {why}");
     metrics::counter!("changecast_source_skipped_total", "reason" => reason).increment(1);
-}
-
-/// Delays between reconnects: 50 ms doubling to 5 s, with jitter, for as long as it fails.
-fn retry_backoff() -> Box<dyn Iterator<Item = Duration> + Send> {
-    Box::new(
-        ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(50))
-            .with_max_delay(Duration::from_secs(5))
-            .with_jitter()
-            .without_max_times()
-            .build(),
-    )
 }
 
 /// Sets `changecast_postgres_slot_retained_wal_bytes` every [`RETAINED_WAL_EVERY`] until

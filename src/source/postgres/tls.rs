@@ -301,23 +301,21 @@ impl Tls {
 /// handshake", the cause (the rustls error) is in its sources.
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let part = s.to_string();
+    let mut add = |part: String| {
         if !text.contains(&part) {
             text.push_str(": ");
             text.push_str(&part);
         }
+    };
+    let mut source = e.source();
+    while let Some(s) = source {
+        add(s.to_string());
         // io::Error's `source` skips the error it wraps: look at that one too.
         if let Some(inner) = s
             .downcast_ref::<std::io::Error>()
             .and_then(|io| io.get_ref())
         {
-            let part = inner.to_string();
-            if !text.contains(&part) {
-                text.push_str(": ");
-                text.push_str(&part);
-            }
+            add(inner.to_string());
         }
         source = s.source();
     }
@@ -335,7 +333,8 @@ fn client_config(mode: SslMode, rootcert: Option<&Path>) -> Result<ClientConfig,
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS: {e}"))?;
     let verifier: Arc<dyn ServerCertVerifier> = match mode {
-        SslMode::Disable | SslMode::Prefer | SslMode::Require => Arc::new(AnyCertificate {
+        SslMode::Disable | SslMode::Prefer | SslMode::Require => Arc::new(Lenient {
+            chain: None,
             algorithms: provider.signature_verification_algorithms,
         }),
         SslMode::VerifyCa | SslMode::VerifyFull => {
@@ -346,7 +345,10 @@ fn client_config(mode: SslMode, rootcert: Option<&Path>) -> Result<ClientConfig,
             .build()
             .map_err(|e| format!("TLS: {e}"))?;
             if mode == SslMode::VerifyCa {
-                Arc::new(AnyName(webpki))
+                Arc::new(Lenient {
+                    chain: Some(webpki),
+                    algorithms: provider.signature_verification_algorithms,
+                })
             } else {
                 webpki
             }
@@ -380,23 +382,36 @@ fn roots(rootcert: Option<&Path>) -> Result<RootCertStore, String> {
     Ok(store)
 }
 
-/// `prefer`/`require` without `sslrootcert`: any certificate (libpq checks none), the
-/// handshake's signatures still checked.
+/// The modes that check less than verify-full; the handshake's signatures are always
+/// checked. `chain: None` (`prefer`/`require` without `sslrootcert`): any certificate
+/// (libpq checks none). `chain: Some` (`verify-ca`): the chain is checked, the host name
+/// is not.
 #[derive(Debug)]
-struct AnyCertificate {
+struct Lenient {
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    /// The provider's, as the WebPKI verifier checks signatures with.
     algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl ServerCertVerifier for AnyCertificate {
+impl ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
     }
 
     fn verify_tls12_signature(
@@ -419,54 +434,6 @@ impl ServerCertVerifier for AnyCertificate {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
-    }
-}
-
-/// `verify-ca`: the chain is checked, the host name is not.
-#[derive(Debug)]
-struct AnyName(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for AnyName {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
-            Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::NotValidForName
-                | rustls::CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
     }
 }
 

@@ -36,7 +36,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::future::BoxFuture;
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
@@ -44,7 +43,9 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use super::{Batch, Catalog, ChangeCounters, Component, Health, Source, SourceError};
+use super::{
+    Batch, Catalog, ChangeCounters, Component, Health, Retry, Source, SourceError, retry_backoff,
+};
 use crate::change::{AsOf, Change, Op, Position, changed_fields};
 use crate::config::SqliteSourceConfig;
 
@@ -210,23 +211,6 @@ pub struct SqliteSource {
     /// Watched tables gone from the database, for `/readyz` (see `note_absent_tables`).
     schema_problem: Option<String>,
     counters: ChangeCounters,
-}
-
-/// Retry delays after consecutive failures.
-type Retry = Box<dyn Iterator<Item = Duration> + Send>;
-
-/// Delays between retries of a failing read or repair: 50 ms doubling to 5 s, with jitter,
-/// for as long as it fails (so at most ~20 attempts a minute once it keeps failing).
-/// Reset by a success.
-fn retry_backoff() -> Retry {
-    Box::new(
-        ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(50))
-            .with_max_delay(Duration::from_secs(5))
-            .with_jitter()
-            .without_max_times()
-            .build(),
-    )
 }
 
 /// A position in one log: the sequence number (big-endian, so byte order is numeric
