@@ -12,6 +12,7 @@ CONNS="${CONNS:-2000}"; BUSINESSES="${BUSINESSES:-4}"; RATE="${RATE:-2000}"; POR
 cat > "$DIR/changecast.toml" <<TOML
 [server]
 listen = "127.0.0.1:$PORT"
+write_delay = "${WD:-20ms}"
 [source]
 type = "sqlite"
 path = "$DIR/app.db"

@@ -165,6 +165,14 @@ pub struct ServerConfig {
     /// through proxies and reveal dead peers.
     #[serde(deserialize_with = "duration")]
     pub keepalive: Duration,
+    /// A WebSocket connection that wrote live events less than this long ago waits for the
+    /// next write tick (every `write_delay`) before it writes again, and then writes
+    /// everything queued for it at once: under fan-out, fewer and larger writes (the kernel's
+    /// cost is per write) at the price of at most this much latency, paid only by
+    /// connections receiving more than one event per `write_delay`. `"0ms"` writes every
+    /// event as soon as the connection's task runs.
+    #[serde(deserialize_with = "duration")]
+    pub write_delay: Duration,
     /// Largest frame a client may send, in bytes.
     pub max_client_frame: usize,
     /// Most connections at once (WebSocket and SSE); more are refused with HTTP 503.
@@ -196,6 +204,7 @@ impl Default for ServerConfig {
             socket_send_buffer: 64 * 1024,
             auth_timeout: Duration::from_secs(5),
             keepalive: Duration::from_secs(15),
+            write_delay: Duration::from_millis(20),
             max_client_frame: 16 * 1024,
             max_connections: 100_000,
             max_connections_per_user: 64,
@@ -767,6 +776,11 @@ impl Config {
         let r = |min, max| DurationRange { min, max };
         duration("server.auth_timeout", s.auth_timeout, r(ms(1), secs(HOUR)));
         duration("server.keepalive", s.keepalive, r(ms(1), secs(HOUR)));
+        duration(
+            "server.write_delay",
+            s.write_delay,
+            r(Duration::ZERO, secs(1)),
+        );
         // Zero would close every connection before its first byte or request head.
         duration(
             "server.header_read_timeout",
@@ -1302,6 +1316,8 @@ mod tests {
         for (section, line) in [
             ("server", "keepalive = \"1h\""),
             ("server", "socket_send_buffer = 0"),
+            ("server", "write_delay = \"0ms\""),
+            ("server", "write_delay = \"1s\""),
             ("history", "prune_interval = \"1s\""),
             ("history", "memory_per_user = 0"),
             ("auth", "leeway = \"0s\""),
@@ -1328,6 +1344,11 @@ mod tests {
                 "server",
                 "keepalive = \"300000000000y\"",
                 "server.keepalive: must be at most 1h",
+            ),
+            (
+                "server",
+                "write_delay = \"2s\"",
+                "server.write_delay: must be at most 1s",
             ),
             (
                 "server",

@@ -91,6 +91,8 @@ pub struct App {
     /// `GET /v1/admin/explain`: the plan's rules on a router of their own (a dry run that
     /// never touches the routing task's cache or cooldowns).
     pub explain: Arc<crate::explain::Explainer>,
+    /// Holds busy WebSocket connections to one write per `server.write_delay`.
+    pub pacer: Option<Arc<crate::transport::pacer::Pacer>>,
 }
 
 impl App {
@@ -426,6 +428,7 @@ pub async fn start(
         tasks: Arc::clone(&tasks),
         nats: nats.clone(),
         explain: Arc::new(crate::explain::Explainer::new(&plan, Arc::clone(&lookup))),
+        pacer: crate::transport::pacer::Pacer::start(plan.server.write_delay),
     });
     // Shutdown closes every subscribed connection with 1012: the hub kicks them all (a
     // connection waits on its own queue only, not on the shutdown token too).

@@ -510,3 +510,61 @@ async fn durable_history_is_pruned_per_user_and_older_resumes_get_gap() {
     }
     gw.stop().await;
 }
+
+/// A protocol-level ping from the client is answered by the server's WebSocket layer, whose
+/// pong shares the socket with live events written straight to it: the pong must go out
+/// (not sit in a buffer) and must not land inside an event's frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protocol_ping_gets_its_pong_while_live_events_flow_and_every_frame_arrives_whole() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let db = Db::new();
+    let gw = Gateway::start(&db.config("", 1000)).await;
+    let (mut u1, _) = Ws::user(&gw, "u1", None).await;
+    const ROUNDS: usize = 20;
+    const PER_ROUND: usize = 10;
+    for round in 0..ROUNDS {
+        u1.socket
+            .send(Message::Ping(vec![round as u8; 4].into()))
+            .await
+            .unwrap();
+        let batch: String = (0..PER_ROUND)
+            .map(|i| insert_order(&format!("o{round}-{i}"), "b1"))
+            .collect();
+        db.exec(&format!("BEGIN;{batch}COMMIT;"));
+    }
+    let (mut pongs, mut keys) = (Vec::new(), Vec::new());
+    while pongs.len() < ROUNDS || keys.len() < ROUNDS * PER_ROUND {
+        let msg = tokio::time::timeout(WAIT, u1.socket.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{} pongs and {} events, then nothing",
+                    pongs.len(),
+                    keys.len()
+                )
+            })
+            .expect("the connection stays open")
+            .expect("every frame parses");
+        match msg {
+            Message::Pong(payload) => pongs.push(payload.to_vec()),
+            Message::Text(text) => {
+                let ev: Value = serde_json::from_str(&text).expect("each event is whole JSON");
+                assert_eq!(ev["type"], "change", "{ev}");
+                keys.push(ev["key"].as_str().unwrap().to_owned());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let want_pongs: Vec<Vec<u8>> = (0..ROUNDS).map(|r| vec![r as u8; 4]).collect();
+    assert_eq!(
+        pongs, want_pongs,
+        "one pong per ping, in order, with its payload"
+    );
+    let want_keys: Vec<String> = (0..ROUNDS)
+        .flat_map(|r| (0..PER_ROUND).map(move |i| format!("o{r}-{i}")))
+        .collect();
+    assert_eq!(keys, want_keys, "every event once, in order");
+    gw.stop().await;
+}

@@ -126,6 +126,21 @@ impl Mailbox {
         self.take(&mut inbox)
     }
 
+    /// Moves queued frames into `out` until it holds `max`: [`Mailbox::pop`] in a loop, with
+    /// one lock.
+    pub fn pop_into(&self, out: &mut Vec<Arc<Frame>>, max: usize) {
+        let mut inbox = self.lock();
+        if inbox.kicked.is_some() {
+            return;
+        }
+        while out.len() < max {
+            match self.take(&mut inbox) {
+                Some(frame) => out.push(frame),
+                None => break,
+            }
+        }
+    }
+
     /// Resolves with the reason once the connection is kicked.
     pub fn poll_kicked(&self, cx: &mut Context<'_>) -> Poll<CloseReason> {
         let mut inbox = self.lock();

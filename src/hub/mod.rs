@@ -318,6 +318,11 @@ impl Subscription {
         self.mailbox.pop()
     }
 
+    /// Moves the live events already queued into `out` (one lock), until it holds `max`.
+    pub fn try_recv_into(&self, out: &mut Vec<Arc<Frame>>, max: usize) {
+        self.mailbox.pop_into(out, max)
+    }
+
     /// Resolves with the reason once the connection is kicked: by the hub (4008, too slow),
     /// on shutdown ([`Hub::kick_all`]), or by [`Subscription::kick`].
     pub fn kicked(&self) -> impl Future<Output = CloseReason> + '_ {

@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod edge;
+pub mod pacer;
 pub mod publish;
 pub mod sse;
 pub mod ws;

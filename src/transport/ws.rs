@@ -318,6 +318,7 @@ impl Live {
         let timer = sleep_until(due.next());
         tokio::pin!(timer);
         let mut last_heard = Instant::now();
+        let mut last_write = None;
         loop {
             let Live {
                 app,
@@ -331,8 +332,14 @@ impl Live {
                 biased;
                 frame = sub.recv() => match frame {
                     Some(frame) => {
+                        if let Some(pacer) = &app.pacer {
+                            // Busy: what queues until the next tick goes out with this.
+                            pacer.hold(last_write).await;
+                        }
                         let write = std::pin::pin!(write_batch(socket, sub, out, frame));
-                        guarded(write, sub, timer.as_mut(), patience).await
+                        let written = guarded(write, sub, timer.as_mut(), patience).await;
+                        last_write = Some(Instant::now());
+                        written
                     }
                     None => Err(Ended::Close(sub.kicked_for().unwrap_or(CloseReason::Internal))),
                 },
@@ -381,7 +388,13 @@ impl Live {
                                 Err(e) => Err(Ended::Close(e.close_reason())),
                             }
                         }
-                        // Pings are answered by the protocol layer; pongs only prove liveness.
+                        // Pings are answered by the protocol layer, which may leave the pong
+                        // in its buffer: flushed before the next live events.
+                        Some(Ok(Message::Ping(_))) => {
+                            out.control_pending = true;
+                            Ok(())
+                        }
+                        // Pongs only prove liveness.
                         Some(Ok(_)) => Ok(()),
                     }
                 }
@@ -471,8 +484,12 @@ async fn write_batch(
     out: &mut Batch,
     first: Arc<Frame>,
 ) -> Result<(), WsError> {
-    // tungstenite may hold a pong or the tail of an earlier control frame.
-    socket.flush().await?;
+    // tungstenite may hold a pong (its control frames otherwise go out whole, awaited):
+    // flushed first, only then, since a flush per batch costs a waker registration.
+    if out.control_pending {
+        socket.flush().await?;
+        out.control_pending = false;
+    }
     out.start(first, sub);
     let io = socket.get_mut();
     std::future::poll_fn(|cx| out.poll_write(Pin::new(&mut *io), cx)).await?;
@@ -486,6 +503,8 @@ async fn write_batch(
 struct Batch {
     frames: Vec<Arc<Frame>>,
     written: usize,
+    /// A ping was read since tungstenite's buffer was last flushed: its pong may be there.
+    control_pending: bool,
 }
 
 /// Buffers handed to one vectored write: a header and a payload per frame.
@@ -498,12 +517,7 @@ impl Batch {
         self.written = 0;
         self.frames.reserve_exact(MAX_BATCH);
         self.frames.push(first);
-        while self.frames.len() < MAX_BATCH {
-            match sub.try_recv() {
-                Some(frame) => self.frames.push(frame),
-                None => break,
-            }
-        }
+        sub.try_recv_into(&mut self.frames, MAX_BATCH);
     }
 
     /// Frees the frames and the list (an idle connection holds no buffer).
@@ -804,6 +818,7 @@ mod tests {
         let mut out = Batch {
             frames: frames.clone(),
             written: 0,
+            control_pending: false,
         };
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         assert!(matches!(
@@ -827,6 +842,7 @@ mod tests {
         let mut out = Batch {
             frames: frames.clone(),
             written: 0,
+            control_pending: false,
         };
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         assert!(out.poll_write(Pin::new(&mut io), &mut cx).is_pending());
