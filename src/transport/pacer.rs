@@ -53,7 +53,7 @@ impl Pacer {
 
     /// Waits for the next tick if the connection last wrote less than a period ago.
     pub async fn hold(&self, last_write: Option<Instant>) {
-        if !last_write.is_some_and(|t| t.elapsed() < self.period) {
+        if last_write.is_none_or(|t| t.elapsed() >= self.period) {
             return;
         }
         let tick = self.tick.notified();
