@@ -22,9 +22,10 @@
 #
 # cap is a capacity search: for each server, the account-wide workload at CAP_STEPS million
 # deliveries/s offered, one short run per step (a fresh server each), upwards until a step
-# fails (p99 over CAP_P99_MS, a loss, an error, or the writer short of the rate); a server's
-# sustainable rate is the delivered rate of its highest step that passed, the median over RUNS
-# searches (table in cap.md and BENCHMARKS.md's bench:cap section).
+# fails (p99 over CAP_P99_MS, a loss, an error, or the writer short of the rate); when the
+# first step fails already, downwards through CAP_LOWER until one passes, so that every server
+# gets a rate; a server's sustainable rate is the delivered rate of its highest step that
+# passed, the median over RUNS searches (table in cap.md and BENCHMARKS.md's bench:cap section).
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -55,7 +56,7 @@ E_CONNS="${E_CONNS:-2000}"; E_RATE="${E_RATE:-200}"; E_DURATION="${E_DURATION:-2
 DURATION="${DURATION:-5}"
 # (cap) steps in million deliveries/s offered (2,000 connections, 500 per business: orders/s =
 # deliveries/s / 500), seconds of writing per step, and the p99 a step must stay under.
-CAP_STEPS="${CAP_STEPS:-0.25 0.5 1 1.5 2 3 4}"; CAP_DURATION="${CAP_DURATION:-4}"; CAP_P99_MS="${CAP_P99_MS:-100}"
+CAP_STEPS="${CAP_STEPS:-0.25 0.5 1 1.5 2 3 4}"; CAP_LOWER="${CAP_LOWER:-0.1 0.05 0.02}"; CAP_DURATION="${CAP_DURATION:-4}"; CAP_P99_MS="${CAP_P99_MS:-100}"
 
 log() { echo "[bench] $*" >&2; }
 
@@ -324,6 +325,20 @@ PY
   log "$wl/$name run $run: $(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print({k: d.get(k) for k in ("connections","events_per_s","p50_ms","p99_ms","p999_ms","max_ms","lost","errors","rss_max_kb")}, {n: v["cpu_s"] for n, v in d["nodes"].items()} if len(d["nodes"]) > 1 else "")' "$j")"
 }
 
+# One capacity step: (b) at $3 million deliveries/s offered. Prints why it failed ("" when it
+# passed); non-zero when it gave no result.
+cap_step() {
+  local name=$1 run=$2 step=$3 rate why
+  rate=$(python3 -c 'import sys; print(round(float(sys.argv[1]) * 1e6 / (int(sys.argv[2]) / int(sys.argv[3]))))' "$step" "$B_CONNS" "$B_BUSINESSES")
+  EMIT_EXTRA="{\"cap_step\": $step, \"cap_rate\": $rate, \"cap_p99_ms\": $CAP_P99_MS}" \
+    measure cap "$name" "$run" business "$B_CONNS" "$B_BUSINESSES" --conns "$B_CONNS" \
+    --businesses "$B_BUSINESSES" --rate "$rate" --duration "$CAP_DURATION" >&2 \
+    || { log "cap/$name run $run: ${step}M: no result (init failed)"; return 1; }
+  why=$(tail -1 "$RESULTS" | python3 "$ROOT/bench/report.py" --cap-verdict)
+  log "cap/$name run $run: ${step}M deliveries/s offered: ${why:-passed}"
+  echo "$why"
+}
+
 for run in $(seq 1 "$RUNS"); do
   # Alternate the order of the servers from run to run.
   order=$SERVERS; [ $((run % 2)) -eq 0 ] && order=$(echo $SERVERS | tr ' ' '\n' | tac | tr '\n' ' ')
@@ -348,17 +363,20 @@ for run in $(seq 1 "$RUNS"); do
                --bind 127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4
            done ;;
         cap) [ "$name" = fastapi ] && continue  # it cannot hold the connections (see a, b)
-           # Upwards until a step fails; every step is its own bounded run (timeout 45).
+           # Upwards until a step fails (downwards from there if the first one did); every
+           # step is its own bounded run (timeout 45).
+           first=1
            for step in $CAP_STEPS; do
-             rate=$(python3 -c 'import sys; print(round(float(sys.argv[1]) * 1e6 / (int(sys.argv[2]) / int(sys.argv[3]))))' "$step" "$B_CONNS" "$B_BUSINESSES")
-             EMIT_EXTRA="{\"cap_step\": $step, \"cap_rate\": $rate, \"cap_p99_ms\": $CAP_P99_MS}" \
-               measure cap "$name" "$run" business "$B_CONNS" "$B_BUSINESSES" --conns "$B_CONNS" \
-               --businesses "$B_BUSINESSES" --rate "$rate" --duration "$CAP_DURATION" \
-               || { log "cap/$name run $run: ${step}M: no result (init failed)"; break; }
-             why=$(tail -1 "$RESULTS" | python3 "$ROOT/bench/report.py" --cap-verdict)
-             log "cap/$name run $run: ${step}M deliveries/s offered: ${why:-passed}"
+             why=$(cap_step "$name" "$run" "$step") || break
              [ -z "$why" ] || break
-           done ;;
+             first=0
+           done
+           if [ "$first" = 1 ] && [ -n "${why:-}" ]; then
+             for step in $CAP_LOWER; do
+               why=$(cap_step "$name" "$run" "$step") || break
+               [ -n "$why" ] || break
+             done
+           fi ;;
         e) [ "$name" = fastapi ] && continue
            # The same load without (e0) and with 1% of the connections never reading (e).
            for stall in 0 0.01; do

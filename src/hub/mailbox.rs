@@ -20,8 +20,11 @@ use super::Frame;
 use crate::event::CloseReason;
 
 /// Frames kept by a queue's buffer once it empties; a larger buffer (after a burst) is
-/// given back, so a connection that went quiet holds none.
-const KEEP_EMPTY: usize = 16;
+/// given back. As many as a connection writes at once (64): a busy connection, which
+/// empties its queue a batch at a time, does not give its buffer back and grow it again
+/// for every batch (512 bytes kept by a connection that has received events; one that
+/// never has holds none).
+const KEEP_EMPTY: usize = 64;
 
 /// A connection's queue and kick, shared by the hub and the connection.
 #[derive(Debug, Default)]

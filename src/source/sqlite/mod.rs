@@ -468,8 +468,11 @@ impl SqliteSource {
                 }
             }
 
-            let dv: rusqlite::Result<i64> =
-                self.conn.query_row("PRAGMA data_version", [], |r| r.get(0));
+            // Cached: asked every poll_interval, it need not be parsed every time.
+            let dv: rusqlite::Result<i64> = self
+                .conn
+                .prepare_cached("PRAGMA data_version")
+                .and_then(|mut s| s.query_row([], |r| r.get(0)));
             let changed = match dv {
                 Ok(dv) => {
                     let changed = last_data_version != Some(dv);
