@@ -124,7 +124,7 @@ def cap_table():
     out.append("\n### (cap) capacity: the highest account-wide delivery rate each server sustains\n")
     out.append(f"{ex.get('requested', '—')} connections, {ex.get('keys', '—')} businesses (each order = "
                f"{(ex.get('requested') or 0) // max(ex.get('keys') or 1, 1)} deliveries); steps of "
-               f"{ex.get('writer', {}).get('seconds', 0):.0f} s of writing, upwards until one fails: p99 over "
+               f"{ex.get('writer', {}).get('seconds', 0):.0f} s of writing, upwards until one fails (downwards until one passes when the first fails): p99 over "
                f"{ex.get('cap_p99_ms', 100):g} ms, any loss or error, or the writer short of the rate (then the writer is the limit). "
                "One run per step, a fresh server each; sustainable = the delivered rate of the highest step that passed; "
                "the median over the searches (one per run), the other columns from the search with that median. "
