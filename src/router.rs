@@ -129,6 +129,9 @@ pub async fn route(router: &Router, change: &crate::change::Change) -> Vec<Route
     out
 }
 
+/// Most changes routed into one append when batches wait for the router.
+const GROUP_CHANGES: usize = 1024;
+
 /// The routing loop: until the source stops (its channel closes) or the stream refuses a
 /// batch. `start` is where the source began reading (the stream's resume position).
 /// Publishing requests are served between batches (one process: one writer keeps ids in
@@ -141,26 +144,49 @@ pub async fn run(
     acks: watch::Sender<Option<Position>>,
     mut start: Option<Position>,
 ) -> Result<(), StreamError> {
+    // A batch after a loss, taken while grouping: it starts the next group.
+    let mut next_group: Option<Batch> = None;
     loop {
-        let batch = tokio::select! {
-            // Changes first: they hold the source's checkpoint back.
-            biased;
-            batch = batches.recv() => match batch {
-                Some(b) => b,
-                None => return Ok(()), // the source stopped
-            },
-            Some(req) = async {
-                match publishes.as_mut() {
-                    Some(p) => p.recv().await,
-                    None => std::future::pending().await,
+        let mut batch = match next_group.take() {
+            Some(b) => b,
+            None => tokio::select! {
+                // Changes first: they hold the source's checkpoint back.
+                biased;
+                batch = batches.recv() => match batch {
+                    Some(b) => b,
+                    None => return Ok(()), // the source stopped
+                },
+                Some(req) = async {
+                    match publishes.as_mut() {
+                        Some(p) => p.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let (recipients, template, done) = req.into_parts();
+                    let id = stream.publish(recipients, template).await?;
+                    let _ = done.send(id);
+                    continue;
                 }
-            } => {
-                let (recipients, template, done) = req.into_parts();
-                let id = stream.publish(recipients, template).await?;
-                let _ = done.send(id);
-                continue;
-            }
+            },
         };
+        // Group commit: batches that queued while the last one was stored (the router fell
+        // behind the source) go into one append: one history transaction and one
+        // acknowledgement instead of one each, which is what lets a busy router catch up.
+        // Taken only when already waiting, so a router that keeps up adds no delay. A batch
+        // after a loss starts a group of its own: its `gap` comes before its changes.
+        while batch.changes.len() < GROUP_CHANGES {
+            match batches.try_recv() {
+                Ok(next) if next.lost_history => {
+                    next_group = Some(next);
+                    break;
+                }
+                Ok(next) => {
+                    batch.changes.extend(next.changes);
+                    batch.end = next.end;
+                }
+                Err(_) => break,
+            }
+        }
         let mut events = Vec::new();
         for change in &batch.changes {
             events.extend(route(router, change).await);

@@ -800,3 +800,89 @@ async fn shutdown_while_a_lookup_waits_stops_routing_without_storing_or_acknowle
     assert!(stream.0.lock().unwrap().is_empty(), "nothing stored");
     assert_eq!(*ack_rx.borrow(), None, "nothing acknowledged");
 }
+
+#[tokio::test]
+async fn batches_waiting_for_the_router_are_appended_together_and_a_loss_starts_its_own_group() {
+    use crate::router::{EventStream, RoutedBatch, StreamError};
+    /// Every append: (lost_history, its events' change positions, start, end).
+    type Appended = (bool, Vec<u64>, Option<Position>, Position);
+    #[derive(Default)]
+    struct Recorded(Mutex<Vec<Appended>>);
+    impl EventStream for Recorded {
+        fn append(
+            &self,
+            batch: RoutedBatch,
+        ) -> BoxFuture<'_, Result<Option<Position>, StreamError>> {
+            let keys = batch
+                .events
+                .iter()
+                .map(|e| e.position.as_seq().unwrap())
+                .collect();
+            self.0.lock().unwrap().push((
+                batch.lost_history,
+                keys,
+                batch.start.clone(),
+                batch.end.clone(),
+            ));
+            Box::pin(async move { Ok(Some(batch.end)) })
+        }
+        fn publish(
+            &self,
+            _: crate::change::Recipients,
+            _: String,
+        ) -> BoxFuture<'_, Result<String, StreamError>> {
+            Box::pin(async { Err(StreamError::Stopped) })
+        }
+    }
+    let order = |seq: u64| {
+        let mut c = change(
+            Op::Insert,
+            None,
+            Some(json!({"_id": format!("o{seq}"), "creator_id": "u1"})),
+        );
+        c.position = Position::from_seq(seq);
+        c
+    };
+    let batch = |seqs: &[u64], lost: bool| {
+        let mut b = crate::source::Batch::new(
+            seqs.iter().map(|&s| order(s)).collect(),
+            Position::from_seq(*seqs.last().unwrap()),
+        );
+        b.lost_history = lost;
+        b
+    };
+    let router = Router::new(
+        vec![compile("\"$creator_id\"", "").unwrap()],
+        vec![],
+        docs(),
+        100,
+    );
+    let stream = Recorded::default();
+    let (batch_tx, batch_rx) = tokio::sync::mpsc::channel(8);
+    let (ack_tx, ack_rx) = tokio::sync::watch::channel(None);
+    // All queued before the router runs: it is behind the source.
+    for b in [
+        batch(&[1, 2], false),
+        batch(&[3], false),
+        batch(&[4, 5], false),
+        batch(&[6], true),
+        batch(&[7], false),
+    ] {
+        batch_tx.send(b).await.unwrap();
+    }
+    drop(batch_tx);
+    crate::router::run(batch_rx, None, &router, &stream, ack_tx, None)
+        .await
+        .unwrap();
+    let pos = |s: u64| Position::from_seq(s);
+    let keys = |r: std::ops::RangeInclusive<u64>| r.collect::<Vec<_>>();
+    assert_eq!(
+        *stream.0.lock().unwrap(),
+        vec![
+            (false, keys(1..=5), None, pos(5)),
+            (true, keys(6..=7), Some(pos(5)), pos(7)),
+        ],
+        "the three waiting batches in one append; the loss first in the next"
+    );
+    assert_eq!(*ack_rx.borrow(), Some(pos(7)));
+}
