@@ -9,25 +9,9 @@ DIR="$ROOT/bench/out/profile-$(date +%Y%m%d-%H%M%S)"; mkdir -p "$DIR"
 LOADGEN="$ROOT/target/release/examples/loadgen"
 CONNS="${CONNS:-2000}"; BUSINESSES="${BUSINESSES:-4}"; RATE="${RATE:-2000}"; PORT="${PORT:-18199}"
 "$LOADGEN" init --db "$DIR/app.db" --users "$CONNS" --businesses "$BUSINESSES" > /dev/null
-cat > "$DIR/changecast.toml" <<TOML
-[server]
-listen = "127.0.0.1:$PORT"
-write_delay = "${WD:-20ms}"
-[source]
-type = "sqlite"
-path = "$DIR/app.db"
-[auth]
-jwt_secret = "profile-secret"
-user = { claim = "sub" }
-[history]
-store = "${HISTORY:-memory}"
-path = "$DIR/history.db"
-[[route]]
-name = "orders"
-collection = "orders"
-on = ["insert"]
-to = { lookup = "users", where = { business_id = "\$creator_id" }, pick = "_id", many = true }
-TOML
+SECRET=profile-secret WRITE_DELAY="${WD:-20ms}"
+. "$ROOT/bench/changecast_toml.sh"
+changecast_toml business "$DIR/app.db" "$PORT" "${HISTORY:-memory}" "$DIR/history.db" > "$DIR/changecast.toml"
 taskset -c 0 "$ROOT/target/release/changecast" serve --config "$DIR/changecast.toml" > "$DIR/server.log" 2>&1 &
 PID=$!
 trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null' EXIT

@@ -20,25 +20,8 @@ DIR="$(mktemp -d /tmp/changecast-quick.XXXXXX)"
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 SECRET="quick-secret-quick-secret-quick-secret"
 "$LOADGEN" init --db "$DIR/app.db" --users 2000 --businesses 4 > /dev/null
-cat > "$DIR/changecast.toml" <<TOML
-[server]
-listen = "127.0.0.1:$PORT"
-write_delay = "$WRITE_DELAY"
-[source]
-type = "sqlite"
-path = "$DIR/app.db"
-[auth]
-jwt_secret = "$SECRET"
-user = { claim = "sub" }
-[history]
-store = "$HISTORY"
-path = "$DIR/history.db"
-[[route]]
-name = "orders"
-collection = "orders"
-on = ["insert"]
-to = { lookup = "users", where = { business_id = "\$creator_id" }, pick = "_id", many = true }
-TOML
+. "$ROOT/bench/changecast_toml.sh"
+changecast_toml business "$DIR/app.db" "$PORT" "$HISTORY" "$DIR/history.db" > "$DIR/changecast.toml"
 taskset -c 0 "$CHANGECAST" serve --config "$DIR/changecast.toml" > "$DIR/server.log" 2>&1 &
 PID=$!
 trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null; rm -rf "$DIR"' EXIT

@@ -113,28 +113,7 @@ wait_port() {
   return 1
 }
 # changecast_toml MODE DB PORT STORE HISTORY_PATH: a changecast config on stdout.
-changecast_toml() {
-  local mode="$1" db="$2" port="$3" store="$4" history="$5" to='"$creator_id"'
-  [ "$mode" = business ] && to='{ lookup = "users", where = { business_id = "$creator_id" }, pick = "_id", many = true }'
-  cat <<TOML
-[server]
-listen = "127.0.0.1:$port"
-[source]
-type = "sqlite"
-path = "$db"
-[auth]
-jwt_secret = "$SECRET"
-user = { claim = "sub" }
-[history]
-store = "$store"
-path = "$history"
-[[route]]
-name = "orders"
-collection = "orders"
-on = ["insert"]
-to = $to
-TOML
-}
+. "$ROOT/bench/changecast_toml.sh"
 # start_cluster MODE DB: nats-server, then n1 (waits until it routes), then n2 and n3 (wait
 # until /readyz says ready); every config as changecast's but for [cluster], listen and history.
 start_cluster() {

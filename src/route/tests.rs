@@ -749,29 +749,43 @@ async fn a_lookup_that_cannot_reach_the_database_waits_then_routes_to_the_owner(
     assert_eq!(health.problem(), None, "ready again once it answered");
 }
 
+/// One appended batch: lost_history, its events' change positions, start, end.
+type Appended = (bool, Vec<u64>, Option<Position>, Position);
+
+/// A stream that records every batch appended, and takes it.
+#[derive(Default)]
+struct Recorded(Mutex<Vec<Appended>>);
+
+impl crate::router::EventStream for Recorded {
+    fn append(
+        &self,
+        batch: crate::router::RoutedBatch,
+    ) -> BoxFuture<'_, Result<Option<Position>, crate::router::StreamError>> {
+        let positions = batch
+            .events
+            .iter()
+            .map(|e| e.position.as_seq().unwrap())
+            .collect();
+        self.0.lock().unwrap().push((
+            batch.lost_history,
+            positions,
+            batch.start.clone(),
+            batch.end.clone(),
+        ));
+        Box::pin(async move { Ok(Some(batch.end)) })
+    }
+    fn publish(
+        &self,
+        _: crate::change::Recipients,
+        _: String,
+    ) -> BoxFuture<'_, Result<String, crate::router::StreamError>> {
+        Box::pin(async { Err(crate::router::StreamError::Stopped) })
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn shutdown_while_a_lookup_waits_stops_routing_without_storing_or_acknowledging() {
-    use crate::router::{EventStream, RoutedBatch, StreamError};
-    /// Records every batch appended.
-    #[derive(Default)]
-    struct Recorded(Mutex<Vec<usize>>);
-    impl EventStream for Recorded {
-        fn append(
-            &self,
-            batch: RoutedBatch,
-        ) -> BoxFuture<'_, Result<Option<Position>, StreamError>> {
-            self.0.lock().unwrap().push(batch.events.len());
-            Box::pin(async move { Ok(Some(batch.end)) })
-        }
-        fn publish(
-            &self,
-            _: crate::change::Recipients,
-            _: String,
-        ) -> BoxFuture<'_, Result<String, StreamError>> {
-            Box::pin(async { Err(StreamError::Stopped) })
-        }
-    }
-
+    use crate::router::StreamError;
     let health = Arc::new(crate::source::Health::default());
     let shutdown = tokio_util::sync::CancellationToken::new();
     let flaky = Flaky::new(usize::MAX, &health);
@@ -803,37 +817,6 @@ async fn shutdown_while_a_lookup_waits_stops_routing_without_storing_or_acknowle
 
 #[tokio::test]
 async fn batches_waiting_for_the_router_are_appended_together_and_a_loss_starts_its_own_group() {
-    use crate::router::{EventStream, RoutedBatch, StreamError};
-    /// Every append: (lost_history, its events' change positions, start, end).
-    type Appended = (bool, Vec<u64>, Option<Position>, Position);
-    #[derive(Default)]
-    struct Recorded(Mutex<Vec<Appended>>);
-    impl EventStream for Recorded {
-        fn append(
-            &self,
-            batch: RoutedBatch,
-        ) -> BoxFuture<'_, Result<Option<Position>, StreamError>> {
-            let keys = batch
-                .events
-                .iter()
-                .map(|e| e.position.as_seq().unwrap())
-                .collect();
-            self.0.lock().unwrap().push((
-                batch.lost_history,
-                keys,
-                batch.start.clone(),
-                batch.end.clone(),
-            ));
-            Box::pin(async move { Ok(Some(batch.end)) })
-        }
-        fn publish(
-            &self,
-            _: crate::change::Recipients,
-            _: String,
-        ) -> BoxFuture<'_, Result<String, StreamError>> {
-            Box::pin(async { Err(StreamError::Stopped) })
-        }
-    }
     let order = |seq: u64| {
         let mut c = change(
             Op::Insert,
