@@ -428,7 +428,7 @@ pub async fn start(
         tasks: Arc::clone(&tasks),
         nats: nats.clone(),
         explain: Arc::new(crate::explain::Explainer::new(&plan, Arc::clone(&lookup))),
-        pacer: crate::transport::pacer::Pacer::start(plan.server.write_delay),
+        pacer: crate::transport::pacer::Pacer::start(plan.server.write_delay, shutdown.clone()),
     });
     // Shutdown closes every subscribed connection with 1012: the hub kicks them all (a
     // connection waits on its own queue only, not on the shutdown token too).

@@ -59,6 +59,9 @@ pub struct Pruned {
     pub floor: u64,
 }
 
+/// How long a connection waits for another's lock (`busy_timeout`) before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The history file.
 pub struct HistoryStore {
     path: PathBuf,
@@ -119,7 +122,7 @@ impl Checkpointer {
         let signal = Arc::new(CheckpointSignal::default());
         let thread = Connection::open(path)
             .and_then(|conn| {
-                conn.busy_timeout(Duration::from_secs(5))?;
+                conn.busy_timeout(BUSY_TIMEOUT)?;
                 Ok(conn)
             })
             .map_err(|e| e.to_string())
@@ -423,7 +426,7 @@ impl HistoryStore {
             )
         })?;
         let mut conn = Connection::open(path)?;
-        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // NORMAL in WAL mode: a commit survives a process crash (kill -9); only a power
         // loss can take the last commits, and then the source checkpoint goes with them.
@@ -501,7 +504,7 @@ impl HistoryStore {
         }
         let c =
             Connection::open_with_flags(&self.path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-        c.busy_timeout(Duration::from_secs(5))?;
+        c.busy_timeout(BUSY_TIMEOUT)?;
         Ok(c)
     }
 

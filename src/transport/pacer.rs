@@ -15,21 +15,26 @@
 //! wait is one entry in a list, not a timer-wheel insertion and removal.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 pub struct Pacer {
     period: Duration,
     /// A connection waits: the ticker runs one more period.
     wanted: Notify,
     tick: Notify,
+    /// The gateway stopped and so did the ticker: nobody waits any more.
+    stopped: AtomicBool,
 }
 
 impl Pacer {
-    /// Starts the ticker on the current runtime; `None` when `period` is zero (no pacing).
-    pub fn start(period: Duration) -> Option<Arc<Pacer>> {
+    /// Starts the ticker on the current runtime, until `shutdown`; `None` when `period` is
+    /// zero (no pacing).
+    pub fn start(period: Duration, shutdown: CancellationToken) -> Option<Arc<Pacer>> {
         if period.is_zero() {
             return None;
         }
@@ -37,16 +42,24 @@ impl Pacer {
             period,
             wanted: Notify::new(),
             tick: Notify::new(),
+            stopped: AtomicBool::new(false),
         });
         let ticker = Arc::clone(&pacer);
-        // Lives as long as the runtime: a connection waiting for a tick must get one, even
-        // during shutdown (it then finds its kick).
         tokio::spawn(async move {
             loop {
-                ticker.wanted.notified().await;
-                tokio::time::sleep(ticker.period).await;
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = ticker.wanted.notified() => {}
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(ticker.period) => {}
+                }
                 ticker.tick.notify_waiters();
             }
+            // Whoever waits now is let go (and finds its kick), and nobody waits after.
+            ticker.stopped.store(true, Ordering::SeqCst);
+            ticker.tick.notify_waiters();
         });
         Some(pacer)
     }
@@ -58,8 +71,12 @@ impl Pacer {
         }
         let tick = self.tick.notified();
         tokio::pin!(tick);
-        // Registered before the ticker is asked for a tick, so that tick cannot be missed.
+        // Registered before the ticker is asked for a tick (or checked for having stopped),
+        // so that neither the tick nor the stop can be missed.
         tick.as_mut().enable();
+        if self.stopped.load(Ordering::SeqCst) {
+            return;
+        }
         self.wanted.notify_one();
         tick.await;
     }
@@ -71,7 +88,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn only_a_connection_that_wrote_within_the_period_waits_and_then_for_one_tick() {
-        let pacer = Pacer::start(Duration::from_millis(20)).unwrap();
+        let pacer = Pacer::start(Duration::from_millis(20), CancellationToken::new()).unwrap();
         // Never wrote, or wrote a period ago or more: no wait at all.
         let t0 = Instant::now();
         pacer.hold(None).await;
@@ -99,8 +116,28 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_zero_period_is_no_pacing() {
-        assert!(Pacer::start(Duration::ZERO).is_none());
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_lets_a_waiting_connection_go_and_nobody_waits_after_it() {
+        let shutdown = CancellationToken::new();
+        // A period far longer than the test: only the shutdown can end a wait.
+        let pacer = Pacer::start(Duration::from_secs(3600), shutdown.clone()).unwrap();
+        let t0 = Instant::now();
+        let waiting = tokio::spawn({
+            let pacer = Arc::clone(&pacer);
+            async move { pacer.hold(Some(Instant::now())).await }
+        });
+        tokio::task::yield_now().await;
+        shutdown.cancel();
+        waiting.await.unwrap();
+        pacer.hold(Some(Instant::now())).await;
+        assert!(
+            Instant::now() - t0 < Duration::from_secs(3600),
+            "released by the shutdown, not by a tick"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_zero_period_is_no_pacing() {
+        assert!(Pacer::start(Duration::ZERO, CancellationToken::new()).is_none());
     }
 }
